@@ -1,0 +1,727 @@
+"""LLaMA-2 and Gemma-2 in plain PyTorch, with the deep supervision of DFT next to the forward pass.
+
+Loads and writes the official Hugging Face layout (config.json + safetensors, sharded or not) and the
+SentencePiece `tokenizer.model` both families ship. One module serves inference (`forward`, KV cache), training
+(`hidden_at` + the chunked losses of dsft_loss.py, driven by `dft_step`) and the logit lens (`head_logits`).
+
+Shape legend: B batch, T time (new tokens), S time of the keys (cache + new), D model dim, H query heads,
+K key/value heads, G = H // K, E head dim, F MLP hidden dim, V vocab.
+
+Layer convention (the likeliest off-by-one, tested against transformers): `hidden_at(tokens, k)` is the residual
+stream after k blocks (1-based), before the final norm; k = n_layers is the last block's output.
+
+    python model.py --make-tiny models/tiny-llama --family llama    # a tiny random checkpoint for demos and tests
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CheckpointError(ValueError):
+    """A problem with a checkpoint a user handed us; the message is one line naming file, field and fix."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelArgs:
+    family: str = "llama"                 # "llama" | "gemma2"
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int = 128                   # read from config.json when given: Gemma-2-2B has 256 != 2304 / 8
+    hidden_dim: int = 11008               # MLP inner width
+    vocab_size: int = 32000
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False          # Gemma-2: the head is the input embedding
+    # Family differences are fields, not subclasses (None = the part does not exist):
+    norm_offset: float = 0.0              # Gemma-2 norms scale by (1 + weight)
+    mlp_act: str = "silu"                 # "silu" (SwiGLU) | "gelu_tanh" (GeGLU)
+    embed_scale: float | None = None      # Gemma-2 multiplies embeddings by sqrt(dim)
+    sandwich_norm: bool = False           # Gemma-2: extra norms after attention and after the MLP
+    query_scale: float | None = None      # None -> head_dim ** -0.5; Gemma-2: query_pre_attn_scalar ** -0.5
+    attn_softcap: float | None = None     # Gemma-2: tanh cap on attention scores, before the mask
+    final_softcap: float | None = None    # Gemma-2: tanh cap on the output logits
+    sliding_window: int | None = None     # Gemma-2: window of the layers marked in sliding_layers
+    sliding_layers: tuple[bool, ...] = ()
+    bos_id: int = 1
+    eos_id: int = 2
+    torch_dtype: str | None = None        # the checkpoint's storage dtype, used when we export
+    hf_config: dict = field(default_factory=dict, repr=False)   # config.json as read, written back unchanged
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
+        def need(key):
+            if key not in cfg:
+                raise CheckpointError(f"{source}: field {key!r} is missing; this is not a complete HF config.json")
+            return cfg[key]
+
+        model_type = cfg.get("model_type")
+        if model_type not in ("llama", "gemma2"):
+            raise CheckpointError(f"{source}: model_type={model_type!r}; expected 'llama' (LLaMA-2) or 'gemma2' (Gemma-2)")
+        rope = cfg.get("rope_parameters") or {}
+        if cfg.get("rope_scaling"):
+            raise CheckpointError(f"{source}: rope_scaling={cfg['rope_scaling']!r} is not supported; LLaMA-2 and "
+                                  "Gemma-2 use plain RoPE (rope_scaling null)")
+        if rope.get("rope_type", "default") != "default":
+            raise CheckpointError(f"{source}: rope_parameters.rope_type={rope['rope_type']!r} is not supported; "
+                                  "only 'default' RoPE is implemented")
+        for key in ("attention_bias", "mlp_bias", "use_bidirectional_attention"):
+            if cfg.get(key):
+                raise CheckpointError(f"{source}: {key}={cfg[key]!r} is not supported; expected false or absent")
+        n_heads = need("num_attention_heads")
+        args = dict(
+            family=model_type,
+            dim=need("hidden_size"), n_layers=need("num_hidden_layers"), n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or need("hidden_size") // n_heads,
+            hidden_dim=need("intermediate_size"), vocab_size=need("vocab_size"),
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            max_seq_len=cfg.get("max_position_embeddings", 4096),
+            bos_id=cfg.get("bos_token_id", 1), eos_id=cfg.get("eos_token_id", 2),
+            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"), hf_config=dict(cfg),
+        )
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act")
+        if model_type == "llama":
+            if act != "silu":
+                raise CheckpointError(f"{source}: hidden_act={act!r}; LLaMA-2 uses 'silu'")
+            args.update(tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+        else:
+            if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+                raise CheckpointError(f"{source}: hidden_activation={act!r}; Gemma-2 uses 'gelu_pytorch_tanh'")
+            n = args["n_layers"]
+            # Gemma-2 alternates: layers 0, 2, 4, ... (0-based) use the sliding window, unless layer_types says otherwise.
+            types = cfg.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+            if len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
+                raise CheckpointError(f"{source}: layer_types={types!r}; expected {n} entries of "
+                                      "'sliding_attention' / 'full_attention'")
+            args.update(
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", True)), norm_offset=1.0, mlp_act="gelu_tanh",
+                embed_scale=args["dim"] ** 0.5, sandwich_norm=True,
+                query_scale=need("query_pre_attn_scalar") ** -0.5,
+                attn_softcap=cfg.get("attn_logit_softcapping"), final_softcap=cfg.get("final_logit_softcapping"),
+                sliding_window=cfg.get("sliding_window"),
+                sliding_layers=tuple(t == "sliding_attention" for t in types),
+            )
+        if isinstance(args["eos_id"], list):
+            args["eos_id"] = args["eos_id"][0]
+        return cls(**args)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pure helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, E] for integer positions [B, T], in the HF half-split layout (no q/k permutation on load)."""
+    # fp32: RoPE tables; computed on the fly, so there is no buffer for to_empty() to leave as garbage.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = positions.float()[..., None] * inv_freq                    # [B, T, E/2]
+    angles = torch.cat([angles, angles], dim=-1)                        # [B, T, E]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, n, T, E] by the angles of its positions; the two halves of E are the (real, imag) parts."""
+    # fp32: the rotation, as in the reference llama, so bf16 positions far apart stay distinguishable.
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos[:, None] + rotated * sin[:, None]).type_as(x)
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else cap * torch.tanh(x / cap)
+
+
+def attention_mask_4d(q_index, q_pos, k_pos, k_valid, window: int | None) -> torch.Tensor:
+    """Boolean [B, 1, T, S]: may query t see key s? Causal in sequence order, real keys only, and for sliding layers
+    only keys fewer than `window` positions back. Every query also sees itself, so a padding row never softmaxes
+    an empty set into NaN (its output is never read)."""
+    k_index = torch.arange(k_pos.shape[1], device=k_pos.device)
+    allowed = (k_index[None, None, :] <= q_index[None, :, None]) & k_valid[:, None, :].bool()
+    if window is not None:
+        allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
+    allowed |= k_index[None, None, :] == q_index[None, :, None]
+    return allowed[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, offset: float):
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32: norm statistics and scale (Gemma-2 applies its (1 + w) in fp32 too).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (self.offset + self.weight.float())).type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for greedy decoding: k[l], v[l] are [B, K, max_len, E]; `length` filled."""
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, args.n_kv_heads, max_len, args.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.scale = args.query_scale if args.query_scale is not None else args.head_dim ** -0.5
+        self.softcap = args.attn_softcap
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, kv_slot=None, start=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)       # [B, H, T, E]
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # [B, K, T, E]
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # [B, K, T, E]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_slot is not None:
+            cache_k, cache_v = kv_slot
+            cache_k[:, :, start:start + T] = k
+            cache_v[:, :, start:start + T] = v
+            k, v = cache_k[:, :, :start + T], cache_v[:, :, :start + T]               # [B, K, S, E]
+
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 scale=self.scale, enable_gqa=True)
+        else:
+            # Gemma-2 caps the scores before the mask, which SDPA cannot express: attend by hand, grouped so
+            # that the K key/value heads serve their G query heads without being copied.
+            G = self.n_heads // self.n_kv_heads
+            qg = q.view(B, self.n_kv_heads, G, T, self.head_dim)                       # [B, K, G, T, E]
+            scores = (qg @ k[:, :, None].transpose(-1, -2)).float() * self.scale        # [B, K, G, T, S]
+            # fp32: score softcap and softmax.
+            scores = softcap(scores, self.softcap)
+            scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+            out = (scores.softmax(-1).type_as(v) @ v[:, :, None]).view(B, self.n_heads, T, self.head_dim)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU for LLaMA-2, GeGLU with tanh-GELU for Gemma-2."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w_gate = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w_up = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w_down = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.act = F.silu if args.mlp_act == "silu" else (lambda x: F.gelu(x, approximate="tanh"))
+
+    def forward(self, x):
+        return self.w_down(self.act(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = MLP(args)
+        norm = lambda: RMSNorm(args.dim, args.norm_eps, args.norm_offset)  # noqa: E731
+        self.attn_norm, self.ffn_norm = norm(), norm()
+        self.attn_post_norm = norm() if args.sandwich_norm else None
+        self.ffn_post_norm = norm() if args.sandwich_norm else None
+        self.sliding = bool(args.sliding_layers and args.sliding_layers[layer_id])
+
+    def forward(self, x, cos, sin, masks, kv_slot=None, start=0):
+        mask = masks[1] if self.sliding else masks[0]
+        h = self.attention(self.attn_norm(x), cos, sin, mask, kv_slot, start)
+        if self.attn_post_norm is not None:
+            h = self.attn_post_norm(h)
+        x = x + h
+        h = self.feed_forward(self.ffn_norm(x))
+        if self.ffn_post_norm is not None:
+            h = self.ffn_post_norm(h)
+        return x + h
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.norm_offset)
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
+        """Random init for from-scratch tiny models (real runs load weights); separate from __init__ so that a
+        meta-device build allocates nothing."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 - self.args.norm_offset + 0.1 * torch.randn(p.shape, generator=generator))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=generator))
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    # --- the forward pass ----------------------------------------------------------------------------------------
+
+    def _run(self, tokens, layers: tuple[int, ...], attention_mask=None, cache: KVCache | None = None):
+        """Run blocks 1..max(layers) and return the residual stream after each block in `layers`."""
+        B, T = tokens.shape
+        n_run = max(layers)
+        if min(layers) < 0 or n_run > self.args.n_layers:
+            raise ValueError(f"layers={layers}: expected block counts in 0..{self.args.n_layers}")
+        start = cache.length if cache is not None else 0
+        q_index = torch.arange(start, start + T, device=tokens.device)
+        if attention_mask is None:
+            k_valid = torch.ones(B, start + T, dtype=torch.bool, device=tokens.device)
+            k_pos = torch.arange(start + T, device=tokens.device).expand(B, -1)
+        else:
+            # Positions count real tokens only, so a left- or right-padded row gets the positions it has alone.
+            k_valid = attention_mask.bool()
+            k_pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        q_pos = k_pos[:, start:]
+
+        if attention_mask is None and cache is None and self.args.attn_softcap is None and not self.args.sliding_window:
+            masks = (None, None)                     # plain causal: SDPA's fast path
+        else:
+            full = attention_mask_4d(q_index, q_pos, k_pos, k_valid, None)
+            masks = (full, attention_mask_4d(q_index, q_pos, k_pos, k_valid, self.args.sliding_window)
+                     if self.args.sliding_window else full)
+        cos, sin = rope_cos_sin(q_pos, self.args.head_dim, self.args.rope_theta)
+
+        h = self.tok_embeddings(tokens)                                               # [B, T, D]
+        if self.args.embed_scale is not None:
+            # Gemma-2 rounds sqrt(dim) to the activation dtype before scaling, as its reference does.
+            h = h * torch.tensor(self.args.embed_scale, dtype=h.dtype)
+        states = {0: h}
+        for i, block in enumerate(self.layers[:n_run]):
+            slot = (cache.k[i], cache.v[i]) if cache is not None else None
+            h = block(h, cos, sin, masks, slot, start)
+            states[i + 1] = h
+        if cache is not None:
+            cache.length += T
+        return tuple(states[k] for k in layers)
+
+    def hidden_at(self, tokens, layers, attention_mask=None):
+        """Residual stream after block k (1-based, before the final norm) for k in `layers` (an int -> one tensor
+        [B, T, D]; a tuple -> a tuple). Runs only blocks 1..max(layers): what the deep supervision needs."""
+        if isinstance(layers, int):
+            return self._run(tokens, (layers,), attention_mask)[0]
+        return self._run(tokens, tuple(layers), attention_mask)
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """final norm -> head -> final softcap, as fp32 logits [B, T, V]: the model's output at k = n_layers and the
+        logit lens at any other layer."""
+        # fp32: final logits and their softcap.
+        return softcap(F.linear(self.norm(h), self.head_weight).float(), self.args.final_softcap)
+
+    def forward(self, tokens, attention_mask=None, cache: KVCache | None = None):
+        """Logits [B, T, V] (fp32) for inference and evaluation; training uses hidden_at + chunked losses."""
+        return self.head_logits(self._run(tokens, (self.args.n_layers,), attention_mask, cache)[0])
+
+    def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.tok_embeddings.weight
+        return KVCache(self.args, batch_size, max_len, p.device, p.dtype)
+
+    # --- checkpoints ----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
+        """Whole model from an HF checkpoint dir, shard by shard, each tensor assigned in place (no 2x memory)."""
+        args = read_args(path)
+        with torch.device("meta"):
+            model = cls(args)
+        state = {}
+        for name, tensor in iter_checkpoint(path, model):
+            state[name] = tensor.to(device=device, dtype=dtype)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval()
+
+    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None):
+        save_pretrained(self, path, max_shard_bytes, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoint IO: the one place that knows the HF names
+# ---------------------------------------------------------------------------------------------------------------------
+
+CONFIG_NAME, SINGLE_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def hf_names(args: ModelArgs) -> dict[str, str]:
+    """Our parameter name -> the name in the official HF safetensors files, in file order."""
+    block = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+             "feed_forward.w_gate": "mlp.gate_proj", "feed_forward.w_up": "mlp.up_proj",
+             "feed_forward.w_down": "mlp.down_proj", "attn_norm": "input_layernorm"}
+    if args.sandwich_norm:     # Gemma-2: four norms per block
+        block.update({"attn_post_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+                      "ffn_post_norm": "post_feedforward_layernorm"})
+    else:                      # LLaMA: HF calls the pre-MLP norm "post_attention_layernorm"
+        block["ffn_norm"] = "post_attention_layernorm"
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight"}
+    for i in range(args.n_layers):
+        for ours, theirs in block.items():
+            names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+    names["norm.weight"] = "model.norm.weight"
+    if not args.tie_embeddings:
+        names["output.weight"] = "lm_head.weight"
+    return names
+
+
+def read_args(path) -> ModelArgs:
+    path = Path(path)
+    config = path / CONFIG_NAME
+    if not config.is_file():
+        raise CheckpointError(f"{config}: not found; expected an HF checkpoint dir (config.json + *.safetensors), "
+                              f"e.g. `python model.py --make-tiny {path} --family llama` for a tiny one")
+    try:
+        cfg = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config}: not valid JSON ({e}); re-download config.json") from None
+    return ModelArgs.from_hf_config(cfg, str(config))
+
+
+def checkpoint_files(path) -> list[Path]:
+    """The safetensors files of a checkpoint dir (one file, or the shards its index names)."""
+    path = Path(path)
+    if (path / INDEX_FILE).is_file():
+        try:
+            weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path / INDEX_FILE}: no valid 'weight_map' ({e!r}); re-download the index") from None
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+    elif (path / SINGLE_FILE).is_file():
+        files = [path / SINGLE_FILE]
+    else:
+        raise CheckpointError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found; expected official HF safetensors")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{path / INDEX_FILE}: shard file(s) missing: {', '.join(missing)}; download them all")
+    return files
+
+
+def check_checkpoint(path, model: Transformer) -> list[Path]:
+    """Read only the safetensors headers and raise one error listing every missing, unexpected or wrong-shape tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    ours = {name: p.shape for name, p in model.named_parameters()}
+    expected = {hf: (name, ours[name]) for name, hf in hf_names(model.args).items()}
+    files, seen, problems = checkpoint_files(path), set(), []
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as sf:
+                for key in sf.keys():
+                    shape = tuple(sf.get_slice(key).get_shape())
+                    if key == "lm_head.weight" and model.args.tie_embeddings:
+                        continue   # tied head saved anyway by some exporters: the embedding is the head
+                    if key not in expected:
+                        problems.append(f"unexpected {key} in {f.name}")
+                    elif shape != tuple(expected[key][1]):
+                        problems.append(f"{key} in {f.name} has shape {list(shape)}, expected {list(expected[key][1])}")
+                    seen.add(key)
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e}); re-download it") from None
+    problems += [f"missing {key}" for key in expected if key not in seen]
+    if problems:
+        shown = "; ".join(problems[:12]) + (f"; ... {len(problems) - 12} more" if len(problems) > 12 else "")
+        raise CheckpointError(f"{path}: checkpoint does not match its config.json: {shown}")
+    return files
+
+
+def iter_checkpoint(path, model: Transformer, files: list[Path] | None = None):
+    """Yield (our name, tensor) file by file, after checking the whole checkpoint's headers against the model."""
+    from safetensors import safe_open
+
+    files = files if files is not None else check_checkpoint(path, model)
+    ours = {hf: name for name, hf in hf_names(model.args).items()}
+    for f in files:
+        with safe_open(f, framework="pt") as sf:
+            for key in sf.keys():
+                if key in ours:
+                    yield ours[key], sf.get_tensor(key)
+
+
+def load_weights(model: nn.Module, path) -> None:
+    """Fill a model built on the meta device (and moved with to_empty), also one wrapped by FSDP2's fully_shard.
+
+    Under torchrun only rank 0 reads the files; each shard file is broadcast to the other ranks, which keep just
+    their slice, so no rank ever holds more than one shard file plus its own share of the model."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        state = {}
+        for name, tensor in iter_checkpoint(path, model):
+            p = model.get_parameter(name)
+            state[name] = tensor.to(device=p.device, dtype=p.dtype)
+        model.load_state_dict(state, strict=True, assign=True)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    rank = dist.get_rank()
+    files, error = None, None
+    if rank == 0:
+        try:
+            files = check_checkpoint(path, model)
+        except CheckpointError as e:
+            error = str(e)
+    message = [error, len(files) if files else 0]
+    dist.broadcast_object_list(message, src=0)        # every rank fails together rather than hang
+    if message[0]:
+        raise CheckpointError(message[0])
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    for i in range(message[1]):
+        shard = dict(iter_checkpoint(path, model, [files[i]])) if rank == 0 else {}
+        set_model_state_dict(model, shard, options=options)
+
+
+class ShardWriter:
+    """Writes tensors, given in a fixed order, into safetensors shards of at most `max_shard_bytes`.
+
+    A safetensors header needs every shape of its file first, so at most one shard is held in memory. Files go to
+    `<path>.tmp` and the dir is renamed when complete: a crash never leaves a half checkpoint under `path`."""
+
+    def __init__(self, path, max_shard_bytes: int):
+        self.path, self.tmp = Path(path), Path(str(path) + ".tmp")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.max_shard_bytes = max_shard_bytes
+        self.pending, self.pending_bytes, self.shards, self.weight_map = {}, 0, [], {}
+
+    def add(self, name: str, tensor: torch.Tensor):
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += nbytes
+
+    def _flush(self):
+        from safetensors.torch import save_file
+
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        save_file(self.pending, str(self.tmp / name), metadata={"format": "pt"})
+        self.shards.append((name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self, extra_files: dict[str, str]):
+        if self.pending or not self.shards:
+            self._flush()
+        total = 0
+        if len(self.shards) == 1:
+            os.rename(self.tmp / self.shards[0][0], self.tmp / SINGLE_FILE)
+        else:
+            n = len(self.shards)
+            for k, (name, keys) in enumerate(self.shards):
+                final = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+                os.rename(self.tmp / name, self.tmp / final)
+                total += (self.tmp / final).stat().st_size
+                self.weight_map.update({key: final for key in keys})
+            index = {"metadata": {"total_size": total}, "weight_map": self.weight_map}
+            (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        for name, text in extra_files.items():
+            (self.tmp / name).write_text(text)
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.rename(self.tmp, self.path)
+
+
+def save_pretrained(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None):
+    """Write `model` in the HF layout. Under FSDP every rank must call this (each full tensor is gathered in the same
+    order on all ranks); rank 0 writes. dtype defaults to the source checkpoint's torch_dtype."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    is_writer = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    args = model.args
+    dtype = dtype or DTYPES.get(args.torch_dtype or "", None)
+    writer = ShardWriter(path, max_shard_bytes) if is_writer else None
+    for name, hf in hf_names(args).items():
+        t = model.get_parameter(name).detach()
+        if isinstance(t, DTensor):
+            t = t.full_tensor()
+        if writer is not None:
+            writer.add(hf, t.to(device="cpu", dtype=dtype or t.dtype))
+    if writer is not None:
+        config = dict(args.hf_config) or hf_config_of(args)
+        writer.close({CONFIG_NAME: json.dumps(config, indent=2) + "\n"})
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()      # nobody reads the export before rank 0 has renamed it into place
+
+
+def hf_config_of(args: ModelArgs) -> dict:
+    """The official config.json of a model built from ModelArgs (used for the tiny random checkpoints)."""
+    cfg = {"architectures": ["LlamaForCausalLM" if args.family == "llama" else "Gemma2ForCausalLM"],
+           "model_type": args.family, "hidden_size": args.dim, "intermediate_size": args.hidden_dim,
+           "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+           "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
+           "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "max_position_embeddings": args.max_seq_len,
+           "bos_token_id": args.bos_id, "eos_token_id": args.eos_id, "tie_word_embeddings": args.tie_embeddings,
+           "attention_bias": False, "torch_dtype": args.torch_dtype or "float32"}
+    if args.family == "llama":
+        cfg.update(hidden_act="silu", rope_scaling=None, pad_token_id=None, mlp_bias=False)
+    else:
+        cfg.update(hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh",
+                   query_pre_attn_scalar=round(args.query_scale ** -2), attn_logit_softcapping=args.attn_softcap,
+                   final_logit_softcapping=args.final_softcap, sliding_window=args.sliding_window, pad_token_id=0,
+                   layer_types=["sliding_attention" if s else "full_attention" for s in args.sliding_layers])
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------------------------------
+
+class Tokenizer:
+    """The SentencePiece `tokenizer.model` shipped with both families.
+
+    LLaMA-2 has no pad token: we pad with id 0 (`<unk>`), which is only ever a filler under a 0 attention mask and a
+    -100 label, never attended to or supervised. Gemma-2 has a real `<pad>` (id 0)."""
+
+    def __init__(self, path):
+        import sentencepiece as spm
+
+        path = Path(path)
+        self.path = path / "tokenizer.model" if path.is_dir() else path
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: tokenizer.model not found; it ships with the model "
+                                  "(e.g. meta-llama/Llama-2-7b-hf), or make a tiny one with `python model.py --make-tiny`")
+        data = self.path.read_bytes()
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(data)
+        except (RuntimeError, OSError) as e:
+            raise CheckpointError(f"{self.path}: not a SentencePiece model ({e})") from None
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        drop = {self.bos_id, self.eos_id, self.pad_id}
+        return self.sp.decode([int(i) for i in ids if int(i) not in drop])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tiny random checkpoints (tests and the demo)
+# ---------------------------------------------------------------------------------------------------------------------
+
+TINY = {
+    "llama": dict(family="llama", dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=160,
+                  norm_eps=1e-5, max_seq_len=1024),
+    "gemma2": dict(family="gemma2", dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=128,
+                   norm_eps=1e-6, max_seq_len=1024, tie_embeddings=True, norm_offset=1.0, mlp_act="gelu_tanh",
+                   embed_scale=8.0, sandwich_norm=True, query_scale=32 ** -0.5, attn_softcap=50.0,
+                   final_softcap=30.0, sliding_window=16),
+}
+
+
+def train_sentencepiece(texts, vocab_size: int, family: str) -> bytes:
+    """A byte-fallback BPE SentencePiece model on `texts`, with the special-token ids of the family."""
+    import sentencepiece as spm
+
+    ids = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1) if family == "llama" else dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3)
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(texts)), model_writer=out, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        hard_vocab_limit=False, character_coverage=1.0, max_sentence_length=1 << 16, minloglevel=2, **ids)
+    return out.getvalue()
+
+
+def write_tiny_checkpoint(path, family: str, texts, vocab_size: int | None = None, seed: int = 0,
+                          **arg_overrides) -> Path:
+    """A tiny random model in the official HF layout + a SentencePiece tokenizer trained on `texts`."""
+    if family not in TINY:
+        raise ValueError(f"family={family!r}; expected 'llama' or 'gemma2'")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sp_bytes = train_sentencepiece(texts, vocab_size or 512, family)
+    (path / "tokenizer.model").write_bytes(sp_bytes)
+    tok = Tokenizer(path)
+    fields = dict(TINY[family], vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, **arg_overrides)
+    if family == "gemma2":
+        fields.setdefault("sliding_layers", tuple(i % 2 == 0 for i in range(fields["n_layers"])))
+    args = ModelArgs(**fields)
+    args.hf_config = hf_config_of(args)
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    model.init_weights(generator=torch.Generator().manual_seed(seed))
+    tmp = path.with_name(path.name + ".weights")
+    save_pretrained(model, tmp)
+    for f in tmp.iterdir():
+        os.replace(f, path / f.name)
+    tmp.rmdir()
+    generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return path
+
+
+def sample_texts() -> list[str]:
+    """Texts of the bundled Alpaca sample (all languages), to train the tiny tokenizer on."""
+    texts = []
+    for f in sorted((Path(__file__).parent / "data" / "sample").glob("alpaca_*.json")):
+        for row in json.loads(f.read_text(encoding="utf-8")):
+            texts += [row[k] for k in ("instruction", "input", "output") if row.get(k)]
+    return texts
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--make-tiny", metavar="DIR", required=True,
+                        help="write a tiny random checkpoint (official HF layout + tokenizer.model) to DIR")
+    parser.add_argument("--family", choices=sorted(TINY), default="llama")
+    parser.add_argument("--texts", nargs="*", metavar="FILE.json",
+                        help="Alpaca-format files to train the tokenizer on (default: the bundled data/sample)")
+    parser.add_argument("--vocab-size", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    a = parser.parse_args(argv)
+    try:
+        if a.texts:
+            texts = [r[k] for f in a.texts for r in json.loads(Path(f).read_text(encoding="utf-8"))
+                     for k in ("instruction", "input", "output") if r.get(k)]
+        else:
+            texts = sample_texts()
+        if not texts:
+            raise ValueError("no texts to train the tokenizer on; pass --texts FILE.json (Alpaca format)")
+        out = write_tiny_checkpoint(a.make_tiny, a.family, texts, a.vocab_size, a.seed)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote a tiny random {a.family} checkpoint to {out}")
+
+
+if __name__ == "__main__":
+    main()
