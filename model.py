@@ -29,6 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dsft_loss import feature_cosine_loss, logit_lens_ce
+
+
+IGNORE = -100     # label of positions that are not supervised
+
 
 class CheckpointError(ValueError):
     """A problem with a checkpoint a user handed us; the message is one line naming file, field and fix."""
@@ -125,6 +130,82 @@ class ModelArgs:
         if isinstance(args["eos_id"], list):
             args["eos_id"] = args["eos_id"][0]
         return cls(**args)
+
+
+# The deep supervision's settings (METHOD.md §3-4). "(I)" marks our choices where the paper is silent.
+MODES = ("sft", "tft", "dft-logits", "dft-feature")
+LOSS_TYPES = ("logits", "feature", "none")
+
+
+@dataclass
+class DFTConfig:
+    lc_type: str | None = None        # None: set by the mode; "logits" | "feature" | "none" mixes (the paper allows it)
+    et_type: str | None = None
+    lc_layer: int | None = None       # 1-based block count i; None: default_layers
+    et_layer: int | None = None       # j
+    lc_weight: float = 1.0            # the paper's loss is unweighted (I: weights exposed; 0 skips the pass)
+    et_weight: float = 1.0
+    lc_content_only: bool = True      # (I) LC predicts x_en's instruction+input, not the English template words
+    pooling: str = "mean"             # (I) feature losses: mean over the query's content tokens | "last"
+    detach_teacher: bool = True       # (I) the English side of a feature loss is a teacher: no gradient
+    teacher_norm: bool = True         # (I) the ET teacher h_N(x_en) is the final-norm output, as HF's last hidden state
+    chunk_size: int = 1024            # tokens per chunk of the logit-lens cross-entropy
+
+    def types(self, mode: str) -> tuple[str, str]:
+        """The (LC, ET) loss types a mode runs: "logits" | "feature" | "none"."""
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}; expected one of {', '.join(MODES)}")
+        base = {"sft": "none", "tft": "none", "dft-logits": "logits", "dft-feature": "feature"}[mode]
+        lc, et = self.lc_type or base, self.et_type or base
+        if mode == "sft" and (lc, et) != ("none", "none"):
+            raise ValueError("mode 'sft' trains on English data only: it has no LC/ET losses (drop --lc-type/--et-type)")
+        for name, t in (("lc_type", lc), ("et_type", et)):
+            if t not in LOSS_TYPES:
+                raise ValueError(f"{name}={t!r}; expected one of {', '.join(LOSS_TYPES)}")
+        return (lc if self.lc_weight else "none"), (et if self.et_weight else "none")
+
+    def layers(self, args: ModelArgs) -> tuple[int, int]:
+        i_default, j_default = default_layers(args.n_layers, args.family)
+        i = self.lc_layer if self.lc_layer is not None else i_default
+        j = self.et_layer if self.et_layer is not None else j_default
+        for name, k in (("lc_layer", i), ("et_layer", j)):
+            if not 1 <= k <= args.n_layers:
+                raise ValueError(f"{name}={k}: the model has {args.n_layers} blocks; expected 1..{args.n_layers}")
+        return i, j
+
+
+def default_layers(n_layers: int, family: str) -> tuple[int, int]:
+    """(i, j) for LC and ET: LLaMA-2-7B (32 blocks) 2 and 15 (the paper's best ET layer; LC where its entropy curve
+    says conversion ends), Gemma-2-2B (26) 2 and 12 (I: the same relative depth); other depths scale."""
+    ref_depth, ref_j = (26, 12) if family == "gemma2" else (32, 15)
+    i = max(1, round(2 * n_layers / ref_depth))
+    j = min(n_layers, max(i + 1, round(ref_j * n_layers / ref_depth)))
+    return i, j
+
+
+def count_targets(batch: dict, mode: str, cfg: DFTConfig) -> dict[str, int]:
+    """How many targets each loss part has in this micro-batch: supervised tokens for cross-entropy parts, examples
+    for feature parts. train.py sums these over an optimizer step on all ranks and hands the totals to dft_step."""
+    lc_type, et_type = cfg.types(mode)
+    n_examples = batch["tft_tokens"].shape[0]
+    counts = {"tft": int((batch["tft_labels"] != IGNORE).sum()), "lc": 0, "et": 0}
+    if lc_type == "logits":
+        counts["lc"] = int((lc_labels(batch, cfg) != IGNORE).sum())
+    elif lc_type == "feature":
+        counts["lc"] = n_examples
+    if et_type == "logits":
+        counts["et"] = int((batch["et_labels"] != IGNORE).sum())
+    elif et_type == "feature":
+        counts["et"] = n_examples
+    return counts
+
+
+def lc_labels(batch: dict, cfg: DFTConfig) -> torch.Tensor:
+    """LC targets: all of x_en, or (default) only its instruction+input tokens, since the English template words
+    also stand in x_tgt and could simply be copied. lc_content is in label space (marks labels, not tokens)."""
+    if not cfg.lc_content_only:
+        return batch["lc_labels"]
+    return batch["lc_labels"].masked_fill(batch["lc_content"] == 0, IGNORE)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -348,6 +429,49 @@ class Transformer(nn.Module):
     def forward(self, tokens, attention_mask=None, cache: KVCache | None = None):
         """Logits [B, T, V] (fp32) for inference and evaluation; training uses hidden_at + chunked losses."""
         return self.head_logits(self._run(tokens, (self.args.n_layers,), attention_mask, cache)[0])
+
+    def dft_step(self, batch: dict, mode: str, cfg: DFTConfig, counts: dict) -> dict:
+        """One micro-batch of L = L_TFT + w_LC L_LC + w_ET L_ET (METHOD.md §3). Each part is this micro-batch's sum
+        divided by the optimizer step's global count (count_targets, summed over micro-batches and ranks), so the
+        parts of all micro-batches on all ranks add up to the global mean. No [B, T, V] logits tensor is built."""
+        lc_type, et_type = cfg.types(mode)
+        i, j = cfg.layers(self.args)
+        N = self.args.n_layers
+        ce = lambda h, labels, frozen: logit_lens_ce(h, self.norm, self.head_weight, labels, cfg.chunk_size,  # noqa: E731
+                                                     self.args.final_softcap, "sum", freeze_head=frozen)
+        cos = lambda student, teacher, teacher_mask: feature_cosine_loss(  # noqa: E731
+            student, teacher, batch["tgt_content"], teacher_mask, cfg.pooling, cfg.detach_teacher, "sum")
+        per = lambda part, total: total / max(counts[part], 1)  # noqa: E731
+        zero = torch.zeros((), device=batch["tft_tokens"].device)
+
+        # L_TFT: the ordinary next-token loss on [x_tgt ; y_tgt]; head and final norm train. By causality the same
+        # pass holds h_i(x_tgt) and h_j(x_tgt) at the prompt positions: the feature losses' students, for free.
+        h_i, h_j, h_N = self.hidden_at(batch["tft_tokens"], (i, j, N), batch["tft_mask"])
+        parts = {"tft": per("tft", ce(h_N, batch["tft_labels"], False)), "lc": zero, "et": zero}
+
+        # Logits-based: blocks 1..i on [x_tgt ; x_en] predict x_en, blocks 1..j on [x_tgt ; y_en] predict y_en,
+        # through the frozen final norm + head (the logit lens).
+        if lc_type == "logits":
+            h = self.hidden_at(batch["lc_tokens"], i, batch["lc_mask"])
+            parts["lc"] = per("lc", ce(h, lc_labels(batch, cfg), True))
+        if et_type == "logits":
+            h = self.hidden_at(batch["et_tokens"], j, batch["et_mask"])
+            parts["et"] = per("et", ce(h, batch["et_labels"], True))
+
+        # Feature-based: one pass of the English query gives the teachers h_i(x_en) (LC) and h_N(x_en) (ET).
+        teacher_layers = tuple(k for k, t in ((i, lc_type), (N, et_type)) if t == "feature")
+        if teacher_layers:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.detach_teacher):
+                en = dict(zip(teacher_layers, self.hidden_at(batch["en_tokens"], teacher_layers, batch["en_mask"])))
+                if et_type == "feature" and cfg.teacher_norm:
+                    en[N] = self.norm(en[N])
+            if lc_type == "feature":
+                parts["lc"] = per("lc", cos(h_i, en[i], batch["en_content"]))
+            if et_type == "feature":
+                parts["et"] = per("et", cos(h_j, en[N], batch["en_content"]))
+
+        parts["loss"] = parts["tft"] + cfg.lc_weight * parts["lc"] + cfg.et_weight * parts["et"]
+        return parts
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.tok_embeddings.weight
@@ -658,7 +782,7 @@ def train_sentencepiece(texts, vocab_size: int, family: str) -> bytes:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(list(texts)), model_writer=out, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        hard_vocab_limit=False, character_coverage=1.0, max_sentence_length=1 << 16, minloglevel=2, **ids)
+        hard_vocab_limit=False, character_coverage=0.995, max_sentence_length=1 << 16, minloglevel=2, **ids)
     return out.getvalue()
 
 
@@ -669,7 +793,7 @@ def write_tiny_checkpoint(path, family: str, texts, vocab_size: int | None = Non
         raise ValueError(f"family={family!r}; expected 'llama' or 'gemma2'")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    sp_bytes = train_sentencepiece(texts, vocab_size or 512, family)
+    sp_bytes = train_sentencepiece(texts, vocab_size or 2048, family)
     (path / "tokenizer.model").write_bytes(sp_bytes)
     tok = Tokenizer(path)
     fields = dict(TINY[family], vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, **arg_overrides)
@@ -706,7 +830,7 @@ def main(argv=None):
     parser.add_argument("--family", choices=sorted(TINY), default="llama")
     parser.add_argument("--texts", nargs="*", metavar="FILE.json",
                         help="Alpaca-format files to train the tokenizer on (default: the bundled data/sample)")
-    parser.add_argument("--vocab-size", type=int, default=512)
+    parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     a = parser.parse_args(argv)
     try:
