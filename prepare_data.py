@@ -1,0 +1,769 @@
+"""Parallel Alpaca instruction data (English + vi/zh/ar) -> validated, tokenised, memory-mapped arrays for DFT.
+
+    python prepare_data.py --lang vi --en alpaca_data.json --tgt alpaca_vi.json --tokenizer models/Llama-2-7b-hf
+    python prepare_data.py --sft --en alpaca_data.json                 # English-only data for the SFT baseline
+
+Inputs are two JSON lists of {instruction, input, output} records (the English Stanford Alpaca file and x-LLM's
+translation of it), paired by index (METHOD.md §2). Every pair is checked; a pair that cannot be used is dropped and
+counted by reason with its file and index, in a report printed and written as report.json in the output directory.
+
+Each example is formatted with the Alpaca template (English words for every language) and tokenised piece by piece:
+the template chunks, instruction, input and output are encoded separately and their ids concatenated, so the
+instruction/input token positions are known exactly (no search in a joint encoding). Each text is encoded once; the
+pieces are reused for the four training sequences. SentencePiece encodes every piece as a text of its own, so each
+starts with its dummy-prefix space: the model sees "### Instruction:\n Give ..." and "### Response: Paris", the
+same for every language and mode (alpaca_prompt_ids() gives a prompt tokenised the same way for generation):
+
+    tft = x_tgt ; y_tgt        lc = x_tgt ; x_en        et = x_tgt ; y_en        en = x_en
+
+x = BOS + prompt (template with instruction and input, ending in "### Response:"), y = output ids + EOS; in lc the
+x_en part carries no BOS of its own. Over-length policy: a pair any of whose sequences is longer than --max-len
+tokens is dropped (reason "too_long"), never truncated, so no response loses its end and no label points past a cut.
+
+Output directory (FORMAT_VERSION 1), everything memory-mapped on load:
+    meta.json, report.json
+    {part}.ids.npy (int32, flat) + {part}.offsets.npy (int64, N+1) for part in x_tgt, y_tgt, x_en, y_en (sft: x_en,
+        y_en): the token ids of every kept example, example n being ids[offsets[n]:offsets[n+1]]
+    {side}_spans.npy (int32 [N, 4]) for side in tgt, en: [instruction start, end, input start, end) inside x_{side}
+        (token positions, BOS = 0); an example without input has an empty input span (0, 0)
+    source_index.npy (int64 [N]): the index of each kept pair in the source files
+load_prepared() assembles the sequences, shifted labels and masks of DESIGN.md §3 from these on the fly.
+
+Label convention (all *_labels): labels[t] is the token at t+1 when that token is supervised, else -100; the last
+position is always -100. Content masks:
+    tgt_content[t] = 1 when tft_tokens[t] is one of x_tgt's instruction or input tokens      (token space)
+    en_content[t]  = 1 when en_tokens[t] is one of x_en's instruction or input tokens        (token space)
+    lc_content[t]  = 1 when lc_labels[t] is one of x_en's instruction or input tokens, i.e.  (label space)
+                     lc_tokens[t+1] is; so lc_labels[lc_content == 1] == en_tokens[en_content == 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+FORMAT_VERSION = 1
+TEMPLATE_ID = "alpaca-en/pieces-v1"  # the template below, encoded piece by piece as described in the docstring
+SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "sample"
+DEFAULT_TOKENIZER = Path("models/Llama-2-7b-hf")  # train.py's default --model
+
+# Stanford Alpaca's prompts, used with English words for every language (as x-LLM does).
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+FIELDS = ("instruction", "input", "output")
+
+# Bounds on the tgt/en token-count ratio of a pair (instruction + input + output, RATIO_SMOOTHING tokens added on
+# both sides so that short examples such as "4" vs "4" are never flagged). Wide on purpose: LLaMA-2's vocabulary
+# splits vi/ar/zh into 2-4x as many tokens as English, Gemma-2's hardly at all. The check catches gross damage (a
+# translation cut short, a pair shifted onto another example), not style; --ratio-bounds overrides.
+RATIO_BOUNDS = {"vi": (0.33, 8.0), "zh": (0.2, 6.0), "ar": (0.33, 8.0)}
+DEFAULT_RATIO_BOUNDS = (0.2, 8.0)
+RATIO_SMOOTHING = 8
+
+# Below this many pairs the start-up of worker processes costs more than it saves.
+MIN_PAIRS_FOR_POOL = 4096
+CHUNK_SIZE = 512
+
+EXAMPLES_PER_REASON = 3  # drops printed per reason; report.json lists all
+
+DROP_REASONS = {
+    "not_an_object": "record is not a JSON object",
+    "missing_field": "a field is missing",
+    "not_a_string": "a field is not a string",
+    "empty_instruction": "empty instruction",
+    "empty_output": "empty output",
+    "length_ratio": "implausible tgt/en token-length ratio",
+    "too_long": "a sequence is longer than --max-len",
+    "unpaired": "no partner in the other file (--allow-truncate)",
+}
+
+
+def json_type(value) -> str:
+    names = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def format_prompt(instruction: str, input: str) -> str:
+    """The Alpaca prompt text; the with-input variant when `input` has any non-space character."""
+    if input.strip():
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading and validating the source files
+
+
+def read_records(path: Path) -> list:
+    """The JSON list in `path`, or one line saying what is wrong with the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: file not found; see `python prepare_data.py --help` for where to get it")
+    except UnicodeDecodeError as err:
+        raise SystemExit(f"{path}: byte {err.start}: not UTF-8 text ({err.reason}); expected a UTF-8 JSON file")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"{path}: line {err.lineno} column {err.colno}: invalid JSON ({err.msg}); "
+                         f"expected a JSON list of {{instruction, input, output}} objects")
+    if not isinstance(data, list):
+        raise SystemExit(f"{path}: top level is a JSON {json_type(data)}; "
+                         f"expected a JSON list of {{instruction, input, output}} objects")
+    return data
+
+
+def record_defect(record) -> tuple[str, str] | None:
+    """(reason, detail) when a record cannot be used, None when it is fine."""
+    if not isinstance(record, dict):
+        return "not_an_object", f"is a JSON {json_type(record)}; expected an object with fields {', '.join(FIELDS)}"
+    for field in FIELDS:
+        if field not in record:
+            return "missing_field", f"field {field!r} is missing"
+        if not isinstance(record[field], str):
+            return "not_a_string", f"field {field!r} is a JSON {json_type(record[field])}; expected a string"
+    if not record["instruction"].strip():
+        return "empty_instruction", "field 'instruction' is empty"
+    if not record["output"].strip():
+        return "empty_output", "field 'output' is empty"
+    return None
+
+
+def find_duplicates(records: list, limit: int = 10) -> dict:
+    """Records identical to an earlier one (all three fields). Reported, never dropped: Alpaca has real ones."""
+    first_seen, count, examples = {}, 0, []
+    for index, record in enumerate(records):
+        if record_defect(record) is not None:
+            continue
+        key = tuple(record[field] for field in FIELDS)
+        if key in first_seen:
+            count += 1
+            if len(examples) < limit:
+                examples.append({"index": index, "same_as": first_seen[key]})
+        else:
+            first_seen[key] = index
+    return {"count": count, "examples": examples}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenisation
+
+
+@dataclass(frozen=True)
+class TemplateIds:
+    """The Alpaca template cut at its placeholders, each chunk encoded once per tokenizer."""
+
+    head_with_input: list[int]  # BOS + "Below is ... ### Instruction:\n"
+    head_no_input: list[int]
+    input_header: list[int]     # "\n\n### Input:\n"
+    response_header: list[int]  # "\n\n### Response:"
+
+    @classmethod
+    def build(cls, tokenizer) -> TemplateIds:
+        head_with_input, rest = PROMPT_WITH_INPUT.split("{instruction}")
+        input_header, response_header = rest.split("{input}")
+        head_no_input, response_header_no_input = PROMPT_NO_INPUT.split("{instruction}")
+        assert response_header == response_header_no_input, "both Alpaca variants end the same way"
+        return cls(
+            head_with_input=tokenizer.encode(head_with_input, bos=True, eos=False),
+            head_no_input=tokenizer.encode(head_no_input, bos=True, eos=False),
+            input_header=tokenizer.encode(input_header, bos=False, eos=False),
+            response_header=tokenizer.encode(response_header, bos=False, eos=False),
+        )
+
+
+@dataclass
+class EncodedSide:
+    """One side (English or target language) of a pair, tokenised."""
+
+    prompt: np.ndarray    # int32: BOS + template with instruction [and input], ending in "### Response:"
+    response: np.ndarray  # int32: output + EOS
+    spans: tuple[int, int, int, int]  # [instruction start, end), [input start, end) inside `prompt`
+    content_tokens: int   # instruction + input + output tokens (template, BOS and EOS excluded), for the ratio check
+
+
+def encode_prompt(tokenizer, template: TemplateIds, instruction: str, input: str) -> tuple[list[int], tuple]:
+    """BOS + the Alpaca prompt as ids, and the [instruction start, end), [input start, end) token spans in it."""
+    instruction_ids = tokenizer.encode(instruction, bos=False, eos=False)
+    has_input = bool(input.strip())
+    prompt = list(template.head_with_input if has_input else template.head_no_input)
+    spans = [len(prompt), len(prompt) + len(instruction_ids), 0, 0]
+    prompt += instruction_ids
+    if has_input:
+        input_ids = tokenizer.encode(input, bos=False, eos=False)
+        prompt += template.input_header
+        spans[2:] = [len(prompt), len(prompt) + len(input_ids)]
+        prompt += input_ids
+    prompt += template.response_header
+    return prompt, tuple(spans)
+
+
+def alpaca_prompt_ids(tokenizer, instruction: str, input: str = "") -> list[int]:
+    """The prompt exactly as training saw it (same pieces), for generating from a model trained on this data."""
+    return encode_prompt(tokenizer, TemplateIds.build(tokenizer), instruction, input)[0]
+
+
+def encode_side(tokenizer, template: TemplateIds, record: dict) -> EncodedSide:
+    prompt, spans = encode_prompt(tokenizer, template, record["instruction"], record["input"])
+    output = tokenizer.encode(record["output"], bos=False, eos=False)
+    return EncodedSide(
+        prompt=np.asarray(prompt, dtype=np.int32),
+        response=np.asarray(output + [tokenizer.eos_id], dtype=np.int32),
+        spans=spans,
+        content_tokens=(spans[1] - spans[0]) + (spans[3] - spans[2]) + len(output),
+    )
+
+
+def encode_pair(tokenizer, template: TemplateIds, en: dict, tgt: dict | None) -> tuple[EncodedSide, EncodedSide | None]:
+    return encode_side(tokenizer, template, en), None if tgt is None else encode_side(tokenizer, template, tgt)
+
+
+# One tokenizer per pool process, built by the pool's initializer: a SentencePiece processor is not sent between
+# processes, so each worker loads the model file itself.
+_worker_state: tuple | None = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _worker_state
+    from model import Tokenizer
+
+    tokenizer = Tokenizer(tokenizer_path)
+    _worker_state = (tokenizer, TemplateIds.build(tokenizer))
+
+
+def _encode_chunk(chunk: list[tuple[dict, dict | None]]) -> list:
+    tokenizer, template = _worker_state
+    return [encode_pair(tokenizer, template, en, tgt) for en, tgt in chunk]
+
+
+def encode_pairs(pairs: list[tuple[dict, dict | None]], tokenizer, workers: int,
+                 min_pairs_for_pool: int = MIN_PAIRS_FOR_POOL, chunk_size: int = CHUNK_SIZE) -> list:
+    """encode_pair over all pairs, in order, with a progress bar; several processes for large inputs."""
+    bar = tqdm(total=len(pairs), desc="tokenising", unit="ex", dynamic_ncols=True, leave=False)
+    chunks = [pairs[start:start + chunk_size] for start in range(0, len(pairs), chunk_size)]
+    encoded = []
+    with bar:
+        if workers > 1 and len(pairs) >= min_pairs_for_pool:
+            with Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path),)) as pool:
+                for result in pool.imap(_encode_chunk, chunks):
+                    encoded.extend(result)
+                    bar.update(len(result))
+        else:
+            template = TemplateIds.build(tokenizer)
+            for chunk in chunks:
+                encoded.extend(encode_pair(tokenizer, template, en, tgt) for en, tgt in chunk)
+                bar.update(len(chunk))
+    return encoded
+
+
+def sequence_lengths(en: EncodedSide, tgt: EncodedSide | None) -> dict[str, int]:
+    """Lengths of the sequences built from a pair (sft: only tft, made of the English side)."""
+    if tgt is None:
+        return {"tft": len(en.prompt) + len(en.response)}
+    return {
+        "tft": len(tgt.prompt) + len(tgt.response),
+        "lc": len(tgt.prompt) + len(en.prompt) - 1,  # x_en's BOS is not repeated
+        "et": len(tgt.prompt) + len(en.response),
+        "en": len(en.prompt),
+    }
+
+
+def token_ratio(en: EncodedSide, tgt: EncodedSide) -> float:
+    return (tgt.content_tokens + RATIO_SMOOTHING) / (en.content_tokens + RATIO_SMOOTHING)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The whole preparation
+
+
+@dataclass
+class PrepareConfig:
+    lang: str | None = None        # target language; None with sft
+    en: Path | None = None         # English file; None -> bundled sample
+    tgt: Path | None = None        # target-language file; None -> bundled sample
+    tokenizer: Path = DEFAULT_TOKENIZER
+    out: Path | None = None        # None -> data/prepared/{lang} or data/prepared/sft-en
+    max_len: int = 512
+    allow_truncate: bool = False
+    sft: bool = False
+    workers: int = 0               # 0 -> min(4, usable CPUs)
+    ratio_bounds: tuple[float, float] | None = None  # None -> RATIO_BOUNDS[lang] or DEFAULT_RATIO_BOUNDS
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_config(cfg: PrepareConfig) -> PrepareConfig:
+    """Fill in the defaults that depend on the language and mode; one-line errors for impossible combinations."""
+    if cfg.sft:
+        if cfg.tgt is not None:
+            raise SystemExit("--tgt: SFT data is English only (--sft); drop --tgt or drop --sft")
+        lang, en, tgt = "en", cfg.en or SAMPLE_DIR / "alpaca_en.json", None
+    else:
+        if not cfg.lang:
+            raise SystemExit("--lang is required for parallel data (e.g. --lang vi); use --sft for English-only data")
+        if cfg.lang == "en":
+            raise SystemExit("--lang en: parallel data pairs English with another language; "
+                             "use --sft for English-only data")
+        if (cfg.en is None) != (cfg.tgt is None):
+            raise SystemExit("--en and --tgt go together: give both files, or neither for the bundled sample")
+        lang, en, tgt = cfg.lang, cfg.en, cfg.tgt
+        if en is None:
+            en, tgt = SAMPLE_DIR / "alpaca_en.json", SAMPLE_DIR / f"alpaca_{lang}.json"
+            if not tgt.is_file():
+                raise SystemExit(f"{tgt}: no bundled sample for --lang {lang}; pass --en and --tgt files")
+    if cfg.max_len < 8:
+        raise SystemExit(f"--max-len {cfg.max_len}: too small to hold the Alpaca template; the usual value is 512")
+    bounds = cfg.ratio_bounds or RATIO_BOUNDS.get(lang, DEFAULT_RATIO_BOUNDS)
+    if not 0 < bounds[0] < bounds[1]:
+        raise SystemExit(f"--ratio-bounds {bounds[0]} {bounds[1]}: expected 0 < LOW < HIGH")
+    out = cfg.out or Path("data/prepared") / ("sft-en" if cfg.sft else lang)
+    workers = cfg.workers or min(4, usable_cpus())
+    return PrepareConfig(lang=lang, en=Path(en), tgt=None if tgt is None else Path(tgt), tokenizer=Path(cfg.tokenizer),
+                         out=Path(out), max_len=cfg.max_len, allow_truncate=cfg.allow_truncate, sft=cfg.sft,
+                         workers=workers, ratio_bounds=tuple(bounds))
+
+
+def load_tokenizer(path: Path):
+    from model import Tokenizer
+
+    model_file = path / "tokenizer.model" if path.is_dir() else path
+    if not model_file.is_file():
+        raise SystemExit(f"{model_file}: no tokenizer.model; point --tokenizer at a model dir (e.g. download "
+                         f"meta-llama/Llama-2-7b-hf into models/Llama-2-7b-hf) or its tokenizer.model, or make a tiny "
+                         f"demo one with: python model.py --make-tiny models/tiny-llama --family llama")
+    try:
+        return Tokenizer(path)
+    except ValueError as err:  # model.py's one-line CheckpointError, e.g. a file that is not a SentencePiece model
+        raise SystemExit(str(err)) from None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse to replace a directory this script did not write."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_prepared_dir(out))):
+        raise SystemExit(f"{out}: exists and is not a prepared-data directory; choose another --out or remove it")
+
+
+def is_prepared_dir(path: Path) -> bool:
+    try:
+        return json.loads((path / "meta.json").read_text()).get("created_by") == "prepare_data.py"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Validate, tokenise and write one prepared directory; returns the report (also in OUT/report.json)."""
+    started = time.perf_counter()
+    cfg = resolve_config(cfg)
+    check_output_dir(cfg.out)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+
+    en_records = read_records(cfg.en)
+    tgt_records = None if cfg.sft else read_records(cfg.tgt)
+    n_pairs = len(en_records) if cfg.sft else min(len(en_records), len(tgt_records))
+    drops = []  # one entry per dropped pair (its first defect)
+
+    if not cfg.sft and len(en_records) != len(tgt_records):
+        if not cfg.allow_truncate:
+            raise SystemExit(f"{cfg.en} has {len(en_records)} examples but {cfg.tgt} has {len(tgt_records)}; the "
+                             f"files pair by index, so a different count usually means entries were dropped or "
+                             f"reordered. Fix the files, or pass --allow-truncate to pair the first {n_pairs} and "
+                             f"drop the rest")
+        longer, extra = (cfg.en, en_records) if len(en_records) > n_pairs else (cfg.tgt, tgt_records)
+        drops += [{"reason": "unpaired", "file": str(longer), "index": index,
+                   "detail": f"beyond the {n_pairs} examples of the shorter file"}
+                  for index in range(n_pairs, len(extra))]
+
+    candidates, pairs = [], []  # indices and records of pairs whose fields are usable
+    for index in range(n_pairs):
+        sides = [(cfg.en, en_records[index])] + ([] if cfg.sft else [(cfg.tgt, tgt_records[index])])
+        defect = next(((path, found) for path, record in sides if (found := record_defect(record))), None)
+        if defect:
+            path, (reason, detail) = defect
+            drops.append({"reason": reason, "file": str(path), "index": index, "detail": detail})
+            continue
+        candidates.append(index)
+        pairs.append((en_records[index], None if cfg.sft else tgt_records[index]))
+
+    encoded = encode_pairs(pairs, tokenizer, cfg.workers)
+
+    kept, ratios, lengths, input_differs = [], [], {}, []
+    low, high = cfg.ratio_bounds
+    for index, (en, tgt) in zip(candidates, encoded):
+        if tgt is not None:
+            ratio = token_ratio(en, tgt)
+            ratios.append(ratio)
+            if not low <= ratio <= high:
+                drops.append({"reason": "length_ratio", "file": str(cfg.tgt), "index": index,
+                              "detail": f"{tgt.content_tokens} target tokens vs {en.content_tokens} English: "
+                                        f"smoothed ratio {ratio:.2f} outside [{low}, {high}]"})
+                continue
+            if (en.spans[3] > en.spans[2]) != (tgt.spans[3] > tgt.spans[2]):
+                input_differs.append(index)
+        seq_lengths = sequence_lengths(en, tgt)
+        too_long = {name: n for name, n in seq_lengths.items() if n > cfg.max_len}
+        if too_long:
+            drops.append({"reason": "too_long", "file": str(cfg.en if cfg.sft else cfg.tgt), "index": index,
+                          "detail": ", ".join(f"{name} has {n} tokens" for name, n in too_long.items())
+                                    + f" > --max-len {cfg.max_len}"})
+            continue
+        kept.append((index, en, tgt))
+        for name, n in seq_lengths.items():
+            lengths.setdefault(name, []).append(n)
+
+    drops.sort(key=lambda drop: (drop["index"], drop["file"]))
+    dropped = {reason: sum(drop["reason"] == reason for drop in drops) for reason in DROP_REASONS}
+    report = {
+        "lang": cfg.lang,
+        "mode": "sft" if cfg.sft else "parallel",
+        "files": {"en": str(cfg.en)} | ({} if cfg.sft else {"tgt": str(cfg.tgt)}),
+        "records": {"en": len(en_records)} | ({} if cfg.sft else {"tgt": len(tgt_records)}),
+        "kept": len(kept),
+        "dropped": {reason: n for reason, n in dropped.items() if n},
+        "drops": drops,
+        "duplicates_kept": {str(cfg.en): find_duplicates(en_records)}
+                           | ({} if cfg.sft else {str(cfg.tgt): find_duplicates(tgt_records)}),
+        "over_length_policy": f"pairs with any sequence longer than {cfg.max_len} tokens are dropped (too_long)",
+        "sequence_lengths": {name: {"max": int(max(ns)), "mean": round(float(np.mean(ns)), 1)}
+                             for name, ns in lengths.items()},
+    }
+    if not cfg.sft:
+        report["ratio"] = {"bounds": [low, high], "smoothing_tokens": RATIO_SMOOTHING}
+        if ratios:
+            quantiles = np.quantile(ratios, [0, 0.01, 0.5, 0.99, 1])
+            report["ratio"] |= dict(zip(["min", "p01", "median", "p99", "max"], map(lambda q: round(float(q), 3),
+                                                                                      quantiles)))
+        report["input_presence_differs"] = {"count": len(input_differs), "indices": input_differs[:20],
+                                            "note": "one side has an input, the other not; kept"}
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    write_prepared(cfg, tokenizer, kept, report)
+    print(format_report(report, cfg.out), file=sys.stderr)
+    return report
+
+
+def write_prepared(cfg: PrepareConfig, tokenizer, kept: list, report: dict) -> None:
+    """Write arrays, meta.json and report.json into a temporary directory, then swap it in: never a half directory."""
+    tmp = cfg.out.with_name(cfg.out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    sides = {"en": [en for _, en, _ in kept]} | ({} if cfg.sft else {"tgt": [tgt for _, _, tgt in kept]})
+    for side, encoded in sides.items():
+        for part, attr in (("x", "prompt"), ("y", "response")):
+            pieces = [getattr(e, attr) for e in encoded]
+            offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+            offsets[1:] = np.cumsum([len(p) for p in pieces])
+            ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+            np.save(tmp / f"{part}_{side}.ids.npy", ids.astype(np.int32, copy=False))
+            np.save(tmp / f"{part}_{side}.offsets.npy", offsets)
+        np.save(tmp / f"{side}_spans.npy", np.asarray([e.spans for e in encoded], dtype=np.int32).reshape(-1, 4))
+    np.save(tmp / "source_index.npy", np.asarray([index for index, _, _ in kept], dtype=np.int64))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "created_by": "prepare_data.py",
+        "lang": cfg.lang,
+        "mode": report["mode"],
+        "num_examples": len(kept),
+        "tokenizer_sha256": tokenizer.sha256,
+        "tokenizer_path": str(tokenizer.path),
+        "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+        "pad_id": tokenizer.pad_id,
+        "max_len": cfg.max_len,
+        "template": TEMPLATE_ID,
+        "counts": {"records": report["records"], "kept": report["kept"], "dropped": report["dropped"]},
+        "sources": {side: {"path": path, "sha256": file_sha256(Path(path))} for side, path in report["files"].items()},
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    if cfg.out.exists():
+        old = cfg.out.with_name(cfg.out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        cfg.out.rename(old)
+        tmp.rename(cfg.out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(cfg.out)
+
+
+def format_report(report: dict, out: Path) -> str:
+    total = max(report["records"].values())
+    lines = [f"prepare_data: {report['mode']} {report['lang']}: {total} examples -> {report['kept']} kept, "
+             f"{total - report['kept']} dropped ({report['seconds']} s)"]
+    for reason, count in report["dropped"].items():
+        lines.append(f"  dropped {count:>6}  {reason}: {DROP_REASONS[reason]}")
+        examples = [d for d in report["drops"] if d["reason"] == reason][:EXAMPLES_PER_REASON]
+        lines += [f"      {d['file']}[{d['index']}]: {d['detail']}" for d in examples]
+        if count > len(examples):
+            lines.append(f"      ... all {count} in {out / 'report.json'}")
+    for path, dup in report["duplicates_kept"].items():
+        if dup["count"]:
+            shown = ", ".join(f"[{d['index']}]=[{d['same_as']}]" for d in dup["examples"][:EXAMPLES_PER_REASON])
+            more = ", ..." if dup["count"] > EXAMPLES_PER_REASON else ""
+            lines.append(f"  duplicates kept: {path}: {dup['count']} ({shown}{more})")
+    if "ratio" in report and "median" in report["ratio"]:
+        r = report["ratio"]
+        lines.append(f"  tgt/en token ratio: min {r['min']} p1 {r['p01']} median {r['median']} p99 {r['p99']} "
+                     f"max {r['max']} (bounds {r['bounds'][0]}..{r['bounds'][1]})")
+    if report.get("input_presence_differs", {}).get("count"):
+        lines.append(f"  input on one side only (kept): {report['input_presence_differs']['count']} pairs")
+    lengths = ", ".join(f"{name} max {s['max']} mean {s['mean']}" for name, s in report["sequence_lengths"].items())
+    lines.append(f"  sequence lengths: {lengths or 'none kept'}")
+    lines.append(f"  wrote {out} (report.json, meta.json)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading prepared data (train.py)
+
+
+def check_meta(meta: dict, lang: str, mode: str, tokenizer_sha256: str, path) -> None:
+    """One-line refusal of prepared data made for another mode, language or tokenizer.
+
+    mode is the data mode, "parallel" or "sft" (train.py's --mode sft -> "sft", every other mode -> "parallel");
+    lang is not checked for sft data, which is English whatever language the model is later evaluated on.
+    """
+    if mode not in ("parallel", "sft"):
+        raise ValueError(f"mode={mode!r}; expected 'parallel' or 'sft'")
+    remake = ("python prepare_data.py --sft" if mode == "sft" else f"python prepare_data.py --lang {lang}") + \
+        f" --tokenizer MODEL_DIR --out {path}"
+    where = f"{path}/meta.json"
+    if meta.get("mode") != mode:
+        raise SystemExit(f"{where}: mode={meta.get('mode')!r} data, but this run needs {mode!r} data; "
+                         f"make it with: {remake}")
+    if mode == "parallel" and meta.get("lang") != lang:
+        raise SystemExit(f"{where}: lang={meta.get('lang')!r} data, but this run is for --lang {lang}; "
+                         f"make it with: {remake}")
+    if meta.get("tokenizer_sha256") != tokenizer_sha256:
+        found = str(meta.get("tokenizer_sha256"))[:12]
+        raise SystemExit(f"{where}: tokenised with another tokenizer (sha256 {found}...) than the model's "
+                         f"({tokenizer_sha256[:12]}...); make it with: {remake}")
+
+
+class PreparedDataset:
+    """Examples of a prepared directory, as DESIGN.md §3 dicts of 1-D int64 tensors (+ tgt_prompt_len, an int).
+
+    The arrays are memory-mapped, so opening 52k examples is instant and DataLoader workers share the page cache;
+    pickling (DataLoader workers under spawn) sends only the path.
+    """
+
+    def __init__(self, path: Path, meta: dict, arrays: dict[str, np.ndarray]):
+        self.path, self.meta, self.arrays = path, meta, arrays
+        self.sft = meta["mode"] == "sft"
+
+    def __len__(self) -> int:
+        return len(self.arrays["source_index"])
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__dict__.update(load_prepared(state["path"]).__dict__)
+
+    def source_index(self, i: int) -> int:
+        """Index of example i in the source files."""
+        return int(self.arrays["source_index"][i])
+
+    def _part(self, part: str, i: int) -> np.ndarray:
+        offsets = self.arrays[f"{part}.offsets"]
+        return np.asarray(self.arrays[f"{part}.ids"][offsets[i]:offsets[i + 1]], dtype=np.int64)
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} examples")
+        i %= len(self)
+        x_en, y_en = self._part("x_en", i), self._part("y_en", i)
+        if self.sft:
+            tokens, labels = supervise_continuation(x_en, y_en)
+            return {"tft_tokens": tokens, "tft_labels": labels, "tft_mask": torch.ones_like(tokens),
+                    "tgt_prompt_len": len(x_en)}
+        x_tgt, y_tgt = self._part("x_tgt", i), self._part("y_tgt", i)
+        tgt_spans, en_spans = self.arrays["tgt_spans"][i], self.arrays["en_spans"][i]
+        prompt_len = len(x_tgt)
+
+        tft_tokens, tft_labels = supervise_continuation(x_tgt, y_tgt)
+        lc_tokens, lc_labels = supervise_continuation(x_tgt, x_en[1:])  # x_en without its BOS
+        et_tokens, et_labels = supervise_continuation(x_tgt, y_en)
+        # x_en token k (k >= 1, BOS = 0) sits at lc position prompt_len + k - 1 and is the label of the position before.
+        lc_content = span_mask(len(lc_tokens), en_spans, shift=prompt_len - 2)
+        return {
+            "tft_tokens": tft_tokens, "tft_labels": tft_labels, "tft_mask": torch.ones_like(tft_tokens),
+            "tgt_prompt_len": prompt_len,
+            "tgt_content": span_mask(len(tft_tokens), tgt_spans, shift=0),
+            "lc_tokens": lc_tokens, "lc_labels": lc_labels, "lc_mask": torch.ones_like(lc_tokens),
+            "lc_content": lc_content,
+            "et_tokens": et_tokens, "et_labels": et_labels, "et_mask": torch.ones_like(et_tokens),
+            "en_tokens": torch.from_numpy(x_en), "en_mask": torch.ones(len(x_en), dtype=torch.long),
+            "en_content": span_mask(len(x_en), en_spans, shift=0),
+        }
+
+
+def supervise_continuation(prompt: np.ndarray, continuation: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens = prompt ; continuation, and shifted labels supervising exactly the continuation's tokens."""
+    tokens = torch.from_numpy(np.concatenate([prompt, continuation]))
+    labels = torch.full_like(tokens, -100)
+    labels[len(prompt) - 1:-1] = tokens[len(prompt):]
+    return tokens, labels
+
+
+def span_mask(length: int, spans: np.ndarray, shift: int) -> torch.Tensor:
+    """1 on [start + shift, end + shift) for the instruction and input spans, 0 elsewhere."""
+    mask = torch.zeros(length, dtype=torch.long)
+    for start, end in ((spans[0], spans[1]), (spans[2], spans[3])):
+        if end > start:
+            mask[start + shift:end + shift] = 1
+    return mask
+
+
+def load_prepared(path) -> PreparedDataset:
+    """Open a prepared directory (memory-mapped); one-line errors for a missing, old or damaged one."""
+    path = Path(path)
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise SystemExit(f"{meta_file}: not found; make the data with: python prepare_data.py --lang LANG "
+                         f"--tokenizer MODEL_DIR --out {path}  (or --sft for English-only data)")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SystemExit(f"{meta_file}: not valid JSON ({err}); rerun prepare_data.py to rewrite {path}")
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        found = meta.get("format_version") if isinstance(meta, dict) else None
+        raise SystemExit(f"{meta_file}: format_version={found!r}, this code reads {FORMAT_VERSION}; "
+                         f"rerun prepare_data.py to rewrite {path}")
+    if meta.get("mode") not in ("parallel", "sft"):
+        raise SystemExit(f"{meta_file}: mode={meta.get('mode')!r}; expected 'parallel' or 'sft'")
+    sides = ("en",) if meta["mode"] == "sft" else ("en", "tgt")
+    names = ["source_index"] + [f"{side}_spans" for side in sides] + [
+        f"{part}_{side}.{kind}" for side in sides for part in ("x", "y") for kind in ("ids", "offsets")]
+    arrays = {}
+    for name in names:
+        file = path / f"{name}.npy"
+        try:
+            arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise SystemExit(f"{file}: missing; rerun prepare_data.py to rewrite {path}")
+        except (ValueError, OSError) as err:
+            raise SystemExit(f"{file}: unreadable ({err}); rerun prepare_data.py to rewrite {path}")
+
+    n = len(arrays["source_index"])
+    problems = []
+    if n != meta.get("num_examples"):
+        problems.append(f"source_index has {n} entries, meta.json says {meta.get('num_examples')}")
+    for side in sides:
+        if arrays[f"{side}_spans"].shape != (n, 4):
+            problems.append(f"{side}_spans shape {arrays[f'{side}_spans'].shape} != ({n}, 4)")
+        for part in ("x", "y"):
+            ids, offsets = arrays[f"{part}_{side}.ids"], arrays[f"{part}_{side}.offsets"]
+            if offsets.shape != (n + 1,) or offsets[0] != 0 or offsets[-1] != len(ids) or ids.ndim != 1:
+                problems.append(f"{part}_{side}: offsets do not match ids ({offsets.shape[0]} offsets for {n} "
+                                f"examples, last {offsets[-1] if len(offsets) else None} vs {len(ids)} ids)")
+    if problems:
+        raise SystemExit(f"{path}: damaged prepared data: {'; '.join(problems)}; rerun prepare_data.py")
+    return PreparedDataset(path, meta, arrays)
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: *_tokens padded with pad_id, *_labels with -100, masks and content masks with 0."""
+    if not examples:
+        raise ValueError("collate: empty list of examples")
+    batch = {}
+    for key in examples[0]:
+        values = [example[key] for example in examples]
+        if isinstance(values[0], int):
+            batch[key] = torch.tensor(values, dtype=torch.long)
+            continue
+        fill = -100 if key.endswith("_labels") else pad_id if key.endswith("_tokens") else 0
+        padded = torch.full((len(values), max(len(v) for v in values)), fill, dtype=torch.long)
+        for row, value in enumerate(values):
+            padded[row, :len(value)] = value
+        batch[key] = padded
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+
+EPILOG = """\
+where the real files come from:
+  English  the Stanford Alpaca release, alpaca_data.json (52,002 examples):
+           https://github.com/tatsu-lab/stanford_alpaca
+  target   x-LLM's translations alpaca_{lang}.json (lang in ar el es hi ru tr vi zh), from the data archive linked in
+           the README of https://github.com/NJUNLP/x-LLM (data/alpaca/alpaca_{lang}.json in that archive)
+  Both are JSON lists of {"instruction", "input", "output"}, aligned by index.
+
+output: OUT/ holds memory-mapped token arrays, meta.json (lang, mode, tokenizer sha256, max_len, template, counts,
+format version) and report.json (every dropped pair with its file, index and reason); train.py --data OUT reads it.
+
+examples:
+  python prepare_data.py --lang vi                            # bundled sample, models/Llama-2-7b-hf tokenizer
+  python prepare_data.py --lang zh --en alpaca_data.json --tgt alpaca_zh.json --tokenizer models/gemma-2-2b
+  python prepare_data.py --sft --en alpaca_data.json          # English-only data for the SFT baseline
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> PrepareConfig:
+    parser = argparse.ArgumentParser(
+        description="Validate, tokenise and memory-map parallel Alpaca data (English + target language) for DFT.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lang", help="target language code (vi, zh, ar; others with --en/--tgt)")
+    parser.add_argument("--en", type=Path, metavar="FILE", help="English Alpaca JSON (default: the bundled sample)")
+    parser.add_argument("--tgt", type=Path, metavar="FILE",
+                        help="target-language Alpaca JSON, same order (default: the bundled sample)")
+    parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, metavar="MODEL_DIR",
+                        help="model dir holding tokenizer.model, or the file itself (default: %(default)s)")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="output dir (default: data/prepared/LANG, or data/prepared/sft-en with --sft)")
+    parser.add_argument("--max-len", type=int, default=512, metavar="N",
+                        help="max tokens per sequence; longer pairs are dropped and counted (default: %(default)s)")
+    parser.add_argument("--allow-truncate", action="store_true",
+                        help="files of different lengths: pair the first min(n) examples, drop the rest")
+    parser.add_argument("--sft", action="store_true", help="English-only data for the SFT baseline (only --en)")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="tokenising processes (default: min(4, CPUs))")
+    parser.add_argument("--ratio-bounds", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        help="allowed tgt/en token-length ratio (default per language: "
+                             + ", ".join(f"{k} {lo}-{hi}" for k, (lo, hi) in RATIO_BOUNDS.items())
+                             + f", others {DEFAULT_RATIO_BOUNDS[0]}-{DEFAULT_RATIO_BOUNDS[1]})")
+    args = parser.parse_args(argv)
+    return PrepareConfig(lang=args.lang, en=args.en, tgt=args.tgt, tokenizer=args.tokenizer, out=args.out,
+                         max_len=args.max_len, allow_truncate=args.allow_truncate, sft=args.sft,
+                         workers=args.workers, ratio_bounds=tuple(args.ratio_bounds) if args.ratio_bounds else None)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return prepare(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,438 @@
+"""prepare_data.py: validation of broken files, token-by-token labels and content masks on a real SentencePiece model,
+collate round trips, SFT mode, meta checks and damaged prepared directories.
+
+Expected values are built independently of prepare_data's own assembly: by decoding the produced tokens back to text,
+or by encoding the source texts here and laying out the expected label lists by hand.
+"""
+
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import prepare_data as pd
+from conftest import ROOT
+from model import Tokenizer
+
+EN = [
+    {"instruction": "Give three tips for staying healthy.", "input": "",
+     "output": "1. Eat a balanced diet.\n2. Exercise regularly.\n3. Sleep well."},
+    {"instruction": "What is the capital of France?", "input": "France is a country in Europe.",
+     "output": "The capital of France is Paris."},
+    {"instruction": "Translate the sentence into French.", "input": "Good morning.", "output": "Bonjour."},
+    {"instruction": "What is 2 + 2?", "input": "", "output": "4"},
+    {"instruction": "Name a primary colour.", "input": "", "output": "Red."},
+]
+VI = [
+    {"instruction": "Hãy đưa ra ba lời khuyên để giữ gìn sức khỏe.", "input": "",
+     "output": "1. Ăn uống cân bằng.\n2. Tập thể dục đều đặn.\n3. Ngủ đủ giấc."},
+    {"instruction": "Thủ đô của Pháp là gì?", "input": "Pháp là một quốc gia ở châu Âu.",
+     "output": "Thủ đô của Pháp là Paris."},
+    {"instruction": "Dịch câu sau sang tiếng Pháp.", "input": "Chào buổi sáng.", "output": "Bonjour."},
+    {"instruction": "2 + 2 bằng bao nhiêu?", "input": "", "output": "4"},
+    # the translation put the colour into an input: kept, and counted as "input on one side only"
+    {"instruction": "Hãy kể tên một màu cơ bản.", "input": "Màu", "output": "Màu đỏ."},
+]
+ZH = [
+    {"instruction": "给出三个保持健康的建议。", "input": "", "output": "1. 均衡饮食。\n2. 经常锻炼。\n3. 睡眠充足。"},
+    {"instruction": "法国的首都是哪里？", "input": "法国是欧洲的一个国家。", "output": "法国的首都是巴黎。"},
+]
+
+BATCH_KEYS = {"tft_tokens", "tft_labels", "tft_mask", "tgt_prompt_len", "tgt_content", "lc_tokens", "lc_labels",
+              "lc_mask", "lc_content", "et_tokens", "et_labels", "et_mask", "en_tokens", "en_mask", "en_content"}
+
+
+def write_json(path, records):
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def squash(text: str) -> str:
+    """Text without whitespace: piece-wise encoding adds a dummy-prefix space at each piece boundary."""
+    return "".join(text.split())
+
+
+def runs(mask) -> list[tuple[int, int]]:
+    """[start, end) of each run of ones."""
+    found, start = [], None
+    for t, value in enumerate(list(mask) + [0]):
+        if value and start is None:
+            start = t
+        elif not value and start is not None:
+            found.append((start, t))
+            start = None
+    return found
+
+
+def content_texts(record) -> list[str]:
+    return [record["instruction"]] + ([record["input"]] if record["input"].strip() else [])
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma2"])
+def tokenizer_dir(request, tiny_llama, tiny_gemma2):
+    return tiny_llama if request.param == "llama" else tiny_gemma2
+
+
+@pytest.fixture
+def prepared_vi(tmp_path, tokenizer_dir):
+    en, vi = write_json(tmp_path / "alpaca_en.json", EN), write_json(tmp_path / "alpaca_vi.json", VI)
+    out = tmp_path / "prepared"
+    report = pd.main(["--lang", "vi", "--en", str(en), "--tgt", str(vi), "--tokenizer", str(tokenizer_dir),
+                      "--out", str(out), "--workers", "1"])
+    return report, out, Tokenizer(tokenizer_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def test_broken_files_each_defect_reported_with_file_and_index(tmp_path, tiny_llama, capsys):
+    long_en = " ".join(["The quick brown fox jumps over the lazy dog and runs far away."] * 6)
+    very_long_en = " ".join(["The quick brown fox jumps over the lazy dog."] * 30)
+    very_long_vi = " ".join(["Con cáo nâu nhanh nhẹn nhảy qua con chó lười."] * 30)
+    en = [dict(EN[0], instruction=f"{EN[0]['instruction']} Case {i}.") for i in range(13)]
+    vi = [dict(VI[0], instruction=f"{VI[0]['instruction']} Trường hợp {i}.") for i in range(13)]
+    del vi[1]["output"]                                          # missing_field, tgt
+    en[2]["instruction"] = 42                                    # not_a_string, en
+    vi[3]["output"] = "   "                                      # empty_output, tgt
+    vi[4] = "Hãy đưa ra ba lời khuyên"                           # not_an_object, tgt
+    en[5]["output"], vi[5]["output"] = long_en, "Vâng."          # length_ratio (a translation cut short), tgt
+    en[6]["output"], vi[6]["output"] = very_long_en, very_long_vi  # too_long
+    en[7]["instruction"] = ""                                    # empty_instruction, en
+    en[8], vi[8] = dict(EN[1]), dict(VI[1])                      # good, duplicated at 11
+    en[9]["id"] = vi[9]["id"] = 9                                # good; an extra field is ignored
+    del en[10]["input"]                                          # missing_field, en
+    en[11], vi[11] = dict(EN[1]), dict(VI[1])                    # duplicate of 8 in both files: kept
+    en[12]["output"], vi[12]["output"] = ["a list"], ""          # both sides broken: one drop, the English defect
+    en_file, vi_file = write_json(tmp_path / "alpaca_en.json", en), write_json(tmp_path / "alpaca_vi.json", vi)
+    out = tmp_path / "out"
+
+    report = pd.main(["--lang", "vi", "--en", str(en_file), "--tgt", str(vi_file), "--tokenizer", str(tiny_llama),
+                      "--out", str(out), "--max-len", "400"])
+
+    expected = [("missing_field", vi_file, 1), ("not_a_string", en_file, 2), ("empty_output", vi_file, 3),
+                ("not_an_object", vi_file, 4), ("length_ratio", vi_file, 5), ("too_long", vi_file, 6),
+                ("empty_instruction", en_file, 7), ("missing_field", en_file, 10), ("not_a_string", en_file, 12)]
+    assert [(d["reason"], d["file"], d["index"]) for d in report["drops"]] == [(r, str(f), i) for r, f, i in expected]
+    assert report["dropped"] == {"missing_field": 2, "not_a_string": 2, "empty_output": 1, "not_an_object": 1,
+                                 "length_ratio": 1, "too_long": 1, "empty_instruction": 1}
+    assert report["kept"] == 4 and report["records"] == {"en": 13, "tgt": 13}
+    details = {d["index"]: d["detail"] for d in report["drops"]}
+    assert "'output'" in details[1] and "'instruction'" in details[2] and "number" in details[2]
+    assert "'input'" in details[10] and "array" in details[12] and "tft has" in details[6]
+    for path in (en_file, vi_file):
+        assert report["duplicates_kept"][str(path)] == {"count": 1, "examples": [{"index": 11, "same_as": 8}]}
+
+    printed = capsys.readouterr().err
+    for reason, path, index in expected:
+        assert f"{path}[{index}]" in printed and reason in printed
+
+    ds = pd.load_prepared(out)
+    assert [ds.source_index(i) for i in range(len(ds))] == [0, 8, 9, 11]
+    tok = Tokenizer(tiny_llama)
+    example = ds[1]
+    assert tok.decode(example["tft_tokens"][example["tgt_prompt_len"]:]) == VI[1]["output"]
+    assert json.loads((out / "report.json").read_text()) == report
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["counts"]["kept"] == 4 and meta["counts"]["dropped"] == report["dropped"]
+
+
+def test_length_mismatch_stops_with_both_counts(tmp_path, tiny_llama):
+    en_file = write_json(tmp_path / "alpaca_en.json", EN[:3])
+    vi_file = write_json(tmp_path / "alpaca_vi.json", VI[:2])
+    args = ["--lang", "vi", "--en", str(en_file), "--tgt", str(vi_file), "--tokenizer", str(tiny_llama),
+            "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as stop:
+        pd.main(args)
+    message = str(stop.value)
+    assert f"{en_file} has 3 examples" in message and f"{vi_file} has 2" in message
+    assert "--allow-truncate" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+    report = pd.main(args + ["--allow-truncate"])
+    assert report["kept"] == 2 and report["dropped"] == {"unpaired": 1}
+    assert [(d["file"], d["index"]) for d in report["drops"]] == [(str(en_file), 2)]
+
+
+def test_unreadable_files_one_line(tmp_path, tiny_llama):
+    good = write_json(tmp_path / "good.json", EN[:2])
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"instruction": "a",\n "input": ""', encoding="utf-8")
+    not_list = write_json(tmp_path / "object.json", {"instruction": "a", "input": "", "output": "b"})
+    base = ["--lang", "vi", "--tokenizer", str(tiny_llama), "--out", str(tmp_path / "out")]
+    cases = [(broken, "line 2"), (not_list, "top level is a JSON object"), (tmp_path / "absent.json", "not found")]
+    for bad, expected in cases:
+        with pytest.raises(SystemExit) as stop:
+            pd.main(base + ["--en", str(good), "--tgt", str(bad)])
+        assert str(bad) in str(stop.value) and expected in str(stop.value) and "\n" not in str(stop.value)
+
+
+def test_missing_tokenizer_names_path_and_fix(tmp_path):
+    en_file, vi_file = write_json(tmp_path / "en.json", EN), write_json(tmp_path / "vi.json", VI)
+    with pytest.raises(SystemExit) as stop:
+        pd.main(["--lang", "vi", "--en", str(en_file), "--tgt", str(vi_file), "--tokenizer", str(tmp_path / "nomodel"),
+                 "--out", str(tmp_path / "out")])
+    message = str(stop.value)
+    assert str(tmp_path / "nomodel") in message and "--make-tiny" in message and "\n" not in message
+
+
+def test_bad_flag_combinations(tmp_path, tiny_llama):
+    en_file = write_json(tmp_path / "en.json", EN)
+    for args, expected in [(["--lang", "vi", "--en", str(en_file)], "--en and --tgt go together"),
+                           (["--lang", "en"], "--sft"),
+                           (["--sft", "--tgt", str(en_file)], "English only"),
+                           (["--en", str(en_file), "--tgt", str(en_file)], "--lang is required"),
+                           (["--lang", "xx"], "no bundled sample")]:
+        with pytest.raises(SystemExit, match=expected):
+            pd.main(args + ["--tokenizer", str(tiny_llama), "--out", str(tmp_path / "out")])
+
+
+def test_refuses_to_overwrite_a_foreign_directory_but_replaces_its_own(tmp_path, tiny_llama):
+    en_file, vi_file = write_json(tmp_path / "en.json", EN), write_json(tmp_path / "vi.json", VI)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    args = ["--lang", "vi", "--en", str(en_file), "--tgt", str(vi_file), "--tokenizer", str(tiny_llama)]
+    with pytest.raises(SystemExit, match="not a prepared-data directory"):
+        pd.main(args + ["--out", str(foreign)])
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+    out = tmp_path / "out"
+    pd.main(args + ["--out", str(out)])
+    write_json(vi_file, VI[:3])
+    write_json(en_file, EN[:3])
+    pd.main(args + ["--out", str(out)])
+    assert len(pd.load_prepared(out)) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["en.json", "foreign", "out", "vi.json"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Labels and content masks, token by token
+
+
+def test_labels_and_content_masks_token_by_token(prepared_vi):
+    report, out, tok = prepared_vi
+    ds = pd.load_prepared(out)
+    assert report["kept"] == len(ds) == len(EN)
+    assert report["input_presence_differs"]["indices"] == [4]
+    for i in range(len(ds)):
+        en, vi = EN[ds.source_index(i)], VI[ds.source_index(i)]
+        ex = ds[i]
+        assert set(ex) == BATCH_KEYS
+        P = ex["tgt_prompt_len"]
+        tft, lc, et, x_en = (ex[k].tolist() for k in ("tft_tokens", "lc_tokens", "et_tokens", "en_tokens"))
+
+        # x_tgt: BOS, then the target prompt in the English template, ending at "### Response:" (P tokens).
+        for seq in (tft, lc, et, x_en):
+            assert seq[0] == tok.bos_id and seq.count(tok.bos_id) == 1  # lc: x_en's BOS is not repeated
+        assert tft[:P] == lc[:P] == et[:P]
+        assert tok.decode(tft[:P]).endswith("### Response:")
+        assert squash(tok.decode(tft[:P])) == squash(pd.format_prompt(vi["instruction"], vi["input"]))
+
+        # tft: exactly the target response + EOS supervised, the first response token predicted from position P-1.
+        y_tgt = tok.encode(vi["output"], bos=False) + [tok.eos_id]
+        assert tft[P:] == y_tgt
+        assert ex["tft_labels"].tolist() == [-100] * (P - 1) + y_tgt + [-100]
+        assert ex["tft_labels"][P - 1] == y_tgt[0] and ex["tft_labels"][len(tft) - 2] == tok.eos_id
+
+        # et: same prompt, the English response + EOS supervised.
+        y_en = tok.encode(en["output"], bos=False) + [tok.eos_id]
+        assert et[P:] == y_en
+        assert ex["et_labels"].tolist() == [-100] * (P - 1) + y_en + [-100]
+
+        # lc: all of x_en supervised (template included); no EOS after a prompt.
+        assert squash(tok.decode(lc[P:])) == squash(pd.format_prompt(en["instruction"], en["input"]))
+        assert ex["lc_labels"].tolist() == [-100] * (P - 1) + lc[P:] + [-100]
+        assert tok.eos_id not in lc
+
+        # en: x_en alone, the same tokens as lc's second half.
+        assert x_en[1:] == lc[P:]
+        en_content_ids = [t for text in content_texts(en) for t in tok.encode(text, bos=False)]
+        # en_content (token space) and lc_content (label space) mark exactly x_en's instruction + input tokens.
+        en_runs = runs(ex["en_content"].tolist())
+        assert [tok.decode(x_en[a:b]) for a, b in en_runs] == content_texts(en)
+        assert [x_en[t] for t in range(len(x_en)) if ex["en_content"][t]] == en_content_ids
+        lc_runs = runs(ex["lc_content"].tolist())
+        lc_labels = ex["lc_labels"].tolist()
+        assert [tok.decode(lc_labels[a:b]) for a, b in lc_runs] == content_texts(en)
+        assert [lc_labels[t] for t in range(len(lc)) if ex["lc_content"][t]] == en_content_ids
+        assert all(lc_labels[t] == lc[t + 1] for t in range(len(lc)) if ex["lc_content"][t])
+
+        # tgt_content (token space over tft) marks x_tgt's instruction + input, nothing of the template or response.
+        tgt_runs = runs(ex["tgt_content"].tolist())
+        assert [tok.decode(tft[a:b]) for a, b in tgt_runs] == content_texts(vi)
+        assert all(b <= P for _, b in tgt_runs)
+        tgt_content_ids = [t for text in content_texts(vi) for t in tok.encode(text, bos=False)]
+        assert [tft[t] for t in range(len(tft)) if ex["tgt_content"][t]] == tgt_content_ids
+
+        for key, seq in (("tft_mask", tft), ("lc_mask", lc), ("et_mask", et), ("en_mask", x_en)):
+            assert ex[key].tolist() == [1] * len(seq)
+        for key, seq in (("tft_labels", tft), ("lc_labels", lc), ("et_labels", et), ("tgt_content", tft),
+                         ("lc_content", lc), ("en_content", x_en)):
+            assert len(ex[key]) == len(seq)
+
+
+def test_content_masks_in_chinese(tmp_path, tiny_llama):
+    en_file, zh_file = write_json(tmp_path / "en.json", EN[:2]), write_json(tmp_path / "zh.json", ZH)
+    pd.main(["--lang", "zh", "--en", str(en_file), "--tgt", str(zh_file), "--tokenizer", str(tiny_llama),
+             "--out", str(tmp_path / "out")])
+    tok, ds = Tokenizer(tiny_llama), pd.load_prepared(tmp_path / "out")
+    for i in range(2):
+        ex = ds[i]
+        tft = ex["tft_tokens"].tolist()
+        assert [tok.decode(tft[a:b]) for a, b in runs(ex["tgt_content"].tolist())] == content_texts(ZH[i])
+        assert tok.decode(tft[ex["tgt_prompt_len"]:]) == ZH[i]["output"]
+
+
+def test_alpaca_prompt_ids_match_training_prompts(prepared_vi):
+    _, out, tok = prepared_vi
+    ds = pd.load_prepared(out)
+    for i in range(len(ds)):
+        ex = ds[i]
+        vi = VI[ds.source_index(i)]
+        assert pd.alpaca_prompt_ids(tok, vi["instruction"], vi["input"]) == \
+            ex["tft_tokens"][:ex["tgt_prompt_len"]].tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# collate, SFT, meta and loading
+
+
+def test_collate_round_trip(prepared_vi):
+    _, out, tok = prepared_vi
+    ds = pd.load_prepared(out)
+    pad_id = tok.pad_id
+    examples = [ds[i] for i in range(len(ds))]
+    batch = pd.collate(examples, pad_id)
+    assert set(batch) == BATCH_KEYS
+    assert batch["tgt_prompt_len"].tolist() == [ex["tgt_prompt_len"] for ex in examples]
+    for prefix, extra in (("tft", ["tgt_content"]), ("lc", ["lc_content"]), ("et", []), ("en", ["en_content"])):
+        tokens, mask = batch[f"{prefix}_tokens"], batch[f"{prefix}_mask"]
+        assert tokens.dtype == torch.long and tokens.shape == mask.shape
+        assert tokens.shape[1] == max(len(ex[f"{prefix}_tokens"]) for ex in examples)
+        for row, ex in enumerate(examples):
+            n = len(ex[f"{prefix}_tokens"])
+            assert mask[row].tolist() == [1] * n + [0] * (tokens.shape[1] - n)
+            assert tokens[row, n:].eq(pad_id).all() and torch.equal(tokens[row, :n], ex[f"{prefix}_tokens"])
+            if prefix != "en":
+                labels = batch[f"{prefix}_labels"][row]
+                assert labels[n:].eq(-100).all() and torch.equal(labels[:n], ex[f"{prefix}_labels"])
+            for key in extra:
+                assert batch[key][row, n:].eq(0).all() and torch.equal(batch[key][row, :n], ex[key])
+
+    # Decoding each row's real tokens gives back the source texts in the template.
+    for row in range(len(examples)):
+        en, vi = EN[ds.source_index(row)], VI[ds.source_index(row)]
+        x_en, x_vi = pd.format_prompt(en["instruction"], en["input"]), pd.format_prompt(vi["instruction"], vi["input"])
+        for prefix, text in (("tft", x_vi + vi["output"]), ("lc", x_vi + x_en), ("et", x_vi + en["output"]),
+                             ("en", x_en)):
+            real = batch[f"{prefix}_tokens"][row][batch[f"{prefix}_mask"][row].bool()]
+            assert squash(tok.decode(real)) == squash(text)
+        labels = batch["tft_labels"][row]
+        assert tok.decode(labels[labels != -100]) == vi["output"]
+
+
+def test_dataloader_with_workers_and_pickle(prepared_vi):
+    _, out, tok = prepared_vi
+    ds = pd.load_prepared(out)
+    clone = pickle.loads(pickle.dumps(ds))
+    assert len(clone) == len(ds) and torch.equal(clone[2]["lc_tokens"], ds[2]["lc_tokens"])
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=lambda b: pd.collate(b, tok.pad_id))
+    assert sum(len(b["tft_tokens"]) for b in loader) == len(ds)
+
+
+def test_sft_mode(tmp_path, tiny_llama):
+    en_file = write_json(tmp_path / "alpaca_en.json", EN)
+    out = tmp_path / "sft-en"
+    report = pd.main(["--sft", "--en", str(en_file), "--tokenizer", str(tiny_llama), "--out", str(out)])
+    tok, ds = Tokenizer(tiny_llama), pd.load_prepared(out)
+    assert report["kept"] == len(ds) == len(EN) and ds.meta["mode"] == "sft" and ds.meta["lang"] == "en"
+    for i in range(len(ds)):
+        ex = ds[i]
+        assert set(ex) == {"tft_tokens", "tft_labels", "tft_mask", "tgt_prompt_len"}
+        P, tft = ex["tgt_prompt_len"], ex["tft_tokens"].tolist()
+        y = tok.encode(EN[i]["output"], bos=False) + [tok.eos_id]
+        assert squash(tok.decode(tft[:P])) == squash(pd.format_prompt(EN[i]["instruction"], EN[i]["input"]))
+        assert tft[P:] == y and ex["tft_labels"].tolist() == [-100] * (P - 1) + y + [-100]
+    batch = pd.collate([ds[0], ds[1]], tok.pad_id)
+    assert set(batch) == {"tft_tokens", "tft_labels", "tft_mask", "tgt_prompt_len"}
+
+
+def test_check_meta_refuses_other_lang_mode_or_tokenizer(prepared_vi, tiny_llama):
+    _, out, tok = prepared_vi
+    meta = pd.load_prepared(out).meta
+    assert meta["lang"] == "vi" and meta["mode"] == "parallel" and meta["tokenizer_sha256"] == tok.sha256
+    assert meta["max_len"] == 512 and meta["template"] == pd.TEMPLATE_ID and meta["format_version"] == 1
+    pd.check_meta(meta, "vi", "parallel", tok.sha256, out)  # fits: no error
+    other_sha = "0" * 64
+    for args, expected in [(("zh", "parallel", tok.sha256), "lang='vi'"),
+                           (("vi", "sft", tok.sha256), "mode='parallel'"),
+                           (("vi", "parallel", other_sha), "another tokenizer")]:
+        with pytest.raises(SystemExit) as stop:
+            pd.check_meta(meta, *args, out)
+        assert expected in str(stop.value) and str(out) in str(stop.value) and "\n" not in str(stop.value)
+
+
+def test_load_prepared_damaged_directories(prepared_vi, tmp_path):
+    _, out, _ = prepared_vi
+    with pytest.raises(SystemExit, match="prepare_data.py"):
+        pd.load_prepared(tmp_path / "nothing")
+
+    def damaged(edit):
+        copy = tmp_path / f"copy{len(list(tmp_path.glob('copy*')))}"
+        shutil.copytree(out, copy)
+        edit(copy)
+        return copy
+
+    def set_version(d):
+        meta = json.loads((d / "meta.json").read_text())
+        meta["format_version"] = 99
+        (d / "meta.json").write_text(json.dumps(meta))
+
+    cases = [
+        (lambda d: (d / "y_tgt.ids.npy").unlink(), "y_tgt.ids.npy: missing"),
+        (set_version, "format_version=99"),
+        (lambda d: (d / "meta.json").write_text("{not json"), "not valid JSON"),
+        (lambda d: np.save(d / "x_en.offsets.npy", np.load(d / "x_en.offsets.npy")[:-1]), "damaged"),
+        (lambda d: np.save(d / "x_tgt.ids.npy", np.load(d / "x_tgt.ids.npy")[:-3]), "damaged"),
+        (lambda d: (d / "en_spans.npy").write_bytes(b"garbage"), "en_spans.npy: unreadable"),
+    ]
+    for edit, expected in cases:
+        copy = damaged(edit)
+        with pytest.raises(SystemExit) as stop:
+            pd.load_prepared(copy)
+        assert expected in str(stop.value) and "\n" not in str(stop.value)
+
+
+def test_worker_processes_give_the_same_encoding(tiny_llama):
+    tok = Tokenizer(tiny_llama)
+    pairs = [(en, vi) for en, vi in zip(EN, VI)] * 3
+    serial = pd.encode_pairs(pairs, tok, workers=1)
+    pooled = pd.encode_pairs(pairs, tok, workers=2, min_pairs_for_pool=1, chunk_size=4)
+    assert len(serial) == len(pooled) == len(pairs)
+    for (en_a, vi_a), (en_b, vi_b) in zip(serial, pooled):
+        for a, b in ((en_a, en_b), (vi_a, vi_b)):
+            assert a.prompt.tolist() == b.prompt.tolist() and a.response.tolist() == b.response.tolist()
+            assert a.spans == b.spans
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The bundled sample
+
+
+@pytest.mark.parametrize("lang", ["vi", "zh", "ar"])
+def test_bundled_sample_is_clean_and_aligned(lang, tiny_llama, tmp_path_factory):
+    sample = ROOT / "data" / "sample"
+    files = [sample / "alpaca_en.json", sample / f"alpaca_{lang}.json"]
+    assert all(f.is_file() for f in files), f"bundled sample missing: {files}"
+    out = tmp_path_factory.mktemp("sample_out") / lang
+    # Defaults: the bundled files for --lang. The tiny tokenizer knows few zh/ar pieces (byte fallback, like LLaMA-2's
+    # poor coverage), which stresses the ratio bounds; a large --max-len because it splits text finely.
+    report = pd.main(["--lang", lang, "--tokenizer", str(tiny_llama), "--out", str(out), "--max-len", "4096"])
+    n = len(json.loads(files[0].read_text(encoding="utf-8")))
+    assert n >= 100 and report["records"] == {"en": n, "tgt": n}
+    assert report["dropped"] == {} and report["kept"] == n
+    assert report["files"] == {"en": str(files[0]), "tgt": str(files[1])}
