@@ -28,8 +28,9 @@ What is the paper's and what is ours:
     cross-entropy on the English tokens only (the caller builds the sequences and labels).
   - I: the feature losses compare pooled vectors (the two sequences have different lengths): the mean over
     content tokens by default, or the last marked token; the English side is a teacher and is detached.
-  - I: all loss math runs in fp32; cross-entropy is chunked over tokens and recomputed in backward, so no
-    [B, T, V] logits tensor is ever built and what autograd keeps for backward is independent of V.
+  - I: all loss math runs in fp32; cross-entropy is chunked over tokens and each chunk's gradient is formed
+    while its logits exist, so no [B, T, V] logits tensor is ever built and what autograd keeps for backward
+    has no dimension of size V beyond the head's own gradient.
 
 Usage with someone else's Hugging Face-style causal LM (LLaMA-2 or Gemma-2), one parallel batch.
 `lc_*` holds [x_tgt ; x_en] with labels on x_en, `et_*` holds [x_tgt ; y_en] with labels on y_en; labels are
@@ -87,44 +88,41 @@ def _head_logits(norm, norm_params, head_weight, rows, softcap):
 
 
 class _ChunkedLogitLensCE(torch.autograd.Function):
-    """Summed CE over supervised rows, chunk by chunk; backward recomputes each chunk's logits.
+    """Summed CE over supervised rows, chunk by chunk, with the gradients computed in the same sweep.
 
-    Saved for backward: the selected hidden rows [n, D], their targets [n], the head weight and the norm's
-    parameters -- nothing with a vocabulary dimension. Peak extra memory in either pass: one chunk's logits.
+    The loss is a sum of per-row terms, so d(loss)/d(input) can be formed chunk by chunk while each chunk's
+    logits exist, and backward only scales it by the incoming gradient. Nothing with a vocabulary dimension
+    outlives its chunk, and no chunk is computed twice: the head costs 3 matmuls per chunk when it trains
+    (logits, d rows, d head) and 2 when frozen, against 4 and 3 for forward + recompute-in-backward.
+    Saved for backward: d rows [n, D], d head [V, D] (the head's gradient, which backward needs anyway) and
+    d norm params -- only those that need a gradient.
     """
 
     @staticmethod
     def forward(ctx, rows, targets, chunk_size, softcap, norm, param_names, head_weight, *param_values):
-        ctx.chunk_size, ctx.softcap, ctx.norm, ctx.param_names = chunk_size, softcap, norm, param_names
-        ctx.save_for_backward(rows, targets, head_weight, *param_values)
-        norm_params = dict(zip(param_names, param_values))
-        total = rows.new_zeros((), dtype=torch.promote_types(rows.dtype, torch.float32))
-        for start in range(0, rows.shape[0], chunk_size):
-            logits = _head_logits(norm, norm_params, head_weight, rows[start:start + chunk_size], softcap)
-            total += F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
-        return total
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_total):
-        rows, targets, head_weight, *param_values = ctx.saved_tensors
         need_rows, need_head = ctx.needs_input_grad[0], ctx.needs_input_grad[6]
         need_params = ctx.needs_input_grad[7:]
+        any_grad = need_rows or need_head or any(need_params)
         grad_rows = torch.zeros_like(rows) if need_rows else None
         grad_head, grad_params = None, [None] * len(param_values)
-        # Detached leaves: each autograd.grad call walks one chunk's small recomputed graph and nothing else.
+        # Detached leaves: each autograd.grad call walks one chunk's small graph and nothing else.
         head = head_weight.detach().requires_grad_(need_head)
         params = [p.detach().requires_grad_(need) for p, need in zip(param_values, need_params)]
-        norm_params = dict(zip(ctx.param_names, params))
-        for start in range(0, rows.shape[0], ctx.chunk_size):
-            chunk_rows = rows[start:start + ctx.chunk_size].detach().requires_grad_(need_rows)
+        norm_params = dict(zip(param_names, params))
+        total = rows.new_zeros((), dtype=torch.promote_types(rows.dtype, torch.float32))
+        for start in range(0, rows.shape[0], chunk_size):
+            chunk_rows = rows[start:start + chunk_size].detach().requires_grad_(need_rows)
+            with torch.set_grad_enabled(any_grad):
+                logits = _head_logits(norm, norm_params, head, chunk_rows, softcap)
+                loss = F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
+            total += loss.detach()
+            if not any_grad:
+                continue
             wrt = [t for t in (chunk_rows, head, *params) if t.requires_grad]
-            with torch.enable_grad():
-                logits = _head_logits(ctx.norm, norm_params, head, chunk_rows, ctx.softcap)
-                loss = F.cross_entropy(logits, targets[start:start + ctx.chunk_size], reduction="sum")
-            grads = list(torch.autograd.grad(loss, wrt, grad_outputs=grad_total))
+            grads = list(torch.autograd.grad(loss, wrt))
+            del logits, loss
             if need_rows:
-                grad_rows[start:start + ctx.chunk_size] = grads.pop(0)
+                grad_rows[start:start + chunk_size] = grads.pop(0)
             # Accumulated in the parameters' own dtype: an fp32 accumulator for a bf16 [V, D] head would
             # double the head's memory; there are few chunks per call.
             if need_head:
@@ -134,12 +132,21 @@ class _ChunkedLogitLensCE(torch.autograd.Function):
                 if need:
                     g = grads.pop(0)
                     grad_params[k] = g if grad_params[k] is None else grad_params[k].add_(g)
-        return (grad_rows, None, None, None, None, None, grad_head, *grad_params)
+        ctx.n_params = len(param_values)
+        ctx.save_for_backward(grad_rows, grad_head, *grad_params)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        grad_rows, grad_head, *grad_params = ctx.saved_tensors
+        scale = lambda g: None if g is None else g * grad_total.to(g.dtype)  # noqa: E731
+        return (scale(grad_rows), None, None, None, None, None, scale(grad_head), *map(scale, grad_params))
 
 
 def logit_lens_ce(hidden, norm, head_weight, labels, chunk_size=1024, softcap=None, reduction="mean",
                   freeze_head=True):
-    """Cross-entropy of the output head read off a hidden state (logit lens), chunked with recompute.
+    """Cross-entropy of the output head read off a hidden state (logit lens), chunked, fused with its gradient.
 
         logits[b, t] = softcap(W_out · norm(hidden[b, t]))          softcap(z) = c · tanh(z / c), or z if c is None
         loss         = Σ_{(b,t): labels[b,t] != -100} −log softmax(logits[b, t])[labels[b, t]]
@@ -155,8 +162,9 @@ def logit_lens_ce(hidden, norm, head_weight, labels, chunk_size=1024, softcap=No
     I for ET and for the norm); the hidden state does. freeze_head=False (L_TFT): all of them train as usual.
 
     Ours (I): the final norm is part of the lens; logits are fp32; only supervised positions are gathered and
-    processed `chunk_size` tokens at a time, and backward recomputes each chunk, so neither pass holds more
-    than one chunk's [chunk_size, V] logits and nothing with a V dimension is kept for backward. Parameters
+    processed `chunk_size` tokens at a time, and each chunk's gradients are formed while its logits exist (the
+    loss is a sum over rows), so no pass holds more than one chunk's [chunk_size, V] logits, nothing with a
+    V dimension is kept for backward, and no chunk is recomputed. Parameters
     are read from `norm` at call time: under FSDP2 they must be the unsharded tensors of a running forward
     (call from `forward` or a method registered with `register_fsdp_forward_method`, with the norm and head
     in that module's FSDP unit, e.g. the root; not in a unit of their own, whose hooks would never run).

@@ -4,7 +4,9 @@ hooks for the memory claim."""
 
 import ast
 import copy
+import gc
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -134,17 +136,25 @@ def test_bf16_inputs_give_fp32_loss_and_bf16_grads():
 
 
 def saved_for_backward_bytes(make_loss):
-    """Bytes autograd packs for backward while building the loss (then runs backward to use them)."""
-    sizes = []
+    """Bytes autograd keeps for backward once the loss is built: tensors packed by saved-tensor hooks that are still
+    alive after the forward (graphs built and freed inside the forward do not count), one count per storage.
+    Then runs backward to use them."""
+    packed = []
 
     def pack(tensor):
-        sizes.append(tensor.numel() * tensor.element_size())
+        packed.append(weakref.ref(tensor))
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = make_loss()
+    gc.collect()
+    alive = {}
+    for ref in packed:
+        tensor = ref()
+        if tensor is not None:
+            alive[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
     loss.backward()
-    return sum(sizes)
+    return sum(alive.values())
 
 
 def memory_case(time, batch=2, dim=16, vocab=1000):
