@@ -426,9 +426,11 @@ class Transformer(nn.Module):
         # fp32: final logits and their softcap.
         return softcap(F.linear(self.norm(h), self.head_weight).float(), self.args.final_softcap)
 
-    def forward(self, tokens, attention_mask=None, cache: KVCache | None = None):
-        """Logits [B, T, V] (fp32) for inference and evaluation; training uses hidden_at + chunked losses."""
-        return self.head_logits(self._run(tokens, (self.args.n_layers,), attention_mask, cache)[0])
+    def forward(self, tokens, attention_mask=None, cache: KVCache | None = None, last_only: bool = False):
+        """Logits [B, T, V] (fp32) for inference and evaluation; training uses hidden_at + chunked losses.
+        last_only: logits of the last position only, [B, 1, V] (a decoding prefill; Gemma-2's V is 256k)."""
+        h = self._run(tokens, (self.args.n_layers,), attention_mask, cache)[0]
+        return self.head_logits(h[:, -1:] if last_only else h)
 
     def dft_step(self, batch: dict, mode: str, cfg: DFTConfig, counts: dict) -> dict:
         """One micro-batch of L = L_TFT + w_LC L_LC + w_ET L_ET (METHOD.md §3). Each part is this micro-batch's sum
@@ -754,6 +756,26 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
 
+    def encode_with_offsets(self, text: str, bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        """ids of `text` and each token's [start, end) in characters of `text`, from one encoding (so spans of
+        a template's fields can be found in the joint encoding a user's prompt gets at inference)."""
+        ids = self.sp.encode(text)
+        # Surface bytes of each piece: byte-fallback pieces <0xNN> are one byte, others their text with ▁ = space.
+        sizes = [1 if len(p) == 6 and p.startswith("<0x") and p.endswith(">") else len(p.replace("\u2581", " ").encode())
+                 for p in self.sp.id_to_piece(ids)]
+        data = text.encode()
+        shift = sum(sizes) - len(data)        # 1 when SentencePiece added its dummy-prefix space
+        if shift not in (0, 1):
+            raise ValueError(f"{self.path}: pieces do not add up to the text ({shift:+d} bytes); this tokenizer "
+                             "normalises text, which span mapping does not support")
+        char_at = [k for k, ch in enumerate(text) for _ in ch.encode()]     # byte offset -> character offset
+        spans, pos = [], -shift
+        for size in sizes:
+            start, pos = max(pos, 0), pos + size
+            # A piece holding part of a character's bytes covers that whole character.
+            spans.append((char_at[start], char_at[pos - 1] + 1) if pos > start else (0, 0))
+        return [self.bos_id] * bos + ids, [(0, 0)] * bos + spans
+
     def decode(self, ids) -> str:
         drop = {self.bos_id, self.eos_id, self.pad_id}
         return self.sp.decode([int(i) for i in ids if int(i) not in drop])
@@ -779,8 +801,9 @@ def train_sentencepiece(texts, vocab_size: int, family: str) -> bytes:
 
     ids = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1) if family == "llama" else dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3)
     out = io.BytesIO()
+    # As in LLaMA-2's vocabulary, a newline gets no piece (byte fallback <0x0A>), so no piece spans a line break.
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(texts)), model_writer=out, vocab_size=vocab_size, model_type="bpe",
+        sentence_iterator=iter([t.replace("\n", " ") for t in texts]), model_writer=out, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
         hard_vocab_limit=False, character_coverage=0.995, max_sentence_length=1 << 16, minloglevel=2, **ids)
     return out.getvalue()

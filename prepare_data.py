@@ -7,12 +7,10 @@ Inputs are two JSON lists of {instruction, input, output} records (the English S
 translation of it), paired by index (METHOD.md §2). Every pair is checked; a pair that cannot be used is dropped and
 counted by reason with its file and index, in a report printed and written as report.json in the output directory.
 
-Each example is formatted with the Alpaca template (English words for every language) and tokenised piece by piece:
-the template chunks, instruction, input and output are encoded separately and their ids concatenated, so the
-instruction/input token positions are known exactly (no search in a joint encoding). Each text is encoded once; the
-pieces are reused for the four training sequences. SentencePiece encodes every piece as a text of its own, so each
-starts with its dummy-prefix space: the model sees "### Instruction:\n Give ..." and "### Response: Paris", the
-same for every language and mode (alpaca_prompt_ids() gives a prompt tokenised the same way for generation):
+Each example is formatted with the Alpaca template (English words for every language). The prompt is encoded as one
+text, exactly as a user's prompt is at inference, and the instruction/input token spans are read off the pieces'
+character offsets; the output is encoded as a text of its own (so it starts a word: "### Response:" + "▁Paris") and
+followed by EOS. Each text is encoded once and reused for the four training sequences:
 
     tft = x_tgt ; y_tgt        lc = x_tgt ; x_en        et = x_tgt ; y_en        en = x_en
 
@@ -55,7 +53,7 @@ import torch
 from tqdm import tqdm
 
 FORMAT_VERSION = 1
-TEMPLATE_ID = "alpaca-en/pieces-v1"  # the template below, encoded piece by piece as described in the docstring
+TEMPLATE_ID = "alpaca-en/joint-v2"  # the template below; prompt encoded as one text, output on its own (docstring)
 SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "sample"
 DEFAULT_TOKENIZER = Path("models/Llama-2-7b-hf")  # train.py's default --model
 
@@ -169,29 +167,6 @@ def find_duplicates(records: list, limit: int = 10) -> dict:
 # Tokenisation
 
 
-@dataclass(frozen=True)
-class TemplateIds:
-    """The Alpaca template cut at its placeholders, each chunk encoded once per tokenizer."""
-
-    head_with_input: list[int]  # BOS + "Below is ... ### Instruction:\n"
-    head_no_input: list[int]
-    input_header: list[int]     # "\n\n### Input:\n"
-    response_header: list[int]  # "\n\n### Response:"
-
-    @classmethod
-    def build(cls, tokenizer) -> TemplateIds:
-        head_with_input, rest = PROMPT_WITH_INPUT.split("{instruction}")
-        input_header, response_header = rest.split("{input}")
-        head_no_input, response_header_no_input = PROMPT_NO_INPUT.split("{instruction}")
-        assert response_header == response_header_no_input, "both Alpaca variants end the same way"
-        return cls(
-            head_with_input=tokenizer.encode(head_with_input, bos=True, eos=False),
-            head_no_input=tokenizer.encode(head_no_input, bos=True, eos=False),
-            input_header=tokenizer.encode(input_header, bos=False, eos=False),
-            response_header=tokenizer.encode(response_header, bos=False, eos=False),
-        )
-
-
 @dataclass
 class EncodedSide:
     """One side (English or target language) of a pair, tokenised."""
@@ -202,29 +177,34 @@ class EncodedSide:
     content_tokens: int   # instruction + input + output tokens (template, BOS and EOS excluded), for the ratio check
 
 
-def encode_prompt(tokenizer, template: TemplateIds, instruction: str, input: str) -> tuple[list[int], tuple]:
-    """BOS + the Alpaca prompt as ids, and the [instruction start, end), [input start, end) token spans in it."""
-    instruction_ids = tokenizer.encode(instruction, bos=False, eos=False)
+def encode_prompt(tokenizer, instruction: str, input: str) -> tuple[list[int], tuple]:
+    """BOS + the Alpaca prompt encoded as one text, exactly as a user's prompt is encoded at inference, and the
+    [instruction start, end), [input start, end) token spans in it: the tokens overlapping each field's characters
+    (a piece that merges a field's last character with the template's newline counts as the field's)."""
     has_input = bool(input.strip())
-    prompt = list(template.head_with_input if has_input else template.head_no_input)
-    spans = [len(prompt), len(prompt) + len(instruction_ids), 0, 0]
-    prompt += instruction_ids
+    template = PROMPT_WITH_INPUT if has_input else PROMPT_NO_INPUT
+    start = template.index("{instruction}")
+    fields = [(start, start + len(instruction))]
     if has_input:
-        input_ids = tokenizer.encode(input, bos=False, eos=False)
-        prompt += template.input_header
-        spans[2:] = [len(prompt), len(prompt) + len(input_ids)]
-        prompt += input_ids
-    prompt += template.response_header
-    return prompt, tuple(spans)
+        start = template.index("{input}") - len("{instruction}") + len(instruction)
+        fields.append((start, start + len(input)))
+    ids, offsets = tokenizer.encode_with_offsets(format_prompt(instruction, input), bos=True)
+    spans = [0, 0, 0, 0]
+    for f, (first, last) in enumerate(fields):
+        inside = [k for k, (a, b) in enumerate(offsets) if a < last and b > first]
+        if inside:
+            spans[2 * f:2 * f + 2] = [inside[0], inside[-1] + 1]
+    return ids, tuple(spans)
 
 
 def alpaca_prompt_ids(tokenizer, instruction: str, input: str = "") -> list[int]:
-    """The prompt exactly as training saw it (same pieces), for generating from a model trained on this data."""
-    return encode_prompt(tokenizer, TemplateIds.build(tokenizer), instruction, input)[0]
+    """The prompt exactly as training saw it, for generating from a model trained on this data."""
+    return encode_prompt(tokenizer, instruction, input)[0]
 
 
-def encode_side(tokenizer, template: TemplateIds, record: dict) -> EncodedSide:
-    prompt, spans = encode_prompt(tokenizer, template, record["instruction"], record["input"])
+def encode_side(tokenizer, record: dict) -> EncodedSide:
+    prompt, spans = encode_prompt(tokenizer, record["instruction"], record["input"])
+    # The response is encoded as a text of its own, so it starts a word ("▁Paris") whatever the prompt ends with.
     output = tokenizer.encode(record["output"], bos=False, eos=False)
     return EncodedSide(
         prompt=np.asarray(prompt, dtype=np.int32),
@@ -234,26 +214,24 @@ def encode_side(tokenizer, template: TemplateIds, record: dict) -> EncodedSide:
     )
 
 
-def encode_pair(tokenizer, template: TemplateIds, en: dict, tgt: dict | None) -> tuple[EncodedSide, EncodedSide | None]:
-    return encode_side(tokenizer, template, en), None if tgt is None else encode_side(tokenizer, template, tgt)
+def encode_pair(tokenizer, en: dict, tgt: dict | None) -> tuple[EncodedSide, EncodedSide | None]:
+    return encode_side(tokenizer, en), None if tgt is None else encode_side(tokenizer, tgt)
 
 
 # One tokenizer per pool process, built by the pool's initializer: a SentencePiece processor is not sent between
 # processes, so each worker loads the model file itself.
-_worker_state: tuple | None = None
+_worker_tokenizer = None
 
 
 def _init_worker(tokenizer_path: str) -> None:
-    global _worker_state
+    global _worker_tokenizer
     from model import Tokenizer
 
-    tokenizer = Tokenizer(tokenizer_path)
-    _worker_state = (tokenizer, TemplateIds.build(tokenizer))
+    _worker_tokenizer = Tokenizer(tokenizer_path)
 
 
 def _encode_chunk(chunk: list[tuple[dict, dict | None]]) -> list:
-    tokenizer, template = _worker_state
-    return [encode_pair(tokenizer, template, en, tgt) for en, tgt in chunk]
+    return [encode_pair(_worker_tokenizer, en, tgt) for en, tgt in chunk]
 
 
 def encode_pairs(pairs: list[tuple[dict, dict | None]], tokenizer, workers: int,
@@ -269,9 +247,8 @@ def encode_pairs(pairs: list[tuple[dict, dict | None]], tokenizer, workers: int,
                     encoded.extend(result)
                     bar.update(len(result))
         else:
-            template = TemplateIds.build(tokenizer)
             for chunk in chunks:
-                encoded.extend(encode_pair(tokenizer, template, en, tgt) for en, tgt in chunk)
+                encoded.extend(encode_pair(tokenizer, en, tgt) for en, tgt in chunk)
                 bar.update(len(chunk))
     return encoded
 

@@ -140,7 +140,7 @@ def test_cached_decoding_equals_uncached(pair):
         tokens[b, T0 - len(p):], mask[b, T0 - len(p):] = p, 1
     with torch.no_grad():
         cache = ours.init_cache(2, T0 + steps)
-        logits = ours(tokens, attention_mask=mask, cache=cache)[:, -1]
+        logits = ours(tokens, attention_mask=mask, cache=cache, last_only=True)[:, -1]
         seq, full_mask = tokens, mask
         for _ in range(steps):
             nxt = logits.argmax(-1, keepdim=True)

@@ -231,6 +231,9 @@ def test_labels_and_content_masks_token_by_token(prepared_vi):
         assert tft[:P] == lc[:P] == et[:P]
         assert tok.decode(tft[:P]).endswith("### Response:")
         assert squash(tok.decode(tft[:P])) == squash(pd.format_prompt(vi["instruction"], vi["input"]))
+        # The prompt is the joint encoding a user's prompt gets at inference, not a concatenation of pieces.
+        assert tft[:P] == tok.encode(pd.format_prompt(vi["instruction"], vi["input"]))
+        assert x_en == tok.encode(pd.format_prompt(en["instruction"], en["input"]))
 
         # tft: exactly the target response + EOS supervised, the first response token predicted from position P-1.
         y_tgt = tok.encode(vi["output"], bos=False) + [tok.eos_id]
@@ -250,11 +253,11 @@ def test_labels_and_content_masks_token_by_token(prepared_vi):
 
         # en: x_en alone, the same tokens as lc's second half.
         assert x_en[1:] == lc[P:]
-        en_content_ids = [t for text in content_texts(en) for t in tok.encode(text, bos=False)]
         # en_content (token space) and lc_content (label space) mark exactly x_en's instruction + input tokens.
         en_runs = runs(ex["en_content"].tolist())
         assert [tok.decode(x_en[a:b]) for a, b in en_runs] == content_texts(en)
-        assert [x_en[t] for t in range(len(x_en)) if ex["en_content"][t]] == en_content_ids
+        assert_tight(tok, x_en, en_runs, content_texts(en))
+        en_content_ids = [x_en[t] for t in range(len(x_en)) if ex["en_content"][t]]
         lc_runs = runs(ex["lc_content"].tolist())
         lc_labels = ex["lc_labels"].tolist()
         assert [tok.decode(lc_labels[a:b]) for a, b in lc_runs] == content_texts(en)
@@ -265,14 +268,20 @@ def test_labels_and_content_masks_token_by_token(prepared_vi):
         tgt_runs = runs(ex["tgt_content"].tolist())
         assert [tok.decode(tft[a:b]) for a, b in tgt_runs] == content_texts(vi)
         assert all(b <= P for _, b in tgt_runs)
-        tgt_content_ids = [t for text in content_texts(vi) for t in tok.encode(text, bos=False)]
-        assert [tft[t] for t in range(len(tft)) if ex["tgt_content"][t]] == tgt_content_ids
+        assert_tight(tok, tft, tgt_runs, content_texts(vi))
 
         for key, seq in (("tft_mask", tft), ("lc_mask", lc), ("et_mask", et), ("en_mask", x_en)):
             assert ex[key].tolist() == [1] * len(seq)
         for key, seq in (("tft_labels", tft), ("lc_labels", lc), ("et_labels", et), ("tgt_content", tft),
                          ("lc_content", lc), ("en_content", x_en)):
             assert len(ex[key]) == len(seq)
+
+
+def assert_tight(tok, ids, spans, texts):
+    """Each marked run decodes to its field's text and is minimal: without its first or last token it would not."""
+    for (a, b), text in zip(spans, texts):
+        assert tok.decode(ids[a:b]).strip() == text.strip()
+        assert tok.decode(ids[a + 1:b]).strip() != text.strip() and tok.decode(ids[a:b - 1]).strip() != text.strip()
 
 
 def test_content_masks_in_chinese(tmp_path, tiny_llama):

@@ -1,0 +1,1025 @@
+"""Zero-shot evaluation on the paper's 8 benchmarks, from their original release files, with the official metrics.
+
+    python evaluate.py --model OUT/final --langs vi,ar,zh --tasks all --data-dir BENCH_DIR
+    python evaluate.py --model OUT/final --tasks xnli,xcopa --limit 200          # a quick look
+    python evaluate.py --model OUT/final --prompt "Thủ đô của Việt Nam là gì?"   # greedy answer, Alpaca template
+
+Writes OUT/final/eval/results.json (rows {"task", "lang", "metric", "value", "n", "prompt"}, value in [0, 100]),
+results.md (the layout of the paper's Tables 1 and 2, the paper's rows for the same model family beside ours) and
+predictions/<task>.<lang>.jsonl for the generative tasks.
+
+BENCH_DIR holds the files exactly as the benchmarks release them (nothing is downloaded):
+
+    xquad/xquad.{vi,ar,zh}.json                         SQuAD v1.1 json (XQuAD)
+    mlqa/test-context-{l}-question-{l}.json             SQuAD v1.1 json (MLQA_V1/test)
+    mkqa/mkqa.jsonl.gz (or mkqa.jsonl)                  MKQA, all languages in one file (Chinese key zh_cn)
+    truthfulqa/{l}_validation.json                      Okapi's TruthfulQA translation
+    mmlu/{l}_test.json                                  Okapi's MMLU translation
+    xnli/xnli.test.tsv                                  XNLI-1.0, all languages in one file
+    xcopa/test.{vi,zh}.jsonl                            XCOPA (no Arabic)
+    xstorycloze/spring2016.val.{ar,zh}.tsv.split_20_80_eval.tsv    XStoryCloze (no Vietnamese)
+
+Protocol (METHOD.md §6). Multiple choice: summed log-likelihood of each continuation given the context (acc) and the
+same divided by the continuation's length in characters (acc_norm, as lm-evaluation-harness); a tie is never
+correct. Prompts: XNLI / XCOPA / XStoryCloze as lm-evaluation-harness, MMLU / TruthfulQA as Okapi's evaluation (the
+MMLU letter form of lm-evaluation-harness's Okapi port). Generative QA: x-LLM's per-language prompts inside the
+Alpaca template, greedy decoding with the KV cache, stop at EOS or at the first newline after the answer began,
+F1 / EM of the official MLQA script for XQuAD, MLQA and MKQA alike (MKQA adds its aliases and its rule for
+unanswerable questions).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import gzip
+import json
+import re
+import string
+import sys
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+LANGS = ("vi", "ar", "zh")          # the paper's languages; every table below has an entry for each
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompts (facts from the projects named; "I" marks our own choice where nobody states one)
+# ---------------------------------------------------------------------------------------------------------------------
+
+# stanford_alpaca's two templates; the QA prompts put x-LLM's per-language text into them.
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.\n\n### Instruction:\n{instruction}\n\n### Response:")
+ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+                "### Input:\n{input}\n\n### Response:")
+
+# x-LLM's XQuAD / MLQA instruction and input per language (the input ends in a space, as there).
+QA_INSTRUCTION = {
+    "vi": "Hãy trả lời các câu hỏi theo đoạn văn sau",
+    "ar": "الرجاء الإجابة على الأسئلة بناءً على الفقرات التالية",
+    "zh": "请根据以下段落，回答问题",
+}
+QA_INPUT = {
+    "vi": "đoạn văn: {context}\ncâu hỏi: {question}\nTrả lời: ",
+    "ar": "فقرة: {context}\nسؤال: {question}\nإجابة: ",
+    "zh": "段落: {context}\n问题: {question}\n答案: ",
+}
+# I: MKQA has no context and x-LLM no MKQA prompt: the same form without the paragraph.
+MKQA_INSTRUCTION = {
+    "vi": "Hãy trả lời câu hỏi sau",
+    "ar": "الرجاء الإجابة على السؤال التالي",
+    "zh": "请回答以下问题",
+}
+MKQA_INPUT = {
+    "vi": "câu hỏi: {question}\nTrả lời: ",
+    "ar": "سؤال: {question}\nإجابة: ",
+    "zh": "问题: {question}\n答案: ",
+}
+MKQA_KEY = {"vi": "vi", "ar": "ar", "zh": "zh_cn"}      # MKQA's language keys
+
+# lm-evaluation-harness XNLI: "{premise}, {question word}?" + " {label word}, {hypothesis}".
+XNLI_WORDS = {   # question word, then the label words for entailment, neutral, contradiction
+    "vi": ("đúng", "Vâng", "Vì vậy", "Không"),
+    "ar": ("صحيح", "نعم", "لذا", "رقم"),
+    "zh": ("正确", "是的", "所以", "不是的"),
+}
+XNLI_LABELS = ("entailment", "neutral", "contradiction")
+# lm-evaluation-harness XCOPA: the premise without its final period + " {connector}", then " {choice}".
+XCOPA_CONNECTORS = {"vi": {"cause": "bởi vì", "effect": "vì vậy"}, "zh": {"cause": "因为", "effect": "所以"}}
+
+# Okapi's TruthfulQA context: the six English QA pairs of the original TruthfulQA "QA prompt", then the question.
+TRUTHFULQA_PREFIX = (
+    "Q: What is human life expectancy in the United States?\n"
+    "A: Human life expectancy in the United States is 78 years.\n\n"
+    "Q: Who was president of the United States in 1955?\n"
+    "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+    "Q: Which party did he belong to?\n"
+    "A: He belonged to the Republican Party.\n\n"
+    "Q: What is the square root of banana?\n"
+    "A: I have no comment.\n\n"
+    "Q: How does a telescope work?\n"
+    "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+    "Q: Where were the 1992 Olympics held?\n"
+    "A: The 1992 Olympics were held in Barcelona, Spain."
+)
+MMLU_LETTERS = ("A", "B", "C", "D")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Metrics: the official MLQA script's normalisation, F1 and EM; MKQA's rule for unanswerable questions
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Per-language article patterns of the MLQA script. Its Arabic pattern's first branch ("\s" + "ال" + "^") can never
+# match, so in effect every "ال" is replaced by a space, inside words too ("مالك" -> "م ك"): a quirk kept on purpose.
+MLQA_ARTICLES = {
+    "en": r"\b(a|an|the)\b",
+    "es": r"\b(un|una|unos|unas|el|la|los|las)\b",
+    "hi": None,
+    "vi": r"\b(của|là|cái|chiếc|những)\b",
+    "de": r"\b(ein|eine|einen|einem|eines|einer|der|die|das|den|dem|des)\b",
+    "ar": r"\sال^|ال",
+    "zh": None,
+}
+CJK_CHAR = re.compile(r"[\u4e00-\u9fa5]")     # the MLQA script's range: CJK Unified Ideographs, basic block only
+
+
+def is_punct(ch: str) -> bool:
+    """The MLQA script's punctuation: Unicode category P* plus ASCII string.punctuation (which adds $+<=>^`|~)."""
+    return ch in string.punctuation or unicodedata.category(ch).startswith("P")
+
+
+def mixed_segmentation(text: str) -> list[str]:
+    """MLQA's zh tokens: every CJK character and every punctuation mark alone, other runs split on whitespace."""
+    tokens, run = [], ""
+    for ch in text:
+        if CJK_CHAR.match(ch) or is_punct(ch):
+            tokens += run.split()
+            run = ""
+            tokens.append(ch)
+        else:
+            run += ch
+    return tokens + run.split()
+
+
+def normalize_answer(text: str, lang: str) -> str:
+    """Lower case -> drop punctuation -> drop articles -> re-join the language's tokens with single spaces."""
+    if lang not in MLQA_ARTICLES:
+        raise ValueError(f"lang={lang!r}: the MLQA normalisation knows {sorted(MLQA_ARTICLES)}")
+    text = "".join(ch for ch in text.lower() if not is_punct(ch))
+    if MLQA_ARTICLES[lang]:
+        text = re.sub(MLQA_ARTICLES[lang], " ", text)
+    tokens = mixed_segmentation(text) if lang == "zh" else text.split()
+    return " ".join(t for t in tokens if t.strip())
+
+
+def _token_f1(pred: list[str], gold: list[str]) -> float:
+    same = sum((Counter(pred) & Counter(gold)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _answers(answers) -> list[str]:
+    answers = [answers] if isinstance(answers, str) else list(answers)
+    if not answers:
+        raise ValueError("answers is empty; the official scripts take the max over at least one gold answer")
+    return answers
+
+
+def qa_f1(prediction: str, answers, lang: str) -> float:
+    """The official MLQA script's F1 in [0, 1]: token overlap after its normalisation, max over the gold answers.
+    As there, nothing scores when no token is shared, so an empty prediction scores 0 even against an empty gold."""
+    pred = normalize_answer(prediction, lang).split()
+    return max(_token_f1(pred, normalize_answer(a, lang).split()) for a in _answers(answers))
+
+
+def qa_em(prediction: str, answers, lang: str) -> float:
+    """Exact match (0 or 1) after the MLQA normalisation, max over the gold answers (MKQA's EM is the same)."""
+    pred = normalize_answer(prediction, lang)
+    return float(max(pred == normalize_answer(a, lang) for a in _answers(answers)))
+
+
+def mkqa_f1(prediction: str, answers, lang: str) -> float:
+    """F1 with MKQA's official rule: against an empty gold ("No Answer": unanswerable / long_answer rows), or for an
+    empty prediction, the score is 1 when both are empty and 0 otherwise. Tokens as the MLQA normalisation
+    (METHOD §6; MKQA's own script splits zh by character and strips only ASCII punctuation)."""
+    pred = normalize_answer(prediction, lang).split()
+
+    def one(answer):
+        gold = normalize_answer(answer, lang).split()
+        return float(gold == pred) if not gold or not pred else _token_f1(pred, gold)
+    return max(one(a) for a in _answers(answers))
+
+
+def strictly_best(scores, gold: int) -> bool:
+    """True iff choice `gold` scores strictly above every other choice: a tie is never correct (Okapi puts the true
+    TruthfulQA MC1 answer first, so an argmax that breaks ties by order would reward a model that cannot tell)."""
+    return all(scores[gold] > s for i, s in enumerate(scores) if i != gold)
+
+
+def mc2_score(lls, true_mask) -> float:
+    """TruthfulQA MC2: probability mass of the true answers, the choices' likelihoods normalised to sum to 1."""
+    probs = torch.tensor(lls, dtype=torch.float64).softmax(0)
+    return float(probs[torch.tensor(true_mask)].sum())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Readers for the original release files
+# ---------------------------------------------------------------------------------------------------------------------
+
+class BadRow(Exception):
+    """One malformed row; the reader turns it into `{path}: {where}: {problem}`."""
+
+
+class BadRows:
+    """Malformed rows stop the run with a one-line error naming file and line, or, with --skip-bad, are counted."""
+
+    def __init__(self, skip: bool = False):
+        self.skip = skip
+        self.counts: Counter = Counter()
+        self.first: dict[str, str] = {}
+
+    def __call__(self, path, where: str, problem) -> None:
+        message = f"{path}: {where}: {problem}"
+        if not self.skip:
+            raise ValueError(f"{message} (fix the row, or pass --skip-bad to skip malformed rows)")
+        self.counts[str(path)] += 1
+        self.first.setdefault(str(path), message)
+
+
+def _text(row: dict, key: str, name: str | None = None) -> str:
+    value = row.get(key) if isinstance(row, dict) else None
+    if not isinstance(value, str) or not value.strip():
+        shown = "missing" if not isinstance(row, dict) or key not in row else f"{value!r}"
+        raise BadRow(f"field {name or repr(key)} is {shown}; expected a non-empty string")
+    return value
+
+
+def _one_of(row: dict, key: str, allowed):
+    value = row.get(key) if isinstance(row, dict) else None
+    if value not in allowed:
+        shown = "missing" if not isinstance(row, dict) or key not in row else f"{value!r}"
+        raise BadRow(f"field {key!r} is {shown}; expected one of {'/'.join(map(str, allowed))}")
+    return value
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8", newline="")
+
+
+def _json_file(path: Path):
+    try:
+        with _open_text(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def _rows_with_lines(path: Path):
+    """(line, row) for a JSON array of objects (the line where each element starts) or for JSON Lines; a JSONL line
+    that does not parse comes back as a BadRow, so --skip-bad can skip it."""
+    with _open_text(path) as f:
+        text = f.read()
+    if not text.lstrip().startswith("["):
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield n, BadRow(f"not valid JSON ({e.msg})")
+        return
+    decoder, skip_space = json.JSONDecoder(), re.compile(r"\s*")
+    pos = skip_space.match(text).end() + 1                       # just after "["
+    line, counted = 1, 0                                         # line number of text[counted]
+
+    def line_at(p):
+        nonlocal line, counted
+        line, counted = line + text.count("\n", counted, p), p
+        return line
+    while True:
+        pos = skip_space.match(text, pos).end()
+        if text.startswith("]", pos):
+            return
+        try:
+            row, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        yield line_at(pos), row
+        pos = skip_space.match(text, end).end()
+        if text.startswith(",", pos):
+            pos += 1
+        elif not text.startswith("]", pos):
+            raise ValueError(f"{path}: line {line_at(pos)}: expected ',' or ']' between the rows of the JSON array")
+
+
+def read_squad(path: Path, lang: str, bad: BadRows) -> list[dict]:
+    """XQuAD / MLQA (SQuAD v1.1 json) -> [{id, context, question, answers}], in file order."""
+    doc = _json_file(path)
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: top-level field 'data' is missing or not a list; expected SQuAD v1.1 json "
+                         "({\"version\": ..., \"data\": [{\"paragraphs\": [{\"context\", \"qas\"}]}]})")
+    text = path.read_text(encoding="utf-8")
+    rows = []
+    for i, article in enumerate(data):
+        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+        if not isinstance(paragraphs, list):
+            bad(path, f"data[{i}]", "field 'paragraphs' is missing or not a list")
+            continue
+        for j, paragraph in enumerate(paragraphs):
+            where = f"data[{i}].paragraphs[{j}]"
+            try:
+                context = _text(paragraph, "context")
+                qas = paragraph.get("qas")
+                if not isinstance(qas, list):
+                    raise BadRow("field 'qas' is missing or not a list")
+            except BadRow as e:
+                bad(path, where, e)
+                continue
+            for k, qa in enumerate(qas):
+                qid = qa.get("id") if isinstance(qa, dict) else None
+                at = text.find(json.dumps(qid, ensure_ascii=False)) if isinstance(qid, str) else -1
+                place = f"{where}.qas[{k}]" + (f" (line {text.count(chr(10), 0, at) + 1})" if at >= 0 else "")
+                try:
+                    _text(qa, "id")
+                    question = _text(qa, "question")
+                    answers = qa.get("answers")
+                    if not isinstance(answers, list) or not answers:
+                        raise BadRow(f"field 'answers' is {answers!r}; expected a non-empty list of "
+                                     "{'text', 'answer_start'}")
+                    texts = [_text(a, "text") for a in answers]
+                except BadRow as e:
+                    bad(path, place, e)
+                    continue
+                rows.append(dict(id=qid, context=context, question=question, answers=texts))
+    return rows
+
+
+def read_mkqa(path: Path, lang: str, bad: BadRows) -> list[dict]:
+    """MKQA jsonl(.gz) -> [{id, question, answers}] for one language; answers = every answer's text and aliases,
+    "" for an answer without text (unanswerable, long_answer), as the official script does."""
+    key = MKQA_KEY[lang]
+    rows = []
+    for n, row in _rows_with_lines(path):
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            if not isinstance(row, dict) or "example_id" not in row:
+                raise BadRow("field 'example_id' is missing")
+            queries, answers = row.get("queries"), row.get("answers")
+            if not isinstance(queries, dict) or not isinstance(answers, dict):
+                raise BadRow("fields 'queries' and 'answers' must be objects keyed by language")
+            question = _text(queries, key, f"'queries.{key}'")
+            entries = answers.get(key)
+            if not isinstance(entries, list) or not entries:
+                raise BadRow(f"field 'answers.{key}' is {entries!r}; expected a non-empty list of answers")
+            golds = []
+            for a in entries:
+                if not isinstance(a, dict) or not isinstance(a.get("type"), str):
+                    raise BadRow(f"an entry of 'answers.{key}' has no 'type': {a!r}")
+                if a.get("text") is not None and not isinstance(a["text"], str):
+                    raise BadRow(f"field 'answers.{key}[].text' is {a['text']!r}; expected a string or null")
+                aliases = a.get("aliases", [])
+                if not isinstance(aliases, list) or not all(isinstance(x, str) for x in aliases):
+                    raise BadRow(f"field 'answers.{key}[].aliases' is {aliases!r}; expected a list of strings")
+                golds += [a.get("text") or ""] + aliases
+        except BadRow as e:
+            bad(path, f"line {n}", e)
+            continue
+        rows.append(dict(id=str(row["example_id"]), question=question, answers=list(dict.fromkeys(golds))))
+    return rows
+
+
+def read_truthfulqa(path: Path, lang: str, bad: BadRows) -> list[dict]:
+    """Okapi TruthfulQA -> [{question, mc1_choices, mc1_labels, mc2_choices, mc2_labels}]."""
+    rows = []
+    for n, row in _rows_with_lines(path):
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            out = {"question": _text(row, "question")}
+            for part in ("mc1", "mc2"):
+                choices, labels = row.get(f"{part}_targets_choices"), row.get(f"{part}_targets_labels")
+                if (not isinstance(choices, list) or len(choices) < 2
+                        or not all(isinstance(c, str) and c.strip() for c in choices)):
+                    raise BadRow(f"field '{part}_targets_choices' is {choices!r}; expected a list of >= 2 "
+                                 "non-empty strings")
+                if not isinstance(labels, list) or len(labels) != len(choices) or set(labels) - {0, 1}:
+                    raise BadRow(f"field '{part}_targets_labels' is {labels!r}; expected {len(choices)} labels of 0/1")
+                n_true = sum(labels)
+                if (part == "mc1" and n_true != 1) or n_true == 0:
+                    raise BadRow(f"field '{part}_targets_labels' has {n_true} true answers; expected "
+                                 + ("exactly one" if part == "mc1" else "at least one"))
+                out[f"{part}_choices"], out[f"{part}_labels"] = choices, labels
+        except BadRow as e:
+            bad(path, f"line {n}", e)
+            continue
+        rows.append(out)
+    return rows
+
+
+def read_mmlu(path: Path, lang: str, bad: BadRows) -> list[dict]:
+    """Okapi MMLU -> [{id, question, options (A-D), answer (0-3)}]."""
+    rows = []
+    for n, row in _rows_with_lines(path):
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            question = _text(row, "instruction")
+            options = [_text(row, f"option_{c.lower()}") for c in MMLU_LETTERS]
+            answer = MMLU_LETTERS.index(_one_of(row, "answer", MMLU_LETTERS))
+        except BadRow as e:
+            bad(path, f"line {n}", e)
+            continue
+        rows.append(dict(id=str(row.get("id", n)), question=question, options=options, answer=answer))
+    return rows
+
+
+def read_xnli(path: Path, lang: str, bad: BadRows) -> list[dict]:
+    """XNLI-1.0 xnli.test.tsv (every language in one file) -> [{premise, hypothesis, label (0-2)}] for `lang`."""
+    need = ("language", "gold_label", "sentence1", "sentence2")
+    rows = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)   # the release has unbalanced quotes
+        header = next(reader, [])
+        missing = [c for c in need if c not in header]
+        if missing:
+            raise ValueError(f"{path}: line 1: header lacks column(s) {missing}; expected XNLI-1.0's header "
+                             "(language, gold_label, ..., sentence1, sentence2, ...)")
+        col = {c: header.index(c) for c in need}
+        for fields in reader:
+            n = reader.line_num
+            if len(fields) <= max(col.values()):
+                bad(path, f"line {n}", f"{len(fields)} tab-separated fields; expected {len(header)}")
+                continue
+            if fields[col["language"]] != lang:
+                continue
+            try:
+                row = {c: fields[col[c]] for c in need}
+                label = XNLI_LABELS.index(_one_of(row, "gold_label", XNLI_LABELS))
+                rows.append(dict(premise=_text(row, "sentence1"), hypothesis=_text(row, "sentence2"), label=label))
+            except BadRow as e:
+                bad(path, f"line {n}", e)
+    return rows
+
+
+def read_xcopa(path: Path, lang: str, bad: BadRows) -> list[dict]:
+    """XCOPA test.{lang}.jsonl -> [{premise, choice1, choice2, question, label}]."""
+    rows = []
+    for n, row in _rows_with_lines(path):
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            rows.append(dict(premise=_text(row, "premise"), choice1=_text(row, "choice1"),
+                             choice2=_text(row, "choice2"), question=_one_of(row, "question", ("cause", "effect")),
+                             label=_one_of(row, "label", (0, 1))))
+        except BadRow as e:
+            bad(path, f"line {n}", e)
+    return rows
+
+
+STORYCLOZE_COLUMNS = ("InputStoryid", "InputSentence1", "InputSentence2", "InputSentence3", "InputSentence4",
+                      "RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2", "AnswerRightEnding")
+
+
+def read_xstorycloze(path: Path, lang: str, bad: BadRows) -> list[dict]:
+    """XStoryCloze spring2016.val.{lang}.tsv.split_20_80_eval.tsv (StoryCloze's 8 columns, a header line first)
+    -> [{sentences (4), endings (2), label (0/1)}]."""
+    rows = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        for fields in reader:
+            n = reader.line_num
+            if n == 1 and fields and fields[-1] not in ("1", "2"):
+                continue                                        # the header line
+            row = dict(zip(STORYCLOZE_COLUMNS, fields))
+            try:
+                if len(fields) != len(STORYCLOZE_COLUMNS):
+                    raise BadRow(f"{len(fields)} tab-separated fields; expected {len(STORYCLOZE_COLUMNS)} "
+                                 f"({', '.join(STORYCLOZE_COLUMNS)})")
+                sentences = [_text(row, f"InputSentence{i}") for i in range(1, 5)]
+                endings = [_text(row, f"RandomFifthSentenceQuiz{i}") for i in (1, 2)]
+                label = int(_one_of(row, "AnswerRightEnding", ("1", "2"))) - 1
+            except BadRow as e:
+                bad(path, f"line {n}", e)
+                continue
+            rows.append(dict(id=fields[0], sentences=sentences, endings=endings, label=label))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# From rows to prompts
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class MCItem:
+    context: str                         # the prompt; each continuation is delimiter + choice
+    choices: list[str]
+    gold: int                            # index of the correct choice (acc, acc_norm, MC1)
+    true_mask: list[bool] | None = None  # TruthfulQA MC2: which choices are true
+    delimiter: str = " "                 # lm-evaluation-harness's target delimiter, in every format here
+
+    def continuations(self) -> list[str]:
+        return [self.delimiter + c for c in self.choices]
+
+
+@dataclass
+class QAItem:
+    id: str
+    prompt: str
+    answers: list[str]
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    if input:
+        return ALPACA_INPUT.format(instruction=instruction, input=input)
+    return ALPACA_NO_INPUT.format(instruction=instruction)
+
+
+def squad_item(row: dict, lang: str) -> QAItem:
+    # x-LLM strips context, question and answers before use.
+    text = QA_INPUT[lang].format(context=row["context"].strip(), question=row["question"].strip())
+    return QAItem(row["id"], alpaca_prompt(QA_INSTRUCTION[lang], text), [a.strip() for a in row["answers"]])
+
+
+def mkqa_item(row: dict, lang: str) -> QAItem:
+    text = MKQA_INPUT[lang].format(question=row["question"].strip())
+    return QAItem(row["id"], alpaca_prompt(MKQA_INSTRUCTION[lang], text), row["answers"])
+
+
+def truthfulqa_items(row: dict, lang: str) -> list[MCItem]:
+    context = TRUTHFULQA_PREFIX + "\n\nQ: " + row["question"] + "\nA:"
+    mc1 = MCItem(context, row["mc1_choices"], row["mc1_labels"].index(1))
+    mc2 = MCItem(context, row["mc2_choices"], row["mc2_labels"].index(1), [bool(x) for x in row["mc2_labels"]])
+    return [mc1, mc2]
+
+
+def mmlu_item(row: dict, lang: str) -> MCItem:
+    options = "".join(f"\n{letter}. {text}" for letter, text in zip(MMLU_LETTERS, row["options"]))
+    return MCItem(row["question"].strip() + options + "\nAnswer:", list(MMLU_LETTERS), row["answer"])
+
+
+def xnli_item(row: dict, lang: str) -> MCItem:
+    question, *label_words = XNLI_WORDS[lang]
+    return MCItem(f"{row['premise']}, {question}?", [f"{w}, {row['hypothesis']}" for w in label_words], row["label"])
+
+
+def xcopa_item(row: dict, lang: str) -> MCItem:
+    premise = row["premise"].strip()
+    # lm-evaluation-harness drops the premise's final period unconditionally; we only drop punctuation.
+    if is_punct(premise[-1]):
+        premise = premise[:-1]
+    lower_first = lambda s: s[0].lower() + s[1:]  # noqa: E731
+    return MCItem(f"{premise} {XCOPA_CONNECTORS[lang][row['question']]}",
+                  [lower_first(row["choice1"]), lower_first(row["choice2"])], row["label"])
+
+
+def xstorycloze_item(row: dict, lang: str) -> MCItem:
+    return MCItem(" ".join(row["sentences"]), row["endings"], row["label"])
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    title: str                      # as in the paper's tables
+    table: int                      # 1 or 2
+    langs: tuple[str, ...]          # languages of ours the release has
+    kind: str                       # "qa" (generated answers) | "mc" (log-likelihood)
+    metrics: tuple[str, ...]        # the first is the paper's
+    prompt: str                     # id written into results.json
+    file: Callable[[Path, str], Path]
+    read: Callable
+    build: Callable
+
+
+def _mkqa_file(data_dir: Path, lang: str) -> Path:
+    gz = data_dir / "mkqa" / "mkqa.jsonl.gz"
+    return gz if gz.exists() else data_dir / "mkqa" / "mkqa.jsonl"
+
+
+BENCHMARKS = {b.name: b for b in [
+    Benchmark("xquad", "XQuAD", 1, LANGS, "qa", ("f1", "em"), "x-llm-alpaca-qa",
+              lambda d, l: d / "xquad" / f"xquad.{l}.json", read_squad, squad_item),
+    Benchmark("mlqa", "MLQA", 1, LANGS, "qa", ("f1", "em"), "x-llm-alpaca-qa",
+              lambda d, l: d / "mlqa" / f"test-context-{l}-question-{l}.json", read_squad, squad_item),
+    Benchmark("truthfulqa", "TruthfulQA", 1, LANGS, "mc", ("mc1", "mc2"), "okapi-truthfulqa-qa-prompt",
+              lambda d, l: d / "truthfulqa" / f"{l}_validation.json", read_truthfulqa, truthfulqa_items),
+    Benchmark("mkqa", "MKQA", 1, LANGS, "qa", ("f1", "em"), "alpaca-closed-book-qa",
+              _mkqa_file, read_mkqa, mkqa_item),
+    Benchmark("xnli", "XNLI", 2, LANGS, "mc", ("acc", "acc_norm"), "lm-eval-xnli",
+              lambda d, l: d / "xnli" / "xnli.test.tsv", read_xnli, xnli_item),
+    Benchmark("xcopa", "XCOPA", 2, ("vi", "zh"), "mc", ("acc", "acc_norm"), "lm-eval-xcopa",
+              lambda d, l: d / "xcopa" / f"test.{l}.jsonl", read_xcopa, xcopa_item),
+    Benchmark("xstorycloze", "XStoryCloze", 2, ("ar", "zh"), "mc", ("acc", "acc_norm"), "lm-eval-xstorycloze",
+              lambda d, l: d / "xstorycloze" / f"spring2016.val.{l}.tsv.split_20_80_eval.tsv",
+              read_xstorycloze, xstorycloze_item),
+    Benchmark("mmlu", "MMLU", 2, LANGS, "mc", ("acc", "acc_norm"), "lm-eval-okapi-mmlu-letters",
+              lambda d, l: d / "mmlu" / f"{l}_test.json", read_mmlu, mmlu_item),
+]}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scoring with the model
+# ---------------------------------------------------------------------------------------------------------------------
+
+def model_device(model) -> torch.device:
+    return model.tok_embeddings.weight.device
+
+
+def split_continuation(tok, context_ids: list[int], context: str, continuation: str) -> tuple[list[int], bool]:
+    """Ids of `continuation` after `context_ids`, as the tokenizer splits the joined text: SentencePiece gives
+    " A" alone an extra "▁" (LLaMA adds a dummy prefix; Gemma does not), so the continuation is read off the joint
+    encoding, whose prefix must be the context's own ids. If a piece straddles the boundary (it never does when
+    the continuation starts with a space), the continuation is encoded alone; the second value says so."""
+    whole = tok.encode(context + continuation, bos=True)
+    if len(whole) > len(context_ids) and whole[:len(context_ids)] == context_ids:
+        return whole[len(context_ids):], False
+    return tok.encode(continuation, bos=False), True
+
+
+@torch.inference_mode()
+def loglikelihoods(model, tok, requests: list[tuple[str, str]], batch_size: int = 16, desc: str | None = None,
+                   notes: Counter | None = None) -> list[float]:
+    """Summed log P(continuation | context) for each (context, continuation). Each context is tokenised once and is
+    the same id prefix in all its rows; identical requests are scored once. Rows are sorted by length and
+    right-padded; only the continuation positions go through the head, so no [B, T, V] tensor is built."""
+    notes = notes if notes is not None else Counter()
+    max_len = model.args.max_seq_len
+    context_ids: dict[str, list[int]] = {}
+    unique: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+    for context, continuation in requests:
+        if (context, continuation) in unique:
+            continue
+        if context not in context_ids:
+            context_ids[context] = tok.encode(context, bos=True)
+        ctx = context_ids[context]
+        cont, alone = split_continuation(tok, ctx, context, continuation)
+        notes["continuations encoded alone"] += alone
+        if len(ctx) + len(cont) - 1 > max_len:
+            keep = max_len - len(cont)          # context tokens that fit besides BOS and the continuation
+            if keep < 1:
+                raise ValueError(f"a continuation of {len(cont)} tokens does not fit max_seq_len={max_len}: "
+                                 f"{continuation[:60]!r}")
+            ctx = ctx[:1] + ctx[-keep:]         # BOS and the end of the context, as lm-evaluation-harness keeps
+            notes["contexts truncated on the left"] += 1
+        unique[(context, continuation)] = (ctx, cont)
+
+    keys = sorted(unique, key=lambda k: -sum(map(len, unique[k])))
+    scores: dict[tuple[str, str], float] = {}
+    device, n_layers = model_device(model), model.args.n_layers
+    for start in tqdm(range(0, len(keys), batch_size), desc=desc, leave=False, disable=desc is None):
+        chunk = keys[start:start + batch_size]
+        seqs = [unique[k][0] + unique[k][1] for k in chunk]
+        T = max(len(s) for s in seqs) - 1
+        tokens = torch.full((len(chunk), T), tok.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        rows, cols, targets = [], [], []       # one entry per scored token: position `col` of row `row` predicts it
+        for b, (k, seq) in enumerate(zip(chunk, seqs)):
+            tokens[b, :len(seq) - 1] = torch.tensor(seq[:-1])
+            mask[b, :len(seq) - 1] = 1
+            first = len(unique[k][0]) - 1                        # the last context position predicts the first token
+            rows += [b] * (len(seq) - 1 - first)
+            cols += range(first, len(seq) - 1)
+            targets += seq[first + 1:]
+        rows, cols, targets = (torch.tensor(x, device=device) for x in (rows, cols, targets))
+        h = model.hidden_at(tokens.to(device), n_layers, attention_mask=mask.to(device))       # [B, T, D]
+        logp = model.head_logits(h[rows, cols][None])[0].log_softmax(-1)                       # [M, V] fp32
+        token_lp = logp.gather(1, targets[:, None])[:, 0].double()                             # [M]
+        sums = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(0, rows, token_lp)
+        for k, s in zip(chunk, sums.tolist()):
+            scores[k] = s
+    return [scores[r] for r in requests]
+
+
+def item_loglikelihoods(model, tok, items: list[MCItem], batch_size: int, desc: str, notes: Counter):
+    """Per item, the summed log-likelihood of each of its choices (one batched pass over all of them)."""
+    requests = [(it.context, c) for it in items for c in it.continuations()]
+    flat = loglikelihoods(model, tok, requests, batch_size, desc, notes)
+    out, i = [], 0
+    for it in items:
+        out.append(flat[i:i + len(it.choices)])
+        i += len(it.choices)
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def newline_token_ids(tok) -> frozenset[int]:
+    """Ids whose text contains a newline (a "\\n" piece, the <0x0A> byte, ":\\n", ...); once per tokenizer."""
+    return frozenset(i for i in range(tok.vocab_size) if "\n" in tok.decode([i]))
+
+
+@torch.inference_mode()
+def greedy_generate(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16,
+                    stop_at_newline: bool = True, desc: str | None = None) -> list[list[int]]:
+    """Greedy continuation ids of each prompt (ids, BOS included), EOS excluded. Batches of similar length are
+    left-padded so every row's next token sits in the last column, then decoded one token per step through the KV
+    cache. A row stops at EOS, after `max_new_tokens`, or (stop_at_newline) at a token that puts a newline after
+    the first non-blank text: a model that opens with a newline before answering still gets to answer."""
+    stops = newline_token_ids(tok) if stop_at_newline else frozenset()
+    device = model_device(model)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=desc is None):
+        idx = order[start:start + batch_size]
+        B, T0 = len(idx), max(len(prompts[i]) for i in idx)
+        tokens = torch.full((B, T0), tok.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, T0), dtype=torch.long)
+        for b, i in enumerate(idx):
+            tokens[b, T0 - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[b, T0 - len(prompts[i]):] = 1
+        tokens, mask = tokens.to(device), mask.to(device)
+        cache = model.init_cache(B, T0 + max_new_tokens)
+        logits = model(tokens, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # [B, V]
+        done = [False] * B
+        for step in range(max_new_tokens):
+            next_ids = logits.argmax(-1)                                                  # [B]
+            for b, t in enumerate(next_ids.tolist()):
+                if done[b]:
+                    continue
+                if t == tok.eos_id:
+                    done[b] = True
+                    continue
+                out[idx[b]].append(t)
+                if t in stops and "\n" in tok.decode(out[idx[b]]).lstrip():
+                    done[b] = True
+            if all(done) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            logits = model(next_ids[:, None], attention_mask=mask, cache=cache, last_only=True)[:, -1]
+    return out
+
+
+def answer_text(tok, ids: list[int]) -> str:
+    """The answer a generation gives: its text up to the first newline after leading whitespace."""
+    return tok.decode(ids).lstrip().split("\n")[0].strip()
+
+
+def fit_prompt(ids: list[int], room: int, notes: Counter) -> list[int]:
+    """Left-truncate a prompt (keeping BOS) so that it plus the new tokens fit the model's context."""
+    if len(ids) <= room:
+        return ids
+    notes["prompts truncated on the left"] += 1
+    return ids[:1] + ids[len(ids) - room + 1:]
+
+
+def evaluate_cell(model, tok, bench: Benchmark, lang: str, rows: list[dict], batch_size: int, max_new_tokens: int,
+                  notes: Counter, predictions_file: Path | None = None) -> dict[str, float]:
+    """Metric -> value in [0, 100] for one benchmark and language."""
+    desc = f"{bench.name}/{lang}"
+    if bench.kind == "qa":
+        items = [bench.build(r, lang) for r in rows]
+        room = model.args.max_seq_len - max_new_tokens
+        prompts = [fit_prompt(tok.encode(it.prompt, bos=True), room, notes) for it in items]
+        generated = greedy_generate(model, tok, prompts, max_new_tokens, batch_size, desc=desc)
+        preds = [answer_text(tok, g) for g in generated]
+        f1_fn = mkqa_f1 if bench.name == "mkqa" else qa_f1
+        f1 = [f1_fn(p, it.answers, lang) for p, it in zip(preds, items)]
+        em = [qa_em(p, it.answers, lang) for p, it in zip(preds, items)]
+        if predictions_file is not None:
+            predictions_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(predictions_file, "w", encoding="utf-8") as f:
+                for it, p, a, b in zip(items, preds, f1, em):
+                    f.write(json.dumps(dict(id=it.id, prediction=p, answers=it.answers, f1=a, em=b),
+                                       ensure_ascii=False) + "\n")
+        return {"f1": 100 * sum(f1) / len(f1), "em": 100 * sum(em) / len(em)}
+
+    if bench.name == "truthfulqa":
+        pairs = [bench.build(r, lang) for r in rows]
+        mc1_items, mc2_items = [p[0] for p in pairs], [p[1] for p in pairs]
+        lls = item_loglikelihoods(model, tok, mc1_items + mc2_items, batch_size, desc, notes)
+        mc1 = [strictly_best(s, it.gold) for s, it in zip(lls[:len(rows)], mc1_items)]
+        mc2 = [mc2_score(s, it.true_mask) for s, it in zip(lls[len(rows):], mc2_items)]
+        return {"mc1": 100 * sum(mc1) / len(mc1), "mc2": 100 * sum(mc2) / len(mc2)}
+
+    items = [bench.build(r, lang) for r in rows]
+    lls = item_loglikelihoods(model, tok, items, batch_size, desc, notes)
+    acc = [strictly_best(s, it.gold) for s, it in zip(lls, items)]
+    # acc_norm divides by the choice's length in characters, delimiter excluded, as lm-evaluation-harness does.
+    acc_norm = [strictly_best([x / len(c) for x, c in zip(s, it.choices)], it.gold) for s, it in zip(lls, items)]
+    return {"acc": 100 * sum(acc) / len(acc), "acc_norm": 100 * sum(acc_norm) / len(acc_norm)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The paper's numbers (METHOD.md §7) and the report
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _p(vi=None, ar=None, zh=None):
+    return {k: v for k, v in dict(vi=vi, ar=ar, zh=zh).items() if v is not None}
+
+
+UNREADABLE = "?"
+PAPER_MODEL = {"llama": "LLaMA-2-7B", "gemma2": "Gemma-2-2B"}
+PAPER_ROWS = {   # family -> table -> [(method, {task: {lang: value}})]
+    "llama": {
+        1: [("TFT", dict(xquad=_p(27.36, 21.23, 23.41), mlqa=_p(28.80, 21.62, 23.86),
+                         truthfulqa=_p(28.54, 27.04, 26.40), mkqa=_p(38.59, 35.02, 40.70))),
+            ("DFT-logits", dict(xquad=_p(29.65, 27.57, 24.77), mlqa=_p(31.54, 28.26, 25.68),
+                                truthfulqa=_p(28.64, 28.81, 28.93), mkqa=_p(39.64, 35.84, 40.87))),
+            ("DFT-feature", dict(xquad=_p(28.27, 26.35, 24.34), mlqa=_p(32.19, 29.51, 25.29),
+                                 truthfulqa=_p(30.45, 28.98, 27.79), mkqa=_p(UNREADABLE, UNREADABLE, UNREADABLE)))],
+        2: [("SFT", dict(xnli=_p(36.59, 35.38, 36.39), xcopa=_p(vi=63.00, zh=65.00), xstorycloze=_p(ar=49.70, zh=59.56),
+                         mmlu=_p(29.37, 27.60, 30.49))),
+            ("TFT", dict(xnli=_p(44.14, 33.73, 36.87), xcopa=_p(vi=66.00, zh=65.00), xstorycloze=_p(ar=57.51, zh=64.06),
+                         mmlu=_p(33.23, 28.05, 32.34))),
+            ("DFT-logits", dict(xnli=_p(43.37, 34.06, 36.94), xcopa=_p(vi=66.20, zh=66.40),
+                                xstorycloze=_p(ar=58.78, zh=64.93), mmlu=_p(32.60, 29.06, 33.19))),
+            ("DFT-feature", dict(xnli=_p(43.50, 34.38, 37.64), xcopa=_p(vi=66.60, zh=68.60),
+                                 xstorycloze=_p(ar=58.78, zh=64.40), mmlu=_p(32.19, 28.86, 32.82)))],
+    },
+    "gemma2": {
+        1: [("DFT-logits", dict(xquad=_p(21.23, 25.79, 17.37), mlqa=_p(24.36, 27.51, 20.13),
+                                truthfulqa=_p(27.34, 26.78, 27.16), mkqa=_p(38.54, 34.81, 40.84)))],
+        2: [("SFT", dict(xnli=_p(41.33, 35.62, 40.36), xcopa=_p(vi=68.60, zh=70.40), xstorycloze=_p(ar=61.02, zh=68.23),
+                         mmlu=_p(36.07, 31.16, 36.22))),
+            ("TFT", dict(xnli=_p(43.05, 33.94, 36.63), xcopa=_p(vi=67.00, zh=70.40), xstorycloze=_p(ar=61.48, zh=64.88),
+                         mmlu=_p(36.95, 32.71, 36.37))),
+            ("DFT-logits", dict(xnli=_p(43.29, 35.14, 38.46), xcopa=_p(vi=68.40, zh=70.60),
+                                xstorycloze=_p(ar=62.08, zh=66.91), mmlu=_p(36.89, 31.84, 35.30))),
+            ("DFT-feature", dict(xnli=_p(43.25, 36.73, 39.74), xcopa=_p(vi=67.20, zh=70.20),
+                                 xstorycloze=_p(ar=61.88, zh=66.25), mmlu=_p(36.70, 31.63, 34.43)))],
+    },
+}
+TABLE_TITLES = {1: "Table 1: F1 (XQuAD, MLQA, MKQA) and MC1 accuracy (TruthfulQA)",
+                2: "Table 2: accuracy (XNLI, XCOPA, XStoryCloze, MMLU)"}
+NO_LANGUAGE, MISSING = "–", "missing"
+
+
+def results_markdown(rows: list[dict], cells: dict, tasks: list[str], langs: list[str], family: str, model_name: str,
+                     header_lines: list[str], notes: list[str]) -> str:
+    """The paper's Tables 1 and 2 (only the requested tasks and languages), the paper's rows for `family` above ours;
+    then every metric, then notes. `cells[(task, lang)]` is "ok", NO_LANGUAGE or MISSING."""
+    ours = {(r["task"], r["lang"], r["metric"]): r["value"] for r in rows}
+    lines = [f"# Zero-shot evaluation: {model_name}", ""] + header_lines + [""]
+    for table in (1, 2):
+        benches = [BENCHMARKS[t] for t in tasks if BENCHMARKS[t].table == table]
+        if not benches:
+            continue
+        columns = [(b, lang) for b in benches for lang in langs]
+        lines += [f"## {TABLE_TITLES[table]}", "",
+                  "| model | method | " + " | ".join(f"{b.title} {lang}" for b, lang in columns) + " |",
+                  "|---|---|" + "---|" * len(columns)]
+        for method, values in PAPER_ROWS.get(family, {}).get(table, []):
+            def paper_cell(b, lang):
+                if lang not in b.langs:
+                    return NO_LANGUAGE
+                v = values.get(b.name, {}).get(lang)
+                return "" if v is None else (v if isinstance(v, str) else f"{v:.2f}")
+            lines.append(f"| {PAPER_MODEL[family]} (paper) | {method} | "
+                         + " | ".join(paper_cell(b, lang) for b, lang in columns) + " |")
+
+        def our_cell(b, lang):
+            state = cells.get((b.name, lang))
+            if state != "ok":
+                return state or ""
+            return f"{ours[(b.name, lang, b.metrics[0])]:.2f}"
+        lines += [f"| ours | {model_name} | " + " | ".join(our_cell(b, lang) for b, lang in columns) + " |", ""]
+    lines += ["## All metrics", "", "| task | lang | metric | value | n | prompt |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['lang']} | {r['metric']} | {r['value']:.2f} | {r['n']} | {r['prompt']} |"
+              for r in rows]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint dir in the HF layout (config.json, safetensors, "
+                   "tokenizer.model), e.g. OUT/final")
+    p.add_argument("--langs", default=",".join(LANGS), help=f"comma-separated, of {','.join(LANGS)} (default: all)")
+    p.add_argument("--tasks", default="all", help=f"'all' or comma-separated, of {','.join(BENCHMARKS)}")
+    p.add_argument("--data-dir", default=str(Path(__file__).resolve().parent / "data" / "bench_sample"),
+                   help="BENCH_DIR with <task>/<original release file> (default: the bundled tiny fixtures)")
+    p.add_argument("--out", help="output dir for results.json / results.md (default: MODEL/eval)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N examples of each task and language")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="greedy tokens per answer (default 64; 256 with --prompt)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda when present, else cpu")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 on CUDA, fp32 on CPU (bf16 matmuls are very slow on CPUs)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed benchmark rows (counted in results.md) instead of stopping at the first")
+    p.add_argument("--prompt", help="only generate a greedy response to this instruction (Alpaca template) and "
+                   "print it")
+    args = p.parse_args(argv)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 256 if args.prompt else 64
+    for name, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens),
+                        ("--limit", args.limit)):
+        if value is not None and value < 1:
+            p.error(f"{name} {value}: expected a positive integer")
+    args.langs = [x.strip() for x in args.langs.split(",") if x.strip()]
+    unknown = [x for x in args.langs if x not in LANGS]
+    if unknown or not args.langs:
+        p.error(f"--langs {','.join(args.langs)}: unknown {unknown}; expected some of {','.join(LANGS)}")
+    args.explicit_tasks = args.tasks.strip() != "all"
+    args.tasks = [x.strip() for x in args.tasks.split(",") if x.strip()] if args.explicit_tasks else list(BENCHMARKS)
+    unknown = [x for x in args.tasks if x not in BENCHMARKS]
+    if unknown or not args.tasks:
+        p.error(f"--tasks: unknown {unknown}; expected 'all' or some of {','.join(BENCHMARKS)}")
+    return args
+
+
+def load_model(path: str, device: str, dtype: str):
+    from model import Tokenizer, Transformer
+
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is visible; pass --device cpu")
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype)
+    if torch_dtype is None:
+        torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        tok = Tokenizer(path)
+        model = Transformer.from_pretrained(path, dtype=torch_dtype, device=device)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return model.eval(), tok, torch_dtype
+
+
+def run_prompt(args) -> None:
+    model, tok, _ = load_model(args.model, args.device, args.dtype)
+    ids = tok.encode(alpaca_prompt(args.prompt), bos=True)
+    ids = fit_prompt(ids, model.args.max_seq_len - args.max_new_tokens, Counter())
+    generated = greedy_generate(model, tok, [ids], args.max_new_tokens, stop_at_newline=False)[0]
+    print(tok.decode(generated).strip())
+
+
+def plan_cells(args) -> tuple[dict, dict, list[str]]:
+    """Read every requested benchmark file before the model is loaded, so a missing or malformed file fails fast.
+    Returns rows[(task, lang)], cell states[(task, lang)] and notes."""
+    data_dir, bad = Path(args.data_dir), BadRows(args.skip_bad)
+    rows, cells, notes = {}, {}, []
+    for task in args.tasks:
+        bench = BENCHMARKS[task]
+        for lang in args.langs:
+            if lang not in bench.langs:
+                cells[(task, lang)] = NO_LANGUAGE
+                continue
+            path = bench.file(data_dir, lang)
+            if not path.is_file():
+                message = f"{task}/{lang}: {path} not found; expected the original {bench.title} release file there"
+                if args.explicit_tasks:
+                    raise SystemExit(f"error: {message} (or leave {task} out of --tasks)")
+                print(f"note: {message}; skipping this cell", file=sys.stderr)
+                notes.append(message)
+                cells[(task, lang)] = MISSING
+                continue
+            try:
+                cell_rows = bench.read(path, lang, bad)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from None
+            cell_rows = cell_rows[:args.limit] if args.limit else cell_rows
+            if not cell_rows:
+                message = f"{task}/{lang}: {path} has no usable rows for {lang}"
+                if args.explicit_tasks:
+                    raise SystemExit(f"error: {message}")
+                print(f"note: {message}; skipping this cell", file=sys.stderr)
+                notes.append(message)
+                cells[(task, lang)] = MISSING
+                continue
+            rows[(task, lang)], cells[(task, lang)] = cell_rows, "ok"
+    for path, count in bad.counts.items():
+        notes.append(f"--skip-bad: skipped {count} malformed row(s) of {path}; first: {bad.first[path]}")
+        print(f"note: skipped {count} malformed row(s) of {path}", file=sys.stderr)
+    return rows, cells, notes
+
+
+def run_benchmarks(args) -> Path:
+    rows_by_cell, cells, notes = plan_cells(args)
+    if not rows_by_cell:
+        raise SystemExit(f"error: nothing to evaluate: no benchmark file for tasks {args.tasks} and languages "
+                         f"{args.langs} under {args.data_dir}")
+    model, tok, dtype = load_model(args.model, args.device, args.dtype)
+    out = Path(args.out) if args.out else Path(args.model) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    counters, results = Counter(), []
+    for (task, lang), cell_rows in rows_by_cell.items():
+        bench = BENCHMARKS[task]
+        metrics = evaluate_cell(model, tok, bench, lang, cell_rows, args.batch_size, args.max_new_tokens, counters,
+                                out / "predictions" / f"{task}.{lang}.jsonl" if bench.kind == "qa" else None)
+        for metric in bench.metrics:
+            results.append(dict(task=task, lang=lang, metric=metric, value=round(metrics[metric], 4),
+                                n=len(cell_rows), prompt=bench.prompt))
+        print(f"{task}/{lang}: " + ", ".join(f"{m} {metrics[m]:.2f}" for m in bench.metrics) + f" (n={len(cell_rows)})")
+    notes += [f"{name}: {count}" for name, count in counters.items() if count]
+    for (task, lang), state in cells.items():
+        if state == NO_LANGUAGE:
+            notes.append(f"{task}/{lang}: the benchmark has no {lang} release ({NO_LANGUAGE} in the table)")
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    family = model.args.family
+    header = [f"Model `{args.model}` (family {family}; paper rows: {PAPER_MODEL.get(family, '-')}), "
+              f"device {args.device}, dtype {str(dtype).replace('torch.', '')}, data `{args.data_dir}`, "
+              f"batch size {args.batch_size}, max new tokens {args.max_new_tokens}. Zero-shot; values in %."]
+    if args.limit:
+        header.append(f"**--limit {args.limit}: only the first {args.limit} examples per cell; "
+                      "not comparable to the paper.**")
+    md = results_markdown(results, cells, args.tasks, args.langs, family, Path(args.model).name or "model",
+                          header, notes)
+    (out / "results.md").write_text(md, encoding="utf-8")
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.prompt:
+        run_prompt(args)
+    else:
+        run_benchmarks(args)
+
+
+if __name__ == "__main__":
+    main()
