@@ -150,6 +150,7 @@ class DFTConfig:
     detach_teacher: bool = True       # (I) the English side of a feature loss is a teacher: no gradient
     teacher_norm: bool = True         # (I) the ET teacher h_N(x_en) is the final-norm output, as HF's last hidden state
     chunk_size: int = 1024            # tokens per chunk of the logit-lens cross-entropy
+    prefix_share: bool = True         # logits LC/ET: run only the English suffix on the TFT pass's x_tgt keys/values
 
     def types(self, mode: str) -> tuple[str, str]:
         """The (LC, ET) loss types a mode runs: "logits" | "feature" | "none"."""
@@ -274,6 +275,16 @@ class KVCache:
         self.max_len = max_len
 
 
+@dataclass
+class SharedPrefix:
+    """The keys and values of a prompt that several sequences of an example begin with (DFT's x_tgt), as one pass
+    computed them: kv[l] = (k, v), each [B, K, Tp, E]; row b's prompt is its first lengths[b] positions. Sequences
+    that continue the prompt run only their own tokens and attend to these (differentiably, so their losses still
+    reach the prompt's states)."""
+    kv: list
+    lengths: torch.Tensor    # [B]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
@@ -285,12 +296,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, kv_slot=None, start=0):
+    def forward(self, x, cos, sin, mask, kv_slot=None, start=0, past=None):
+        """-> (output [B, T, D], this call's own keys and values [B, K, T, E]). kv_slot: a decoding cache written in
+        place at [start, start + T); past: keys and values to attend to before these tokens (differentiable)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)       # [B, H, T, E]
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # [B, K, T, E]
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # [B, K, T, E]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        own = (k, v)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)               # [B, K, S, E]
         if kv_slot is not None:
             cache_k, cache_v = kv_slot
             cache_k[:, :, start:start + T] = k
@@ -310,7 +326,7 @@ class Attention(nn.Module):
             scores = softcap(scores, self.softcap)
             scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
             out = (scores.softmax(-1).type_as(v) @ v[:, :, None]).view(B, self.n_heads, T, self.head_dim)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1)), own
 
 
 class MLP(nn.Module):
@@ -338,16 +354,17 @@ class Block(nn.Module):
         self.ffn_post_norm = norm() if args.sandwich_norm else None
         self.sliding = bool(args.sliding_layers and args.sliding_layers[layer_id])
 
-    def forward(self, x, cos, sin, masks, kv_slot=None, start=0):
+    def forward(self, x, cos, sin, masks, kv_slot=None, start=0, past=None):
+        """-> (x after the block, the attention's keys and values of these tokens)."""
         mask = masks[1] if self.sliding else masks[0]
-        h = self.attention(self.attn_norm(x), cos, sin, mask, kv_slot, start)
+        h, kv = self.attention(self.attn_norm(x), cos, sin, mask, kv_slot, start, past)
         if self.attn_post_norm is not None:
             h = self.attn_post_norm(h)
         x = x + h
         h = self.feed_forward(self.ffn_norm(x))
         if self.ffn_post_norm is not None:
             h = self.ffn_post_norm(h)
-        return x + h
+        return x + h, kv
 
 
 class Transformer(nn.Module):
@@ -375,21 +392,28 @@ class Transformer(nn.Module):
 
     # --- the forward pass ----------------------------------------------------------------------------------------
 
-    def _run(self, tokens, layers: tuple[int, ...], attention_mask=None, cache: KVCache | None = None):
-        """Run blocks 1..max(layers) and return the residual stream after each block in `layers`."""
+    def _run(self, tokens, layers: tuple[int, ...], attention_mask=None, cache: KVCache | None = None,
+             prefix: SharedPrefix | None = None, record_kv: list | None = None):
+        """Run blocks 1..max(layers) and return the residual stream after each block in `layers`. With `prefix`,
+        `tokens` continue each row's shared prompt; `record_kv` collects every block's keys and values."""
         B, T = tokens.shape
+        device = tokens.device
         n_run = max(layers)
         if min(layers) < 0 or n_run > self.args.n_layers:
             raise ValueError(f"layers={layers}: expected block counts in 0..{self.args.n_layers}")
         start = cache.length if cache is not None else 0
-        q_index = torch.arange(start, start + T, device=tokens.device)
-        if attention_mask is None:
-            k_valid = torch.ones(B, start + T, dtype=torch.bool, device=tokens.device)
-            k_pos = torch.arange(start + T, device=tokens.device).expand(B, -1)
-        else:
-            # Positions count real tokens only, so a left- or right-padded row gets the positions it has alone.
-            k_valid = attention_mask.bool()
-            k_pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        mask = attention_mask.bool() if attention_mask is not None else torch.ones(B, start + T, dtype=torch.bool,
+                                                                                     device=device)
+        # Positions count real tokens only, so a left- or right-padded row gets the positions it has alone.
+        k_pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        k_valid = mask
+        if prefix is not None:           # keys: row b's prompt (positions 0..P_b-1), then these tokens from P_b on
+            Tp = prefix.kv[0][0].shape[2]
+            prompt_pos = torch.arange(Tp, device=device).expand(B, -1)
+            k_pos = torch.cat([prompt_pos, prefix.lengths[:, None] + k_pos], dim=1)
+            k_valid = torch.cat([prompt_pos < prefix.lengths[:, None], mask], dim=1)
+            start = Tp
+        q_index = torch.arange(start, start + T, device=device)
         q_pos = k_pos[:, start:]
 
         if attention_mask is None and cache is None and self.args.attn_softcap is None and not self.args.sliding_window:
@@ -407,8 +431,10 @@ class Transformer(nn.Module):
         states = {0: h}
         for i, block in enumerate(self.layers[:n_run]):
             slot = (cache.k[i], cache.v[i]) if cache is not None else None
-            h = block(h, cos, sin, masks, slot, start)
+            h, kv = block(h, cos, sin, masks, slot, start, prefix.kv[i] if prefix is not None else None)
             states[i + 1] = h
+            if record_kv is not None:
+                record_kv.append(kv)
         if cache is not None:
             cache.length += T
         return tuple(states[k] for k in layers)
@@ -448,17 +474,23 @@ class Transformer(nn.Module):
 
         # L_TFT: the ordinary next-token loss on [x_tgt ; y_tgt]; head and final norm train. By causality the same
         # pass holds h_i(x_tgt) and h_j(x_tgt) at the prompt positions: the feature losses' students, for free.
-        h_i, h_j, h_N = self.hidden_at(batch["tft_tokens"], (i, j, N), batch["tft_mask"])
+        share = cfg.prefix_share and "logits" in (lc_type, et_type)
+        tft_kv = [] if share else None
+        h_i, h_j, h_N = self._run(batch["tft_tokens"], (i, j, N), batch["tft_mask"], record_kv=tft_kv)
         parts = {"tft": per("tft", ce(h_N, batch["tft_labels"], False)), "lc": zero, "et": zero}
 
         # Logits-based: blocks 1..i on [x_tgt ; x_en] predict x_en, blocks 1..j on [x_tgt ; y_en] predict y_en,
-        # through the frozen final norm + head (the logit lens).
-        if lc_type == "logits":
-            h = self.hidden_at(batch["lc_tokens"], i, batch["lc_mask"])
-            parts["lc"] = per("lc", ce(h, lc_labels(batch, cfg), True))
-        if et_type == "logits":
-            h = self.hidden_at(batch["et_tokens"], j, batch["et_mask"])
-            parts["et"] = per("et", ce(h, batch["et_labels"], True))
+        # through the frozen final norm + head (the logit lens). x_tgt's states in these sequences are, by
+        # causality, exactly those of the TFT pass: the shared path runs only the English part on its keys/values.
+        for kind, loss_type, k, h_tft, labels in (("lc", lc_type, i, h_i, lc_labels(batch, cfg) if lc_type == "logits" else None),
+                                                  ("et", et_type, j, h_j, batch["et_labels"])):
+            if loss_type != "logits":
+                continue
+            if share:
+                h, labels = self._continue_prompt(batch, kind, k, h_tft, tft_kv, labels)
+            else:
+                h = self.hidden_at(batch[f"{kind}_tokens"], k, batch[f"{kind}_mask"])
+            parts[kind] = per(kind, ce(h, labels, True))
 
         # Feature-based: one pass of the English query gives the teachers h_i(x_en) (LC) and h_N(x_en) (ET).
         teacher_layers = tuple(k for k, t in ((i, lc_type), (N, et_type)) if t == "feature")
@@ -474,6 +506,21 @@ class Transformer(nn.Module):
 
         parts["loss"] = parts["tft"] + cfg.lc_weight * parts["lc"] + cfg.et_weight * parts["et"]
         return parts
+
+    def _continue_prompt(self, batch, kind: str, k: int, h_prompt, prompt_kv: list, labels):
+        """Layer-k states and labels of the `kind` sequence [x_tgt ; rest] from position P-1 on, running blocks 1..k
+        on `rest` only, attending to x_tgt's keys and values from the TFT pass (h_prompt: that pass's layer-k states).
+        The seam: rest's first token is predicted from x_tgt's last position, whose state only the TFT pass has."""
+        tokens, mask, P = batch[f"{kind}_tokens"], batch[f"{kind}_mask"], batch["tgt_prompt_len"]
+        B, T = tokens.shape
+        n_rest = max(int((mask.sum(1) - P).max()), 1)
+        at = P[:, None] + torch.arange(n_rest, device=tokens.device)                    # [B, n] positions of rest
+        rest, rest_mask = tokens.gather(1, at.clamp(max=T - 1)), mask.gather(1, at.clamp(max=T - 1)) * (at < T)
+        prefix = SharedPrefix([(kk[:, :, :int(P.max())], vv[:, :, :int(P.max())]) for kk, vv in prompt_kv[:k]], P)
+        h_rest = self._run(rest, (k,), rest_mask, prefix=prefix)[0]                     # [B, n, D]
+        h_seam = h_prompt.gather(1, (P - 1)[:, None, None].expand(-1, 1, h_prompt.shape[-1]))  # [B, 1, D]
+        at = torch.cat([P[:, None] - 1, at], dim=1)                                     # [B, 1 + n]
+        return torch.cat([h_seam, h_rest], dim=1), labels.gather(1, at.clamp(max=T - 1)).masked_fill(at >= T, IGNORE)
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.tok_embeddings.weight

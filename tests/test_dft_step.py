@@ -262,3 +262,45 @@ def test_default_layers_and_bad_config():
         DFTConfig().types("dft")
     assert DFTConfig(et_type="feature").types("dft-logits") == ("logits", "feature")
     assert DFTConfig(lc_type="logits").types("tft") == ("logits", "none")
+
+
+@pytest.mark.parametrize("mode,overrides", [("dft-logits", {}), ("dft-logits", {"lc_content_only": False}),
+                                            ("dft-logits", {"et_type": "feature"}), ("dft-logits", {"lc_weight": 0.0})])
+def test_shared_prompt_path_equals_separate_passes(setup, mode, overrides):
+    """Issue 16: LC/ET run on x_tgt's keys/values from the TFT pass give the same parts and every gradient as
+    running [x_tgt ; x_en] and [x_tgt ; y_en] in full (padded rows of different prompt lengths; Gemma-2 with its
+    sliding window shorter than the sequences)."""
+    _, ours, batch = setup
+    assert len(set(batch["tgt_prompt_len"].tolist())) > 1
+    results = {}
+    for share in (True, False):
+        cfg = DFTConfig(lc_layer=1, et_layer=3, prefix_share=share, **overrides)
+        ours.zero_grad()
+        out = ours.dft_step(batch, mode, cfg, count_targets(batch, mode, cfg))
+        out["loss"].backward()
+        results[share] = ({k: v.detach() for k, v in out.items()},
+                          {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None})
+    ours.zero_grad()
+    (parts_s, grads_s), (parts_p, grads_p) = results[True], results[False]
+    for k in parts_p:
+        torch.testing.assert_close(parts_s[k], parts_p[k], atol=1e-5, rtol=0)
+    assert grads_s.keys() == grads_p.keys()
+    for n in grads_p:
+        torch.testing.assert_close(grads_s[n], grads_p[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_shared_prompt_path_runs_only_the_english_tokens(tiny_llama):
+    model = Transformer.from_pretrained(tiny_llama)
+    g = torch.Generator().manual_seed(0)
+    batch = make_batch([make_example(g, model.args.vocab_size, 2) for _ in range(3)])
+    seen = []
+    hook = model.layers[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    try:
+        cfg = DFTConfig(lc_layer=1, et_layer=2)
+        with torch.no_grad():
+            model.dft_step(batch, "dft-logits", cfg, count_targets(batch, "dft-logits", cfg))
+    finally:
+        hook.remove()
+    P = batch["tgt_prompt_len"]
+    rest = lambda kind: int((batch[f"{kind}_mask"].sum(1) - P).max())  # noqa: E731
+    assert seen == [batch["tft_tokens"].shape[1], rest("lc"), rest("et")]
