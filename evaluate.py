@@ -3,6 +3,7 @@
     python evaluate.py --model OUT/final --langs vi,ar,zh --tasks all --data-dir BENCH_DIR
     python evaluate.py --model OUT/final --tasks xnli,xcopa --limit 200          # a quick look
     python evaluate.py --model OUT/final --prompt "Thủ đô của Việt Nam là gì?"   # greedy answer, Alpaca template
+    python evaluate.py --model OUT/final --logit-lens --lens-lang vi             # per-layer lens, suggested i, j
 
 Writes OUT/final/eval/results.json (rows {"task", "lang", "metric", "value", "n", "prompt"}, value in [0, 100]),
 results.md (the layout of the paper's Tables 1 and 2, the paper's rows for the same model family beside ours) and
@@ -26,6 +27,14 @@ MMLU letter form of lm-evaluation-harness's Okapi port). Generative QA: x-LLM's 
 Alpaca template, greedy decoding with the KV cache, stop at EOS or at the first newline after the answer began,
 F1 / EM of the official MLQA script for XQuAD, MLQA and MKQA alike (MKQA adds its aliases and its rule for
 unanswerable questions).
+
+Logit lens (--logit-lens): a few target-language Alpaca records (the bundled sample by default) as teacher-forced
+training sequences; at every response position, each layer's residual stream goes through the final norm and the
+output head. Per layer: the mean entropy of that distribution, the rank and probability of the true next token, and
+the top-1 tokens at a few positions of the first example; from the entropy curve's two drops (the paper: near layers
+2 and 15 of LLaMA-2-7B) a suggested --lc-layer / --et-layer (suggest_layers states the rule). Writes
+OUT/logit_lens.md, logit_lens.json and, where matplotlib is installed, logit_lens.png. Run it on a checkpoint before
+and after DFT to see what moved.
 """
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ import csv
 import functools
 import gzip
 import json
+import math
 import re
 import string
 import sys
@@ -869,6 +879,275 @@ def results_markdown(rows: list[dict], cells: dict, tasks: list[str], langs: lis
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The logit lens: what each layer would predict if the model stopped there (METHOD.md §4: how i and j are chosen)
+# ---------------------------------------------------------------------------------------------------------------------
+
+SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "sample"
+LENS_LANGS = ("vi", "ar", "zh", "en")        # the bundled sample's languages
+# I: our reading of "the entropy drops". A drop is clear when it is at least this share of the curve's range over
+# layers 1..N, and a curve whose range is under LENS_FLAT nats has none: its layer-to-layer steps are noise.
+LENS_CLEAR_DROP = 0.1
+LENS_FLAT = 0.05
+
+
+@dataclass
+class LensSequence:
+    ids: list[int]      # BOS + Alpaca prompt + response, as training feeds them (EOS left out: no word of the language)
+    first: int          # the prompt's last position, whose next token is the response's first
+
+
+@dataclass
+class LensResult:
+    layers: list[dict]          # k = 0..N: {"layer", "entropy", "rank", "prob", "top1"}, means over `positions`
+    positions: int              # response positions averaged over (all sequences together)
+    shown_targets: list[int]    # the first sequence's true next tokens at its first shown response positions
+    shown_top1: list[list[int]]  # [layer][position]: the lens's top-1 token there
+
+
+def lens_records(path: Path, n: int) -> list[dict]:
+    """The first `n` records of an Alpaca-format file (a JSON list of {instruction, input, output}); a malformed one
+    among them stops the run with one line naming the file, the record and the field."""
+    from prepare_data import read_records, record_defect
+
+    if not path.is_file():
+        raise SystemExit(f"error: {path}: not found; pass --lens-data FILE.json, an Alpaca-format JSON list of "
+                         "{instruction, input, output} (or --lens-lang one of " + "/".join(LENS_LANGS) + ")")
+    records = read_records(path)[:n]
+    for index, record in enumerate(records):
+        defect = record_defect(record)
+        if defect is not None:
+            raise SystemExit(f"error: {path}: record {index}: {defect[1]} (fix the record or pass another --lens-data)")
+    if not records:
+        raise SystemExit(f"error: {path}: the JSON list is empty; expected Alpaca records "
+                         "{instruction, input, output}")
+    return records
+
+
+def lens_sequences(tok, records: list[dict], max_len: int) -> tuple[list[LensSequence], list[str]]:
+    """The records as teacher-forced training sequences: prompt and response encoded as prepare_data.py does. A
+    sequence longer than the model's context loses the end of its response (the lens needs no EOS)."""
+    from prepare_data import alpaca_prompt_ids
+
+    sequences, notes = [], []
+    for index, r in enumerate(records):
+        prompt = alpaca_prompt_ids(tok, r["instruction"], r["input"])
+        full = prompt + tok.encode(r["output"], bos=False)
+        ids = full[:max_len + 1]                  # the model reads all but the last id, which is only a target
+        if len(ids) <= len(prompt):
+            notes.append(f"record {index}: its prompt alone fills max_seq_len={max_len}; left out")
+            continue
+        if len(ids) < len(full):
+            notes.append(f"record {index}: response cut to fit max_seq_len={max_len}")
+        sequences.append(LensSequence(ids, len(prompt) - 1))
+    return sequences, notes
+
+
+@torch.inference_mode()
+def logit_lens(model, sequences: list[LensSequence], pad_id: int, batch_size: int = 16, chunk_size: int = 128,
+               show: int = 8, desc: str | None = None) -> LensResult:
+    """Per layer k = 0..N (0 = the embedding output, N = the model's own output), the distribution
+    softmax(head_logits(h_k)) at every response position (each predicting the response's next token), reduced to
+    means over all those positions together: entropy in nats, rank of the true next token (1 = the top choice; a tie
+    counts against it), its probability, and how often it is the top-1. Also the top-1 tokens at the first `show`
+    response positions of the first sequence. Only response positions go through the head, `chunk_size` at a time,
+    so one [chunk, V] block of logits exists at once (Gemma-2's V is 256k), never [T, V] for every layer."""
+    device, n_layers = model_device(model), model.args.n_layers
+    sums = torch.zeros(n_layers + 1, 4, dtype=torch.float64)      # entropy, rank, probability, top-1 hits
+    shown = min(show, len(sequences[0].ids) - 1 - sequences[0].first) if sequences else 0
+    shown_top1: list[list[int]] = [[] for _ in range(n_layers + 1)]
+    n_positions = 0
+    batches = range(0, len(sequences), batch_size)
+    bar = tqdm(total=len(batches) * (n_layers + 1), desc=desc, unit="layer", leave=False, disable=desc is None)
+    for start in batches:
+        chunk = sequences[start:start + batch_size]
+        T = max(len(s.ids) for s in chunk) - 1
+        tokens = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        rows, cols, targets = [], [], []      # position `col` of row `row` predicts `target`
+        for b, s in enumerate(chunk):
+            n = len(s.ids) - 1
+            tokens[b, :n] = torch.tensor(s.ids[:-1])
+            mask[b, :n] = 1
+            rows += [b] * (n - s.first)
+            cols += range(s.first, n)
+            targets += s.ids[s.first + 1:]
+        rows, cols, targets = (torch.tensor(x, device=device) for x in (rows, cols, targets))
+        states = model.hidden_at(tokens.to(device), tuple(range(n_layers + 1)), attention_mask=mask.to(device))
+        for k, h in enumerate(states):
+            h = h[rows, cols]                                                              # [M, D]
+            for a in range(0, len(h), chunk_size):
+                logits = model.head_logits(h[None, a:a + chunk_size])[0]                  # [C, V] fp32
+                logp = logits.log_softmax(-1)                                              # [C, V]
+                target = targets[a:a + chunk_size, None]                                   # [C, 1]
+                target_logp = logp.gather(1, target)                                       # [C, 1]
+                top1 = logits.argmax(-1)                                                   # [C]
+                entropy = -(logp.exp() * logp).sum(-1)                                     # [C]
+                # Ranked on the logits: subtracting the log-normaliser in fp32 could round two apart into a tie.
+                rank = (logits > logits.gather(1, target)).sum(-1) + 1                     # [C]
+                sums[k] += torch.stack([entropy.double().sum(), rank.double().sum(), target_logp.double().exp().sum(),
+                                        (top1 == target[:, 0]).double().sum()]).cpu()
+                if start == 0 and a < shown:       # the first sequence's positions come first
+                    shown_top1[k] += top1[:shown - a].tolist()
+            bar.update(1)
+        n_positions += len(targets)
+    bar.close()
+    means = (sums / max(n_positions, 1)).tolist()
+    layers = [dict(layer=k, entropy=e, rank=r, prob=p, top1=t) for k, (e, r, p, t) in enumerate(means)]
+    first = sequences[0] if sequences else None
+    shown_targets = first.ids[first.first + 1:first.first + 1 + shown] if first else []
+    return LensResult(layers, n_positions, shown_targets, shown_top1)
+
+
+def lens_windows(n_layers: int) -> tuple[range, range]:
+    """Where suggest_layers looks: layers 2..N//3 for i (first third), the next ones up to 2N//3 for j (middle third);
+    32 blocks -> 2..10 and 11..21, 26 -> 2..8 and 9..17, 4 -> 2 and 3."""
+    first_end = min(n_layers, max(2, n_layers // 3))
+    middle_end = min(n_layers, max(first_end + 1, 2 * n_layers // 3))
+    return range(2, first_end + 1), range(first_end + 1, middle_end + 1)
+
+
+def suggest_layers(entropy: list[float], family: str) -> tuple[int, int, list[str]]:
+    """(i, j, notes): LC and ET layers read off the logit-lens entropy curve, `entropy[k - 1]` being layer k's
+    (k = 1..N). I: our rule for the paper's reading by eye ("drops near layer 2 and ~15" on LLaMA-2-7B).
+
+    The drop at layer k is H(k-1) - H(k), what block k takes off the entropy, so layer k is the first state after the
+    fall. The embedding output (k = 0) takes no part: its lens reads the input token, not the model's view of it.
+    i = the layer of the largest drop in the first third of depth, j = in the middle third (see lens_windows; the
+    earlier layer on a tie). A drop counts only when it is clear: positive, at least LENS_CLEAR_DROP x the curve's
+    range over layers 1..N, that range at least LENS_FLAT nats. A third with no clear drop gets
+    model.default_layers' layer, and a note says so; if that leaves no 1 <= i < j <= N, both are the defaults."""
+    from model import default_layers
+
+    n_layers = len(entropy)
+    default_i, default_j = default_layers(n_layers, family)
+    height = max(entropy) - min(entropy) if entropy else 0.0
+    drop = {k: entropy[k - 2] - entropy[k - 1] for k in range(2, n_layers + 1)}
+    notes = []
+    if height < LENS_FLAT:
+        notes.append(f"the entropy curve is flat (range {height:.3f} nats < {LENS_FLAT}): no drops to read")
+    picks = []
+    first_third, middle_third = lens_windows(n_layers)
+    for name, window, default in (("i", first_third, default_i), ("j", middle_third, default_j)):
+        clear = [k for k in window if height >= LENS_FLAT and drop[k] > 0 and drop[k] >= LENS_CLEAR_DROP * height]
+        if clear:
+            picks.append(max(clear, key=lambda k: (drop[k], -k)))
+        else:
+            where = f"layers {window.start}..{window.stop - 1}" if len(window) else "an empty window (too few layers)"
+            notes.append(f"{name}: no clear entropy drop in {where}; using default_layers' {name} = {default}")
+            picks.append(default)
+    i, j = picks
+    if not 1 <= i < j <= n_layers:
+        notes.append(f"i = {i}, j = {j} is not 1 <= i < j <= {n_layers}; using default_layers' "
+                     f"({default_i}, {default_j})")
+        i, j = default_i, default_j
+    return i, j, notes
+
+
+def token_piece(tok, token_id: int) -> str:
+    """A token as its SentencePiece piece ("▁Paris", "<0x0A>"): word starts and bytes stay visible."""
+    return tok.sp.id_to_piece(token_id) if 0 <= token_id < tok.vocab_size else f"<id {token_id}>"
+
+
+def _cell(text: str) -> str:
+    return "`" + text.replace("`", "'").replace("|", "\\|") + "`"
+
+
+def lens_markdown(result: LensResult, tok, i: int, j: int, rule_notes: list[str], header: list[str],
+                  notes: list[str]) -> str:
+    """Per-layer table (entropy, its drop, rank / probability / top-1 rate of the true next token), the suggested
+    layers (`rule_notes`: where suggest_layers fell back to the defaults), then the top-1 tokens at the first
+    example's first response positions."""
+    lines = ["# Logit lens", ""] + header + ["",
+             "| layer | entropy (nats) | drop H(k-1) - H(k) | rank of true next token | P(true next token) | top-1 |",
+             "|---|---|---|---|---|---|"]
+    previous = None
+    for row in result.layers:
+        k = row["layer"]
+        label = {0: "0 (embeddings)", i: f"{k} ← i (--lc-layer)", j: f"{k} ← j (--et-layer)"}.get(k, str(k))
+        drop = f"{previous - row['entropy']:+.3f}" if previous is not None and k > 1 else ""
+        lines.append(f"| {label} | {row['entropy']:.3f} | {drop} | {row['rank']:.1f} | {row['prob']:.4f} | "
+                     f"{100 * row['top1']:.1f}% |")
+        previous = row["entropy"]
+    how = "falling back to default_layers, see the notes" if rule_notes else "at the two entropy drops"
+    lines += ["", f"**Suggested: `--lc-layer {i} --et-layer {j}`** ({how}; the rule: `evaluate.suggest_layers`).", ""]
+    if result.shown_targets:
+        n = len(result.shown_targets)
+        truth = " | ".join(_cell(token_piece(tok, t)) for t in result.shown_targets)
+        lines += ["## Top-1 token per layer, first example, first response positions", "",
+                  "| layer | " + " | ".join(f"+{p}" for p in range(n)) + " |", "|---|" + "---|" * n,
+                  f"| **true next token** | {truth} |"]
+        for k, ids in enumerate(result.shown_top1):
+            lines.append(f"| {k} | " + " | ".join(_cell(token_piece(tok, t)) for t in ids) + " |")
+        lines.append("")
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot_lens(result: LensResult, i: int, j: int, path: Path) -> str:
+    """Entropy and mean rank of the true next token against layer, i and j marked; a line saying what happened."""
+    try:
+        from matplotlib.figure import Figure       # no pyplot: no GUI backend, no global state
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        return "PNG skipped: pip install matplotlib"
+    ks = [row["layer"] for row in result.layers]
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    for ax, key, title in ((left, "entropy", "entropy of the lens distribution (nats)"),
+                           (right, "rank", "mean rank of the true next token")):
+        ax.plot(ks, [row[key] for row in result.layers], marker="o", markersize=3)
+        for k, name in ((i, "i"), (j, "j")):
+            ax.axvline(k, color="grey", linestyle="--", linewidth=0.8)
+            ax.text(k, 0.97, f" {name}", transform=ax.get_xaxis_transform(), ha="left", va="top")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layer (block output; 0 = embeddings)")
+        ax.set_title(title, fontsize=10)
+    left.ticklabel_format(axis="y", useOffset=False)
+    right.set_yscale("log")
+    fig.savefig(path, dpi=120)
+    return f"wrote {path}"
+
+
+def run_logit_lens(args) -> Path:
+    data = Path(args.lens_data) if args.lens_data else SAMPLE_DIR / f"alpaca_{args.lens_lang}.json"
+    records = lens_records(data, args.lens_examples)        # before the model loads: a bad file fails fast
+    model, tok, dtype = load_model(args.model, args.device, args.dtype)
+    sequences, notes = lens_sequences(tok, records, model.args.max_seq_len)
+    if not sequences:
+        raise SystemExit(f"error: {data}: no record leaves a response position within max_seq_len="
+                         f"{model.args.max_seq_len}; pass shorter records with --lens-data")
+    result = logit_lens(model, sequences, tok.pad_id, args.batch_size, show=args.lens_positions, desc="logit lens")
+    n_layers, family = model.args.n_layers, model.args.family
+    i, j, rule_notes = suggest_layers([row["entropy"] for row in result.layers[1:]], family)
+    out = Path(args.out) if args.out else Path(args.model) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_lens(result, i, j, out / "logit_lens.png")
+    header = [f"Model `{args.model}` (family {family}, {n_layers} blocks, V = {model.args.vocab_size}: the largest "
+              f"possible entropy is ln V = {math.log(model.args.vocab_size):.2f} nats), device {args.device}, dtype "
+              f"{str(dtype).replace('torch.', '')}.",
+              f"Data `{data}` ({args.lens_lang}): {len(sequences)} examples as training sequences (Alpaca prompt + "
+              f"response), teacher-forced; means over all {result.positions} response positions, each predicting the "
+              "response's next token.",
+              "Layer k = the residual stream after block k, read through the final norm and the output head "
+              f"(the model's own output at k = {n_layers}). Rank 1 = the lens's top choice."]
+    md = lens_markdown(result, tok, i, j, rule_notes, header, rule_notes + notes + [png])
+    (out / "logit_lens.md").write_text(md, encoding="utf-8")
+    report = dict(model=str(args.model), family=family, n_layers=n_layers, vocab_size=model.args.vocab_size,
+                  data=str(data), lang=args.lens_lang, examples=len(sequences), positions=result.positions,
+                  device=str(args.device), dtype=str(dtype).replace("torch.", ""), layers=result.layers,
+                  suggested=dict(lc_layer=i, et_layer=j, notes=rule_notes),
+                  first_example=dict(targets=[token_piece(tok, t) for t in result.shown_targets],
+                                     top1=[[token_piece(tok, t) for t in ids] for ids in result.shown_top1]),
+                  notes=notes)
+    (out / "logit_lens.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(md)
+    print(png)
+    print(f"wrote {out / 'logit_lens.md'} and {out / 'logit_lens.json'}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -893,11 +1172,24 @@ def parse_args(argv=None):
                    help="skip malformed benchmark rows (counted in results.md) instead of stopping at the first")
     p.add_argument("--prompt", help="only generate a greedy response to this instruction (Alpaca template) and "
                    "print it")
+    lens = p.add_argument_group("logit lens (--logit-lens: per-layer entropy, suggested --lc-layer/--et-layer)")
+    lens.add_argument("--logit-lens", action="store_true",
+                      help="only run the logit-lens analysis: OUT/logit_lens.md, .json and .png (with matplotlib)")
+    lens.add_argument("--lens-data", metavar="FILE.json",
+                      help="Alpaca-format records of the target language (default: data/sample/alpaca_LANG.json)")
+    lens.add_argument("--lens-lang", choices=LENS_LANGS, default="vi",
+                      help="the language of the records, picking the bundled sample file (default vi)")
+    lens.add_argument("--lens-examples", type=int, default=16, metavar="N", help="first N records (default 16)")
+    lens.add_argument("--lens-positions", type=int, default=8, metavar="N",
+                      help="response positions of the first example whose top-1 tokens are shown (default 8)")
     args = p.parse_args(argv)
+    if args.logit_lens and args.prompt:
+        p.error("--logit-lens and --prompt are separate modes; pass one of them")
     if args.max_new_tokens is None:
         args.max_new_tokens = 256 if args.prompt else 64
     for name, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens),
-                        ("--limit", args.limit)):
+                        ("--limit", args.limit), ("--lens-examples", args.lens_examples),
+                        ("--lens-positions", args.lens_positions)):
         if value is not None and value < 1:
             p.error(f"{name} {value}: expected a positive integer")
     args.langs = [x.strip() for x in args.langs.split(",") if x.strip()]
@@ -1017,6 +1309,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.prompt:
         run_prompt(args)
+    elif args.logit_lens:
+        run_logit_lens(args)
     else:
         run_benchmarks(args)
 

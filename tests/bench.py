@@ -132,7 +132,9 @@ DFT_SHAPES = {   # depth-faithful, reduced width (vocab/width as in the real mod
     "llama": dict(n_layers=32, dim=256, vocab=2048, layers=(2, 15)),
     "gemma2": dict(n_layers=26, dim=128, vocab=14080, layers=(2, 12)),
 }
-DFT_MODES = ("tft", "dft-logits", "dft-feature")
+# (label, mode, DFTConfig overrides)
+DFT_RUNS = (("tft", "tft", {}), ("dft-logits shared", "dft-logits", {}),
+            ("dft-logits plain", "dft-logits", {"prefix_share": False}), ("dft-feature", "dft-feature", {}))
 
 
 def sample_batch(batch_size: int, workdir: Path) -> dict:
@@ -158,10 +160,16 @@ def step_flops(args: ModelArgs, batch: dict, mode: str, cfg: DFTConfig) -> float
     D, E, H, K, F, V = args.dim, args.head_dim, args.n_heads, args.n_kv_heads, args.hidden_dim, args.vocab_size
     per_token_block = 2 * (D * E * (H + 2 * K) + H * E * D + 3 * D * F)
 
-    def blocks(tokens, n, backward=True):
+    def blocks(tokens, n, backward=True, n_keys=None):
         B, T = tokens.shape
-        fwd = n * B * (T * per_token_block + 2 * 2 * T * T * H * E)
+        fwd = n * B * (T * per_token_block + 2 * 2 * T * (n_keys or T) * H * E)
         return fwd * (3 if backward else 1)
+
+    def rest_of(kind):
+        """The shared path runs only the part after x_tgt, with keys over x_tgt + that part (padded lengths)."""
+        P = batch["tgt_prompt_len"]
+        n_rest = int((batch[f"{kind}_mask"].sum(1) - P).max())
+        return batch[f"{kind}_tokens"][:, :n_rest], int(P.max()) + n_rest
 
     def head(n_rows, frozen):
         return 2 * n_rows * D * V * (3 if frozen else 4)
@@ -170,10 +178,14 @@ def step_flops(args: ModelArgs, batch: dict, mode: str, cfg: DFTConfig) -> float
     i, j = cfg.layers(args)
     counts = count_targets(batch, mode, cfg)
     total = blocks(batch["tft_tokens"], args.n_layers) + head(counts["tft"], False)
-    if lc_type == "logits":
-        total += blocks(batch["lc_tokens"], i) + head(counts["lc"], True)
-    if et_type == "logits":
-        total += blocks(batch["et_tokens"], j) + head(counts["et"], True)
+    for kind, loss_type, k in (("lc", lc_type, i), ("et", et_type, j)):
+        if loss_type != "logits":
+            continue
+        if cfg.prefix_share:
+            rest, n_keys = rest_of(kind)
+            total += blocks(rest, k, n_keys=n_keys) + head(counts[kind], True)
+        else:
+            total += blocks(batch[f"{kind}_tokens"], k) + head(counts[kind], True)
     if "feature" in (lc_type, et_type):   # one no-grad English pass: 1..i for LC only, all blocks when ET needs h_N
         total += blocks(batch["en_tokens"], args.n_layers if et_type == "feature" else i, backward=False)
     return total
@@ -196,14 +208,19 @@ def saved_bytes_per_block_token(model, batch, cfg) -> float:
     return total[0] / (model.args.n_layers * batch["tft_tokens"].numel())
 
 
-def memory_probe(family: str, mode: str, workdir: Path, batch_size: int) -> None:
-    """Run in a fresh process: two AdamW steps of `mode`, print peak RSS (MiB) as JSON."""
+def dft_cfg(family: str, overrides: dict) -> DFTConfig:
+    i, j = DFT_SHAPES[family]["layers"]
+    return DFTConfig(lc_layer=i, et_layer=j, **overrides)
+
+
+def memory_probe(family: str, run: str, workdir: Path, batch_size: int) -> None:
+    """Run in a fresh process: two AdamW steps of one DFT_RUNS entry, print peak RSS (MiB) as JSON."""
     torch.manual_seed(0)
+    _, mode, overrides = next(r for r in DFT_RUNS if r[0] == run)
     shape = DFT_SHAPES[family]
-    args = reduced_config(family, shape["n_layers"], shape["dim"], shape["vocab"])
-    model = build(args, "cpu")
+    model = build(reduced_config(family, shape["n_layers"], shape["dim"], shape["vocab"]), "cpu")
     batch = sample_batch(batch_size, workdir)
-    cfg = DFTConfig(lc_layer=shape["layers"][0], et_layer=shape["layers"][1])
+    cfg = dft_cfg(family, overrides)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     counts = count_targets(batch, mode, cfg)
     for _ in range(2):
@@ -213,61 +230,76 @@ def memory_probe(family: str, mode: str, workdir: Path, batch_size: int) -> None
     print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def aux_activation_bytes(args, batch, run, cfg, per_block_token) -> float:
+    """Memory model of what a mode keeps beyond TFT: the blocks it runs with grad x tokens x the bytes per block and
+    token that the TFT pass keeps (measured), plus the teachers of the feature losses (no-grad pass)."""
+    _, mode, _ = run
+    lc_type, et_type = cfg.types(mode)
+    i, j = cfg.layers(args)
+    P, total = batch["tgt_prompt_len"], 0.0
+    for kind, loss_type, k in (("lc", lc_type, i), ("et", et_type, j)):
+        if loss_type == "logits":
+            T = int((batch[f"{kind}_mask"].sum(1) - P).max()) if cfg.prefix_share else batch[f"{kind}_tokens"].shape[1]
+            total += per_block_token * k * batch[f"{kind}_tokens"].shape[0] * T
+    if "feature" in (lc_type, et_type):
+        total += 2 * batch["en_tokens"].numel() * args.dim * 4
+    return total
+
+
 def bench_dft(device, quick):
     batch_size = 2 if quick else 4
     workdir = Path(tempfile.mkdtemp(prefix="dft-bench-"))
     batch_cpu = sample_batch(batch_size, workdir)
     batch = {k: v.to(device) for k, v in batch_cpu.items()}
     lengths = {k: tuple(batch_cpu[f"{k}_tokens"].shape) for k in ("tft", "lc", "et", "en")}
-    print(f"\nDFT batch from the bundled vi sample: [B, T] = {lengths}")
+    print(f"\nDFT batch from the bundled vi sample: [B, T] = {lengths}, "
+          f"x_tgt lengths {batch_cpu['tgt_prompt_len'].tolist()}")
     time_rows, mem_rows = [], []
     for family, shape in DFT_SHAPES.items():
         torch.manual_seed(0)
         args = reduced_config(family, shape["n_layers"], shape["dim"], shape["vocab"])
         model = build(args, device)
-        cfg = DFTConfig(lc_layer=shape["layers"][0], et_layer=shape["layers"][1])
 
-        def step(mode):
+        def step(mode, cfg):
             def run():
                 model.zero_grad(set_to_none=True)
                 model.dft_step(batch, mode, cfg, count_targets(batch, mode, cfg))["loss"].backward()
             return run
 
-        flops_tft = step_flops(args, batch, "tft", cfg)
-        for mode in DFT_MODES[1:]:
-            t_mode, t_tft, ratio = paired_ratio(step(mode), step("tft"), device, 2 if quick else 4)
+        tft_cfg = dft_cfg(family, {})
+        flops_tft = step_flops(args, batch, "tft", tft_cfg)
+        for run in DFT_RUNS[1:]:
+            label, mode, overrides = run
+            cfg = dft_cfg(family, overrides)
+            t_mode, t_tft, ratio = paired_ratio(step(mode, cfg), step("tft", tft_cfg), device, 2 if quick else 4)
             ideal = step_flops(args, batch, mode, cfg) / flops_tft
-            time_rows.append((family, mode, f"{t_mode:.2f} / {t_tft:.2f}", f"{ratio:.2f}", f"{ideal:.2f}",
+            time_rows.append((family, label, f"{t_mode:.2f} / {t_tft:.2f}", f"{ratio:.2f}", f"{ideal:.2f}",
                               f"{ratio / ideal:.2f}"))
-            SUMMARY.append(("dft", f"{family} {mode}/tft time", f"{ratio:.2f}x vs FLOP model {ideal:.2f}x "
-                                                                  f"({ratio / ideal:.2f}, goal <= 1.10)"))
+            SUMMARY.append(("dft", f"{family} {label} / tft time", f"{ratio:.2f}x vs FLOP model {ideal:.2f}x "
+                                                                    f"(measured/model {ratio / ideal:.2f}, goal <= 1.10)"))
 
         if device.type != "cpu":
             continue
-        per_bt = saved_bytes_per_block_token(model, batch, cfg)
-        i, j = cfg.layers(args)
-        chunk_ce = 3 * min(cfg.chunk_size, batch_cpu["tft_tokens"].numel()) * args.vocab_size * 4
-        predicted = {"tft": 0.0,
-                     "dft-logits": per_bt * (i * batch_cpu["lc_tokens"].numel() + j * batch_cpu["et_tokens"].numel()),
-                     # no-grad English pass: only the teachers it hands back (h_i, normed h_N) stay alive
-                     "dft-feature": 2 * batch_cpu["en_tokens"].numel() * args.dim * 4}
+        per_bt = saved_bytes_per_block_token(model, batch, tft_cfg)
         peaks = {}
-        for mode in DFT_MODES:
-            proc = subprocess.run([sys.executable, __file__, "--memory-probe", family, mode, str(workdir),
+        for label, _, _ in DFT_RUNS:
+            proc = subprocess.run([sys.executable, __file__, "--memory-probe", family, label, str(workdir),
                                    str(batch_size)], capture_output=True, text=True, check=True)
-            peaks[mode] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
-        for mode in DFT_MODES[1:]:
-            extra = peaks[mode] - peaks["tft"]
-            model_mib = (predicted[mode] + chunk_ce * (mode == "dft-logits")) / 2**20
-            mem_rows.append((family, mode, f"{peaks[mode]:.0f} / {peaks['tft']:.0f}", f"{extra:.0f}",
-                             f"{model_mib:.0f}", f"{extra / model_mib:.2f}" if model_mib > 1 else "-"))
-            SUMMARY.append(("dft", f"{family} {mode} extra memory", f"{extra:.0f} MiB vs model {model_mib:.0f} MiB"))
+            peaks[label] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
+        for run in DFT_RUNS[1:]:
+            label = run[0]
+            extra = peaks[label] - peaks["tft"]
+            model_mib = aux_activation_bytes(args, batch_cpu, run, dft_cfg(family, run[2]), per_bt) / 2**20
+            mem_rows.append((family, label, f"{peaks[label]:.0f} / {peaks['tft']:.0f}", f"{extra:.0f}",
+                             f"{model_mib:.0f}", f"{extra / model_mib:.2f}" if model_mib > 8 else "-"))
+            SUMMARY.append(("dft", f"{family} {label} extra memory", f"{extra:.0f} MiB vs model {model_mib:.0f} MiB"))
         del model
 
-    table("DFT step time vs TFT (same process, alternating) beside the FLOP model",
+    table("DFT step time / TFT step time (same process, alternating) beside the FLOP model",
           ["model", "mode", "s/step mode / tft", "measured ratio", "FLOP-model ratio", "measured / model"], time_rows)
     if mem_rows:
-        table("DFT extra memory over TFT (peak RSS of a fresh process per mode, 2 AdamW steps) beside the memory model",
+        table("DFT extra memory over TFT (peak RSS of a fresh process per mode, 2 AdamW steps) beside the memory "
+              "model (aux blocks x tokens x TFT's measured bytes per block-token)",
               ["model", "mode", "peak MiB mode / tft", "extra MiB", "model MiB", "extra / model"], mem_rows)
 
 
@@ -405,7 +437,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", default="model,dft,prepare,decode,gpu")
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions")
-    parser.add_argument("--memory-probe", nargs=4, metavar=("FAMILY", "MODE", "WORKDIR", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-probe", nargs=4, metavar=("FAMILY", "RUN", "WORKDIR", "BATCH"), help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.memory_probe:
         family, mode, workdir, batch_size = a.memory_probe

@@ -4,6 +4,7 @@ of one unpadded sequence at a time, naive argmax decoding without a cache, and a
 stopping rules."""
 
 import json
+import math
 import shutil
 import sys
 from collections import Counter
@@ -449,3 +450,238 @@ def test_prompt_mode_prints_the_greedy_response(tiny_llama, capsys):
     model, tok = Transformer.from_pretrained(tiny_llama), Tokenizer(tiny_llama)
     ids = tok.encode(ev.ALPACA_NO_INPUT.format(instruction="Give three tips."), bos=True)
     assert printed == tok.decode(naive_greedy(model, tok, ids, 6)).strip()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The logit lens: checked against the model's own forward pass (one unpadded sequence at a time, float64 statistics),
+# against shallower copies of the model for the inner layers, and on synthetic entropy curves with known drops
+# ---------------------------------------------------------------------------------------------------------------------
+
+SAMPLE_VI = REPO / "data" / "sample" / "alpaca_vi.json"
+
+
+def sample_records(n):
+    return json.loads(SAMPLE_VI.read_text(encoding="utf-8"))[:n]
+
+
+def training_ids(tok, record):
+    """BOS + the Alpaca prompt as one text, then the response on its own: prepare_data.py's training sequence."""
+    from prepare_data import format_prompt
+
+    prompt = tok.encode(format_prompt(record["instruction"], record["input"]), bos=True)
+    return prompt + tok.encode(record["output"], bos=False), len(prompt)
+
+
+def lens_reference(logits_of, tok, records):
+    """Mean entropy, rank (1 + the number of strictly larger logits), probability and top-1 rate of the true next
+    token over all response positions, from `logits_of(tokens [1, T]) -> [1, T, V]` of each unpadded sequence."""
+    stats, n = torch.zeros(4, dtype=torch.float64), 0
+    top1_first = []
+    for index, record in enumerate(records):
+        ids, prompt_len = training_ids(tok, record)
+        logits = logits_of(torch.tensor([ids[:-1]]))[0].double()                 # [T, V]
+        for t in range(prompt_len - 1, len(ids) - 1):
+            z, target = logits[t], ids[t + 1]
+            p = z.softmax(-1)
+            stats += torch.stack([-torch.xlogy(p, p).sum(), 1 + (z > z[target]).sum(), p[target],
+                                  (z.argmax() == target).double()])
+            n += 1
+            if index == 0:
+                top1_first.append(int(z.argmax()))
+    return (stats / n).tolist(), n, top1_first
+
+
+def shallow_copy(model, k):
+    """A model of the first k blocks (and the same embedding, final norm and head): its forward is layer k's lens."""
+    import dataclasses
+
+    args = dataclasses.replace(model.args, n_layers=k, sliding_layers=model.args.sliding_layers[:k])
+    shallow = Transformer(args)
+    shallow.load_state_dict({name: t for name, t in model.state_dict().items()
+                             if not name.startswith("layers.") or int(name.split(".")[1]) < k})
+    return shallow.eval()
+
+
+def sharpened(path):
+    """The tiny model with its final norm scaled 20x: a random tiny model's outputs are nearly uniform, which would
+    let a wrong lens pass an entropy check; this touches only the head path, so every layer's lens sharpens."""
+    model = Transformer.from_pretrained(path).eval()
+    offset = model.args.norm_offset
+    with torch.no_grad():
+        model.norm.weight.copy_((model.norm.weight + offset) * 20 - offset)
+    return model
+
+
+def test_lens_sequences_are_the_training_sequences(tiny):
+    _, tok, _ = tiny
+    records = sample_records(3)
+    sequences, notes = ev.lens_sequences(tok, records, max_len=4096)
+    assert notes == []
+    for s, r in zip(sequences, records):
+        ids, prompt_len = training_ids(tok, r)
+        assert s.ids == ids and s.first == prompt_len - 1
+    # Too long: the response loses its end; a prompt that fills the context leaves nothing to read.
+    ids, prompt_len = training_ids(tok, records[0])
+    cut, notes = ev.lens_sequences(tok, records[:1], max_len=prompt_len + 2)
+    assert cut[0].ids == ids[:prompt_len + 3] and "cut" in notes[0]
+    none, notes = ev.lens_sequences(tok, records[:1], max_len=prompt_len - 1)
+    assert none == [] and "left out" in notes[0]
+
+
+def test_lens_at_every_layer_equals_a_model_that_stops_there(tiny):
+    _, tok, path = tiny
+    model = sharpened(path)
+    records = sample_records(3)
+    sequences, _ = ev.lens_sequences(tok, records, model.args.max_seq_len)
+    # Padded batches of 2 and chunks of 7 positions: the batching and chunking must not show in the numbers.
+    result = ev.logit_lens(model, sequences, tok.pad_id, batch_size=2, chunk_size=7, show=5)
+    N = model.args.n_layers
+    assert [row["layer"] for row in result.layers] == list(range(N + 1))
+
+    # The last layer is the model's own output distribution.
+    (entropy, rank, prob, top1), n, top1_first = lens_reference(model, tok, records)
+    last = result.layers[N]
+    assert result.positions == n
+    assert last["entropy"] == pytest.approx(entropy, abs=1e-4)
+    assert entropy < 0.8 * math.log(model.args.vocab_size)          # sharp enough for the check to mean something
+    assert last["rank"] == pytest.approx(rank, abs=1e-9)
+    assert last["prob"] == pytest.approx(prob, rel=1e-4)
+    assert last["top1"] == pytest.approx(top1, abs=1e-9)
+    assert result.shown_top1[N] == top1_first[:5]
+    ids, prompt_len = training_ids(tok, records[0])
+    assert result.shown_targets == ids[prompt_len:prompt_len + 5]
+
+    # Layer k < N is the output of a model cut after k blocks (k = 0: embedding -> final norm -> head).
+    for k in range(N):
+        (entropy, rank, prob, top1), _, top1_first = lens_reference(shallow_copy(model, k), tok, records)
+        row = result.layers[k]
+        assert row["entropy"] == pytest.approx(entropy, abs=1e-4), k
+        assert row["rank"] == pytest.approx(rank, abs=1e-9), k
+        assert row["prob"] == pytest.approx(prob, rel=1e-4), k
+        assert result.shown_top1[k] == top1_first[:5], k
+    # The layers do differ, so the comparison above is not of one number with itself.
+    assert len({round(row["entropy"], 3) for row in result.layers}) > 1
+
+
+def drop_curve(n_layers, drops, start=10.0, slope=0.02):
+    """Entropy of layers 1..n falling `slope` per block plus `drops[k]` at block k."""
+    curve, h = [], start
+    for k in range(1, n_layers + 1):
+        h -= slope + drops.get(k, 0.0)
+        curve.append(h)
+    return curve
+
+
+def test_suggested_layers_on_curves_with_known_drops():
+    from model import default_layers
+
+    assert ev.lens_windows(32) == (range(2, 11), range(11, 22))
+    assert ev.lens_windows(26) == (range(2, 9), range(9, 18))
+    assert ev.lens_windows(4) == (range(2, 3), range(3, 4))
+
+    # The paper's LLaMA-2-7B reading: drops at 2 and 15.
+    assert ev.suggest_layers(drop_curve(32, {2: 2.0, 15: 1.0}), "llama") == (2, 15, [])
+    # A larger drop past the middle third (25) is not the ET layer; the largest in each window wins.
+    assert ev.suggest_layers(drop_curve(32, {4: 1.5, 7: 0.9, 13: 0.8, 19: 0.5, 25: 3.0}), "llama") == (4, 13, [])
+    assert ev.suggest_layers(drop_curve(26, {3: 1.0, 9: 0.3, 11: 0.6}), "gemma2") == (3, 11, [])
+    # A tie goes to the earlier layer.
+    assert ev.suggest_layers(drop_curve(32, {3: 1.0, 5: 1.0, 16: 1.0}), "llama")[:2] == (3, 16)
+
+    # A flat curve, or one that only wiggles: the defaults, and a note that says so.
+    for family, n in (("llama", 32), ("gemma2", 26)):
+        i, j, notes = ev.suggest_layers([7.0] * n, family)
+        assert (i, j) == default_layers(n, family) and any("flat" in note for note in notes)
+        wiggle = [7.0 + 0.01 * (k % 2) for k in range(n)]
+        assert ev.suggest_layers(wiggle, family)[:2] == default_layers(n, family)
+    # A smooth decline has no clear drop either.
+    i, j, notes = ev.suggest_layers([10.0 - 0.2 * k for k in range(32)], "llama")
+    assert (i, j) == (2, 15) and len(notes) == 2 and notes[0].startswith("i:") and notes[1].startswith("j:")
+    # Entropy rising through the first third: i falls back, j still read off its drop.
+    rising = [5.0 + 0.3 * k for k in range(10)] + drop_curve(22, {6: 3.0}, start=8.0)
+    i, j, notes = ev.suggest_layers(rising, "llama")
+    assert (i, j) == (2, 16) and len(notes) == 1 and notes[0].startswith("i: no clear entropy drop in layers 2..10")
+    # 4 blocks: i = 2 from its drop, j's window (layer 3) has none and its default 2 is not after i -> both defaults.
+    i, j, notes = ev.suggest_layers([5.0, 4.0, 3.9, 3.0], "llama")
+    assert (i, j) == default_layers(4, "llama") == (1, 2) and "1 <= i < j <= 4" in notes[-1]
+
+
+def block_matplotlib(monkeypatch):
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.ticker"):
+        monkeypatch.setitem(sys.modules, name, None)        # `import matplotlib...` now raises ImportError
+
+
+def test_logit_lens_cli_end_to_end(tiny_llama, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama, model_dir)       # the default output goes into MODEL/eval
+    block_matplotlib(monkeypatch)
+    ev.main(["--model", str(model_dir), "--logit-lens", "--lens-examples", "3", "--lens-positions", "4",
+             "--batch-size", "2", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    out = model_dir / "eval"
+    assert "PNG skipped: pip install matplotlib" in printed and not (out / "logit_lens.png").exists()
+
+    report = json.loads((out / "logit_lens.json").read_text(encoding="utf-8"))
+    model, tok = Transformer.from_pretrained(model_dir).eval(), Tokenizer(model_dir)
+    N = model.args.n_layers
+    records = sample_records(3)
+    (entropy, rank, prob, _), n, _ = lens_reference(model, tok, records)
+    assert report["examples"] == 3 and report["positions"] == n and report["n_layers"] == N
+    assert report["data"] == str(SAMPLE_VI) and report["lang"] == "vi"
+    assert [row["layer"] for row in report["layers"]] == list(range(N + 1))
+    assert report["layers"][N]["entropy"] == pytest.approx(entropy, abs=1e-4)
+    assert report["layers"][N]["rank"] == pytest.approx(rank, abs=1e-9)
+    assert report["layers"][N]["prob"] == pytest.approx(prob, rel=1e-4)
+    for row in report["layers"]:
+        assert 0.0 <= row["entropy"] <= math.log(model.args.vocab_size) + 1e-4
+        assert 1.0 <= row["rank"] <= model.args.vocab_size and 0.0 <= row["prob"] <= 1.0
+    ids, prompt_len = training_ids(tok, records[0])
+    pieces = [tok.sp.id_to_piece(t) for t in ids[prompt_len:prompt_len + 4]]
+    assert report["first_example"]["targets"] == pieces
+    assert len(report["first_example"]["top1"]) == N + 1
+    i, j = report["suggested"]["lc_layer"], report["suggested"]["et_layer"]
+    assert 1 <= i < j <= N
+
+    md = (out / "logit_lens.md").read_text(encoding="utf-8")
+    assert md in printed
+    assert f"**Suggested: `--lc-layer {i} --et-layer {j}`**" in md
+    table = [line for line in md.splitlines() if line.startswith("| ") and "%" in line]
+    assert len(table) == N + 1
+    assert table[N].startswith(f"| {N}") and f"| {report['layers'][N]['entropy']:.3f} |" in table[N]
+    assert "| **true next token** | " + " | ".join(f"`{p}`" for p in pieces) + " |" in md
+    assert "PNG skipped: pip install matplotlib" in md
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        monkeypatch.undo()
+        ev.main(["--model", str(model_dir), "--logit-lens", "--lens-examples", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "with_png")])
+        assert (tmp_path / "with_png" / "logit_lens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_logit_lens_bad_input_is_one_line(tiny_llama, tmp_path):
+    base = ["--model", str(tiny_llama), "--logit-lens", "--device", "cpu", "--out", str(tmp_path / "out")]
+    records = sample_records(3)
+    del records[1]["output"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(SystemExit) as info:
+        ev.main(base + ["--lens-data", str(bad)])
+    message = str(info.value)
+    assert f"{bad}: record 1: field 'output' is missing" in message and "\n" not in message
+
+    missing = tmp_path / "nope.json"
+    with pytest.raises(SystemExit) as info:
+        ev.main(base + ["--lens-data", str(missing)])
+    assert str(missing) in str(info.value) and "--lens-data" in str(info.value) and "\n" not in str(info.value)
+
+    bad.write_text("[]", encoding="utf-8")
+    with pytest.raises(SystemExit) as info:
+        ev.main(base + ["--lens-data", str(bad)])
+    assert "empty" in str(info.value)
+
+    for extra in (["--prompt", "hi"], ["--lens-examples", "0"], ["--lens-lang", "fr"]):
+        with pytest.raises(SystemExit) as info:
+            ev.main(base + extra)
+        assert info.value.code == 2          # argparse's usage error, before anything is loaded
+    assert not (tmp_path / "out").exists()
