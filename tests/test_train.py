@@ -1,0 +1,316 @@
+"""train.py end to end on CPU (gloo) with tiny models: 2 processes vs 1 process (losses step by step and the
+gradients of the first step), kill -9 and SIGTERM then resume, the HF export read by transformers, one-line errors
+for bad input, the loss going down, and the learning-rate schedule against a hand-written table.
+
+The single-process references run in this process (train.main), the distributed runs under torchrun, so the two
+sides share no process state. Each run is a few seconds; the suite's time goes mostly into starting processes.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import prepare_data
+import train
+from conftest import ROOT
+from model import Transformer, read_args, write_tiny_checkpoint
+
+# Global batch 8 over 40 training examples (48 minus 7 held out, minus the partial last batch): 5 steps per epoch,
+# 2 epochs. --max-grad-norm is far below the gradient norms (~1), so every step is clipped.
+COMMON = ["--lang", "vi", "--global-batch", "8", "--epochs", "2", "--lr", "3e-3", "--max-grad-norm", "0.05",
+          "--warmup-ratio", "0.1", "--seed", "3", "--save-every", "3", "--val-size", "7", "--eval-every", "5"]
+STEPS = 10
+
+
+def alpaca_pairs(n: int = 48):
+    """Short English/Vietnamese Alpaca records, aligned by index: sums of two numbers, some with an input."""
+    en, vi = [], []
+    for k in range(n):
+        a, b = (7 * k) % 13, (5 * k + 3) % 11
+        if k % 3 == 0:
+            en.append({"instruction": "Add the two numbers.", "input": f"{a} and {b}",
+                       "output": f"The sum is {a + b}."})
+            vi.append({"instruction": "Cộng hai số.", "input": f"{a} và {b}", "output": f"Tổng là {a + b}."})
+        else:
+            en.append({"instruction": f"What is {a} plus {b}?", "input": "",
+                       "output": f"{a} plus {b} is {a + b}."})
+            vi.append({"instruction": f"{a} cộng {b} bằng bao nhiêu?", "input": "",
+                       "output": f"{a} cộng {b} là {a + b}."})
+    return en, vi
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    en, vi = alpaca_pairs()
+    (root / "en.json").write_text(json.dumps(en, ensure_ascii=False), encoding="utf-8")
+    (root / "vi.json").write_text(json.dumps(vi, ensure_ascii=False), encoding="utf-8")
+    template = [prepare_data.PROMPT_WITH_INPUT, prepare_data.PROMPT_NO_INPUT]
+    texts = template * 4 + [r[k] for r in en + vi for k in ("instruction", "input", "output") if r[k]]
+    for family in ("llama", "gemma2"):
+        write_tiny_checkpoint(root / family, family, texts, vocab_size=320)
+        prepare_data.main(["--lang", "vi", "--en", str(root / "en.json"), "--tgt", str(root / "vi.json"),
+                           "--tokenizer", str(root / family), "--out", str(root / f"{family}-vi")])
+    return root
+
+
+def model_flags(setup, family):
+    return ["--model", str(setup / family), "--data", str(setup / f"{family}-vi")]
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_here(argv):
+    """train.main in this process: world size 1, no torchrun."""
+    torch.set_num_threads(1)
+    train.main([str(a) for a in argv])
+
+
+def torchrun_cmd(argv, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            str(ROOT / "train.py")] + [str(a) for a in argv]
+
+
+def subprocess_env():
+    # One thread per process: the machine has 2 cores, and oversubscribed OpenMP threads spin.
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def run_torchrun(argv, nproc=2):
+    done = subprocess.run(torchrun_cmd(argv, nproc), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+# Runs shared by several tests (each test still works alone: whatever it needs is run on first use).
+_runs = {}
+
+
+def reference_run(setup, mode, family):
+    """One process, micro-batches of 4 (accumulation 2), the full 10 steps, gradients of step 1 dumped."""
+    key = (mode, family)
+    if key not in _runs:
+        out = setup / f"ref-{mode}-{family}"
+        run_here(COMMON + model_flags(setup, family) + ["--mode", mode, "--batch-size", "4", "--out", out,
+                                                        "--dump-grads", out.parent / f"{out.name}.grads.pt"])
+        _runs[key] = out
+    return _runs[key]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_get_lr_table():
+    # total 100, warmup 10, peak 1: warmup (step+1)/10, then 0.5 (1 + cos(pi (step - 10) / 90)) by hand:
+    # progress 0 -> 1, 1/3 -> 0.75, 1/2 -> 0.5, 2/3 -> 0.25, 1 -> 0.
+    table = [(0, 0.1), (4, 0.5), (9, 1.0), (10, 1.0), (40, 0.75), (55, 0.5), (70, 0.25), (100, 0.0), (120, 0.0)]
+    for step, expected in table:
+        assert train.get_lr(step, 100, 10, 1.0) == pytest.approx(expected, abs=1e-12), step
+    assert train.get_lr(0, 4, 0, 2e-5) == pytest.approx(2e-5)          # no warmup: the cosine starts at the peak
+    assert train.get_lr(2, 4, 0, 2e-5) == pytest.approx(1e-5)
+    assert train.get_lr(0, 1218, 37, 2e-5) == pytest.approx(2e-5 / 37)  # the 7B recipe's first step
+
+
+@pytest.mark.parametrize("mode,family", [("tft", "llama"), ("dft-logits", "llama"), ("dft-feature", "gemma2")])
+def test_two_processes_equal_one(setup, mode, family):
+    ref = reference_run(setup, mode, family)
+    out = setup / f"two-{mode}-{family}"
+    # 2 ranks x micro-batches of 1 (accumulation 4) against 1 rank x micro-batches of 4 (accumulation 2); the
+    # DFT-logits run (three passes per micro-batch) also recomputes its blocks (activation checkpointing).
+    recompute = ["--activation-checkpointing"] if mode == "dft-logits" else []
+    run_torchrun(COMMON + model_flags(setup, family) + recompute + ["--mode", mode, "--batch-size", "1", "--out", out,
+                                                                    "--dump-grads", setup / f"{out.name}.grads.pt"])
+    one, two = read_metrics(ref), read_metrics(out)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, STEPS + 1))
+    for a, b in zip(one, two):
+        assert a["grad_norm"] > 0.05 * 5, "clipping must be active for this test to mean anything"
+        for key in ("loss", "tft", "lc", "et", "val_loss", "val_tft", "val_lc", "val_et"):
+            if key in a or key in b:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+        # Norms reach ~10 in gradient spikes, where fp32 summation order alone moves the 6th digit.
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), a["step"]
+    if mode != "tft":
+        assert all(r["lc"] > 0 and r["et"] > 0 for r in one)
+    else:
+        assert all(r["lc"] == 0 and r["et"] == 0 for r in one)
+
+    # Gradients of the first step, before clipping: a world-size factor (or a per-rank mean) shows here, since
+    # AdamW would hide it from the losses.
+    g1 = torch.load(setup / f"ref-{mode}-{family}.grads.pt", weights_only=True)
+    g2 = torch.load(setup / f"{out.name}.grads.pt", weights_only=True)
+    assert g1.keys() == g2.keys() == dict(Transformer.from_pretrained(setup / family).named_parameters()).keys()
+    for name in g1:
+        assert g1[name].abs().max() > 0, name
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_sigterm_and_kill_9_then_resume_give_the_uninterrupted_losses(setup):
+    ref = read_metrics(reference_run(setup, "dft-logits", "llama"))
+    out = setup / "interrupted"
+    argv = COMMON + model_flags(setup, "llama") + ["--mode", "dft-logits", "--batch-size", "2", "--out", out]
+    cmd = [sys.executable, str(ROOT / "train.py")] + [str(a) for a in argv]
+
+    def start_and_wait_for(rows):
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= rows:
+                return proc
+            time.sleep(0.01)
+        raise AssertionError(f"run ended or stalled before step {rows}: {proc.communicate()[1][-3000:]}")
+
+    # SIGTERM after step 2: the step in flight is finished and checkpointed, the run exits 0 without exporting.
+    proc = start_and_wait_for(2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    stopped_at = len(read_metrics(out))
+    assert 2 <= stopped_at < STEPS and "stopped by signal" in err
+    assert (out / "ckpt" / f"step_{stopped_at}" / "state.json").is_file() and not (out / "final").exists()
+
+    # The same command resumes; kill -9 (the whole process group) a few steps later, whatever it is doing.
+    proc = start_and_wait_for(stopped_at + 3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert len(read_metrics(out)) < STEPS, "the kill came too late to interrupt the run"
+    (out / "ckpt" / "step_99.tmp").mkdir()                   # an unfinished checkpoint write must be ignored
+
+    done = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for a, b in zip(ref, rows):
+        for key in ("loss", "tft", "lc", "et", "lr"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), a["step"]
+    # --keep-last 2; unfinished writes of the killed run (and the planted one) were cleared.
+    assert sorted(d.name for d in (out / "ckpt").iterdir()) == ["step_10", "step_9"]
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_nan_loss_stops_naming_the_step(setup, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in (setup / "llama").iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    weights = load_file(broken / "model.safetensors")
+    weights["model.layers.2.mlp.down_proj.weight"][0, 0] = float("inf")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as caught:
+        run_here(COMMON + ["--model", broken, "--data", setup / "llama-vi", "--batch-size", "8", "--out", out])
+    assert str(caught.value.code).startswith("step 1: loss is nan")
+    assert not (out / "ckpt").exists() and not (out / "metrics.jsonl").read_text()
+
+
+def test_loss_goes_down(setup):
+    rows = read_metrics(reference_run(setup, "dft-logits", "llama"))
+    first, last = rows[0], rows[-1]
+    for part in ("tft", "lc", "et"):
+        assert last[part] < first[part] - 0.1, part
+    val = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val] == [5, 10]
+    for part in ("val_tft", "val_lc", "val_et"):
+        assert val[1][part] < val[0][part], part
+    assert rows[0]["lr"] == pytest.approx(3e-3) and rows[-1]["lr"] < 3e-4   # warmup 1 step, cosine towards 0
+
+
+def test_export_loads_in_transformers_with_our_logits(setup):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import torch.distributed.checkpoint as dcp
+
+    out = reference_run(setup, "dft-logits", "llama")
+    final, source = out / "final", setup / "llama"
+    for name in ("config.json", "tokenizer.model", "generation_config.json"):
+        assert (final / name).read_bytes() == (source / name).read_bytes(), name
+
+    # The exported tensors are the trained ones: compare with the last training checkpoint read through DCP.
+    exported = load_file(final / "model.safetensors")
+    ours = Transformer.from_pretrained(final)
+    names = dict(ours.named_parameters())
+    trained = {"model": {name: torch.empty_like(p) for name, p in names.items()}}
+    dcp.load(trained, checkpoint_id=str(out / "ckpt" / f"step_{STEPS}"), no_dist=True)
+    initial = dict(Transformer.from_pretrained(source).named_parameters())
+    for name, p in names.items():
+        torch.testing.assert_close(p.detach(), trained["model"][name], rtol=0, atol=0, msg=name)
+        assert not torch.equal(p, initial[name]), f"{name} did not change in training"
+    assert len(exported) == len(names)
+
+    hf = AutoModelForCausalLM.from_pretrained(final, torch_dtype=torch.float32).eval()
+    tokens = torch.randint(3, read_args(final).vocab_size, (2, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+        mine = ours(tokens)
+    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: one line, before any work (no output directory, no process group)
+
+def bad_input(setup, tmp_path, extra, **env):
+    out = tmp_path / "run"
+    argv = COMMON + model_flags(setup, "llama") + ["--out", out] + extra
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with pytest.raises(SystemExit) as caught:
+            run_here(argv)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    message = str(caught.value.code)
+    assert "\n" not in message and message, message
+    assert not out.exists(), "the run started working before refusing its input"
+    import torch.distributed as dist
+    assert not dist.is_initialized()
+    return message
+
+
+def test_missing_model_and_data_name_the_command_that_makes_them(setup, tmp_path):
+    message = bad_input(setup, tmp_path, ["--model", tmp_path / "no-model"])
+    assert "no-model/config.json" in message and "python model.py --make-tiny" in message
+    message = bad_input(setup, tmp_path, ["--data", tmp_path / "no-data"])
+    assert "no-data/meta.json" in message and "python prepare_data.py --lang vi" in message
+    # As the user sees it: one line on stderr, no traceback.
+    done = subprocess.run([sys.executable, str(ROOT / "train.py")] + [str(a) for a in COMMON] +
+                          ["--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "x")],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "python model.py --make-tiny" in done.stderr
+
+
+def test_data_for_another_language_tokenizer_or_mode_is_refused(setup, tmp_path):
+    zh = tmp_path / "zh"   # the Vietnamese file, declared as Chinese: what counts is what meta.json says
+    prepare_data.main(["--lang", "zh", "--en", str(setup / "en.json"), "--tgt", str(setup / "vi.json"),
+                       "--tokenizer", str(setup / "llama"), "--out", str(zh)])
+    assert "lang='zh'" in bad_input(setup, tmp_path, ["--data", zh])
+    assert "another tokenizer" in bad_input(setup, tmp_path, ["--data", setup / "gemma2-vi"])
+    sft = tmp_path / "sft"
+    prepare_data.main(["--sft", "--en", str(setup / "en.json"), "--tokenizer", str(setup / "llama"),
+                       "--out", str(sft)])
+    assert "mode='sft'" in bad_input(setup, tmp_path, ["--data", sft, "--mode", "tft"])
+    assert "mode='parallel'" in bad_input(setup, tmp_path, ["--mode", "sft"])   # vi data for an SFT run
+
+
+def test_layer_beyond_depth_and_impossible_batch_split_are_refused(setup, tmp_path):
+    assert "--lc-layer 5" in bad_input(setup, tmp_path, ["--lc-layer", "5"])          # the tiny model has 4 blocks
+    assert "--et-layer 0" in bad_input(setup, tmp_path, ["--et-layer", "0"])
+    assert "--global-batch 10" in bad_input(setup, tmp_path, ["--global-batch", "10", "--batch-size", "4"])
+    message = bad_input(setup, tmp_path, ["--batch-size", "2"], WORLD_SIZE="3")       # 8 % (2 x 3) != 0
+    assert "3 process(es)" in message
+    assert "--global-batch 64" in bad_input(setup, tmp_path, ["--global-batch", "64"])  # only 41 examples
+    assert "--lc-type" in bad_input(setup, tmp_path, ["--mode", "sft", "--lc-type", "logits"])

@@ -1,0 +1,626 @@
+"""Fine-tune LLaMA-2 / Gemma-2 with SFT, TFT, DFT-logits or DFT-feature on torchrun + FSDP2 (METHOD.md §5).
+
+    torchrun --standalone --nproc_per_node 1 train.py --lang vi               # 1 GPU
+    torchrun --standalone --nproc_per_node 8 train.py --lang vi               # 8 GPUs: the paper's setup
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-id dft-vi \\
+        --rdzv-endpoint node0.example:29500 train.py --lang vi                # 2 nodes x 8 GPUs: run this on every node
+    torchrun --standalone --nproc_per_node 2 train.py --lang vi --model models/tiny-llama \\
+        --data data/prepared/tiny-vi --global-batch 8 --batch-size 2 --max-steps 20   # 2 CPU processes (gloo)
+    python train.py --lang vi ...                                             # also fine: one process, no torchrun
+
+Defaults are the recipe: 3 epochs, AdamW at 2e-5, global batch 128 (per-device batch 4, accumulation derived from the
+number of processes), warmup 3 % then cosine decay to 0, weight decay 0, gradient clipping at 1.0, bf16 mixed
+precision on CUDA with fp32 master weights. --model defaults to models/Llama-2-7b-hf, --data to data/prepared/LANG
+(data/prepared/sft-en for --mode sft), --out to runs/MODEL-MODE-LANG (e.g. runs/Llama-2-7b-hf-dft-logits-vi).
+
+What the run writes under --out:
+    config.json        the resolved configuration (flags + what was derived from them)
+    metrics.jsonl      one row per optimizer step: step, epoch, loss, tft, lc, et, lr, grad_norm, tokens_per_s
+                       (+ peak_mem_gib on GPU; + val_loss, val_tft, val_lc, val_et on --eval-every steps)
+    ckpt/step_N/       sharded model + optimizer (torch.distributed.checkpoint) + state.json (step, data position,
+                       RNG, schedule); written as step_N.tmp and renamed when complete, the last --keep-last kept.
+                       Rerunning the same command resumes from the newest. With several nodes, --out must be on a
+                       filesystem every node sees.
+    final/             the fine-tuned model in the Hugging Face layout, with the tokenizer and generation files of
+                       --model: loadable by transformers and by model.Transformer.from_pretrained (evaluate.py)
+
+Exactness: every loss part is divided by its number of targets over the whole optimizer step on all ranks (counted
+before the forward pass and all-reduced), so how the global batch is split across processes and micro-batches does
+not change the loss or the gradients. FSDP2 averages gradients over ranks; we backpropagate loss * world_size so
+that the averaged gradient is the gradient of the global loss.
+
+SIGTERM / SIGINT (Ctrl-C): the current step is finished, a checkpoint written, and the run exits; a second Ctrl-C
+stops at once. Data order: one permutation per epoch from --seed, the same for any number of processes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
+
+from model import (MODES, CheckpointError, DFTConfig, Tokenizer, Transformer, check_checkpoint, count_targets,
+                   load_weights, read_args)
+from prepare_data import check_meta, collate, load_prepared
+
+DEFAULT_MODEL = "models/Llama-2-7b-hf"
+# Files of --model copied next to the exported weights (config.json is copied too, byte for byte).
+SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "added_tokens.json", "generation_config.json")
+# Flags that may differ between a run and the rerun that resumes it: they change neither the data order nor the
+# mathematics of an optimizer step (the micro-batch size only regroups the same examples; the others are speed).
+RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_last", "eval_every", "batch_size", "activation_checkpointing",
+                     "compile", "world_size", "grad_accum", "chunk_size", "prefix_share", "dump_grads"}
+
+
+@dataclass
+class TrainConfig:
+    lang: str | None = None
+    model: str = DEFAULT_MODEL
+    data: str | None = None            # None -> data/prepared/{lang}, data/prepared/sft-en for --mode sft
+    out: str | None = None             # None -> runs/{model name}-{mode}-{lang}
+    mode: str = "dft-logits"
+    epochs: int = 3
+    lr: float = 2e-5
+    global_batch: int = 128
+    batch_size: int = 4                # per process and micro-batch
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_steps: int | None = None
+    lc_layer: int | None = None        # None -> model.default_layers
+    et_layer: int | None = None
+    lc_weight: float = 1.0
+    et_weight: float = 1.0
+    lc_type: str | None = None         # None -> set by --mode
+    et_type: str | None = None
+    lc_content_only: bool = True
+    pooling: str = "mean"
+    detach_teacher: bool = True
+    teacher_norm: bool = True
+    chunk_size: int = 1024
+    prefix_share: bool = True
+    seed: int = 42
+    save_every: int = 200
+    keep_last: int = 2
+    val_size: int = 0
+    eval_every: int = 100
+    activation_checkpointing: bool = False
+    compile: bool = False
+    dtype: str = "auto"
+    dump_grads: str | None = None      # hidden test hook: write the full gradients of the first step here
+    # Derived by resolve_config:
+    world_size: int = 1
+    grad_accum: int = 1
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lang", help="target language of the data (vi, zh, ar, ...); not needed for --mode sft")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="HF checkpoint dir to start from (default: %(default)s)")
+    p.add_argument("--data", help="prepared data dir (default: data/prepared/LANG, data/prepared/sft-en for sft)")
+    p.add_argument("--out", help="run dir (default: runs/MODEL-MODE-LANG); rerunning with the same --out resumes")
+    p.add_argument("--mode", choices=MODES, default="dft-logits",
+                   help="sft: English data only; tft: target-language data only; dft-*: TFT + LC + ET losses "
+                        "(default: %(default)s)")
+    g = p.add_argument_group("optimisation (defaults: the paper's recipe)")
+    g.add_argument("--epochs", type=int, default=3)
+    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--global-batch", type=int, default=128, help="examples per optimizer step, all processes")
+    g.add_argument("--batch-size", type=int, default=4,
+                   help="examples per process and micro-batch; accumulation = global / (batch x processes)")
+    g.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup over this share of the steps")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay of the matrices (norms never)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this")
+    g.add_argument("--max-steps", type=int,
+                   help="stop after this many optimizer steps (smoke runs); the schedule still spans --epochs, "
+                        "so a later run without it continues the same schedule")
+    d = p.add_argument_group("deep supervision (METHOD.md §3-4)")
+    d.add_argument("--lc-layer", type=int, help="layer i of the language-conversion loss (default: 2 of 32)")
+    d.add_argument("--et-layer", type=int, help="layer j of the English-thinking loss (default: 15 of 32)")
+    d.add_argument("--lc-weight", type=float, default=1.0, help="0 skips the LC pass")
+    d.add_argument("--et-weight", type=float, default=1.0, help="0 skips the ET pass")
+    d.add_argument("--lc-type", choices=("logits", "feature", "none"), help="override the mode's LC loss type")
+    d.add_argument("--et-type", choices=("logits", "feature", "none"), help="override the mode's ET loss type")
+    d.add_argument("--lc-content-only", action=argparse.BooleanOptionalAction, default=True,
+                   help="LC predicts only x_en's instruction+input, not the template words (default: on)")
+    d.add_argument("--pooling", choices=("mean", "last"), default="mean", help="feature losses: pool the query by")
+    d.add_argument("--detach-teacher", action=argparse.BooleanOptionalAction, default=True,
+                   help="feature losses: no gradient through the English side (default: on)")
+    d.add_argument("--teacher-norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="feature ET: the teacher h_N(x_en) after the final norm (default: on)")
+    d.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the cross-entropy")
+    d.add_argument("--prefix-share", action=argparse.BooleanOptionalAction, default=True,
+                   help="logits LC/ET: run only the English part on the TFT pass's keys/values (same numbers, "
+                        "less compute; default: on)")
+    r = p.add_argument_group("run")
+    r.add_argument("--seed", type=int, default=42, help="data order and validation split")
+    r.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
+    r.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
+    r.add_argument("--val-size", type=int, default=0, help="examples held out for validation")
+    r.add_argument("--eval-every", type=int, default=100, help="validate every N steps (and at the end)")
+    r.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block in backward: activations of one block instead of all")
+    r.add_argument("--compile", action="store_true", help="torch.compile each block (pays off on GPU)")
+    r.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 mixed precision (fp32 master weights) on CUDA, fp32 on CPU")
+    r.add_argument("--dump-grads", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    return TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig) if hasattr(a, f.name)})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pure helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+def get_lr(step: int, total_steps: int, warmup_steps: int, max_lr: float) -> float:
+    """Learning rate of the optimizer step with 0-based index `step`: linear warmup max_lr * (step + 1) / warmup_steps
+    for the first warmup_steps steps, then cosine decay from max_lr (at step = warmup_steps) to 0 (at total_steps)."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= total_steps:
+        return 0.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return max_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_order(train_indices: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+    """The training examples of one epoch in order: a fresh permutation per epoch, the same on every rank."""
+    generator = torch.Generator().manual_seed(seed + 1 + epoch)
+    return train_indices[torch.randperm(len(train_indices), generator=generator)]
+
+
+def step_examples(order: torch.Tensor, step_in_epoch: int, rank: int, world: int, global_batch: int,
+                  batch_size: int) -> list[list[int]]:
+    """This rank's micro-batches of one optimizer step. The step takes the next global_batch examples of the epoch
+    and each rank a contiguous slice, so the step's examples do not depend on the number of ranks."""
+    per_rank = global_batch // world
+    start = step_in_epoch * global_batch + rank * per_rank
+    mine = order[start:start + per_rank].tolist()
+    return [mine[m:m + batch_size] for m in range(0, per_rank, batch_size)]
+
+
+def input_tokens(batch: dict, lc_type: str, et_type: str) -> int:
+    """Tokens the model reads for this batch (every pass of the step), for tokens/s."""
+    keys = ["tft_mask"] + ["lc_mask"] * (lc_type == "logits") + ["et_mask"] * (et_type == "logits")
+    keys += ["en_mask"] * ("feature" in (lc_type, et_type))
+    return int(sum(batch[k].sum() for k in keys))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checking the inputs (before any work) and resolving the defaults
+# ---------------------------------------------------------------------------------------------------------------------
+
+def default_data(mode: str, lang: str) -> str:
+    """Where prepare_data.py writes by default (its --out)."""
+    return "data/prepared/sft-en" if mode == "sft" else f"data/prepared/{lang}"
+
+
+def resolve_config(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """Fill in the defaults that depend on other flags; one-line errors for impossible values."""
+    if cfg.mode != "sft" and not cfg.lang:
+        raise SystemExit(f"--lang is required for --mode {cfg.mode} (the data's target language, e.g. --lang vi)")
+    lang = cfg.lang if cfg.mode != "sft" else (cfg.lang or "en")
+    data = cfg.data or default_data(cfg.mode, lang)
+    out = cfg.out or f"runs/{Path(cfg.model).name}-{cfg.mode}-{lang if cfg.mode != 'sft' else 'en'}"
+    for flag, value, low in (("--epochs", cfg.epochs, 1), ("--global-batch", cfg.global_batch, 1),
+                             ("--batch-size", cfg.batch_size, 1), ("--save-every", cfg.save_every, 1),
+                             ("--keep-last", cfg.keep_last, 1), ("--eval-every", cfg.eval_every, 1),
+                             ("--chunk-size", cfg.chunk_size, 1), ("--val-size", cfg.val_size, 0),
+                             ("--max-steps", cfg.max_steps if cfg.max_steps is not None else 1, 1)):
+        if value < low:
+            raise SystemExit(f"{flag} {value}: expected an integer >= {low}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise SystemExit(f"--warmup-ratio {cfg.warmup_ratio}: expected a fraction in [0, 1)")
+    if cfg.lr <= 0 or cfg.max_grad_norm <= 0 or cfg.weight_decay < 0:
+        raise SystemExit(f"--lr {cfg.lr}, --max-grad-norm {cfg.max_grad_norm}, --weight-decay {cfg.weight_decay}: "
+                         "expected lr > 0, max-grad-norm > 0, weight-decay >= 0")
+    per_step = cfg.batch_size * world_size
+    if cfg.global_batch % per_step:
+        raise SystemExit(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size {cfg.batch_size} x "
+                         f"{world_size} process(es) = {per_step}; choose e.g. --global-batch "
+                         f"{max(1, round(cfg.global_batch / per_step)) * per_step} or another --batch-size")
+    values = asdict(cfg) | dict(lang=lang, data=data, out=out, world_size=world_size,
+                                grad_accum=cfg.global_batch // per_step)
+    return TrainConfig(**values)
+
+
+def check_inputs(cfg: TrainConfig):
+    """Model, tokenizer, layers and data, checked from their small files only: one line per problem, before any
+    process group, allocation or output exists. Returns (model args, tokenizer, dataset, DFTConfig)."""
+    model_dir = Path(cfg.model)
+    make_model = (f"download the HF checkpoint (e.g. meta-llama/Llama-2-7b-hf) into {model_dir}, or make a tiny one "
+                  f"with: python model.py --make-tiny {model_dir} --family llama")
+    if not (model_dir / "config.json").is_file():
+        raise SystemExit(f"{model_dir}/config.json: not found; {make_model}")
+    try:
+        args = read_args(model_dir)
+        tokenizer = Tokenizer(model_dir)
+        with torch.device("meta"):
+            check_checkpoint(model_dir, Transformer(args))     # safetensors headers only
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from None
+
+    n = args.n_layers
+    for flag, layer in (("--lc-layer", cfg.lc_layer), ("--et-layer", cfg.et_layer)):
+        if layer is not None and not 1 <= layer <= n:
+            raise SystemExit(f"{flag} {layer}: {model_dir} has {n} blocks; expected a layer in 1..{n}")
+    dft = DFTConfig(lc_type=cfg.lc_type, et_type=cfg.et_type, lc_layer=cfg.lc_layer, et_layer=cfg.et_layer,
+                    lc_weight=cfg.lc_weight, et_weight=cfg.et_weight, lc_content_only=cfg.lc_content_only,
+                    pooling=cfg.pooling, detach_teacher=cfg.detach_teacher, teacher_norm=cfg.teacher_norm,
+                    chunk_size=cfg.chunk_size, prefix_share=cfg.prefix_share)
+    try:
+        dft.types(cfg.mode)
+        dft.lc_layer, dft.et_layer = dft.layers(args)
+    except ValueError as e:
+        raise SystemExit(f"--mode {cfg.mode}: {e}") from None
+
+    data_dir = Path(cfg.data)
+    make_data = "python prepare_data.py " + ("--sft" if cfg.mode == "sft" else f"--lang {cfg.lang}")
+    make_data += "" if cfg.model == DEFAULT_MODEL else f" --tokenizer {cfg.model}"
+    make_data += "" if cfg.data == default_data(cfg.mode, cfg.lang) else f" --out {data_dir}"
+    if not (data_dir / "meta.json").is_file():
+        raise SystemExit(f"{data_dir}/meta.json: not found; make the data with: {make_data}")
+    dataset = load_prepared(data_dir)
+    check_meta(dataset.meta, cfg.lang, "sft" if cfg.mode == "sft" else "parallel", tokenizer.sha256, data_dir)
+    train_size = len(dataset) - cfg.val_size
+    if train_size < cfg.global_batch:
+        raise SystemExit(f"{data_dir}: {len(dataset)} examples, {cfg.val_size} held out by --val-size: "
+                         f"{train_size} left for training, fewer than --global-batch {cfg.global_batch}")
+    return args, tokenizer, dataset, dft
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint (a step_N dir with its state.json); step_N.tmp dirs are unfinished writes."""
+    done = [d for d in ckpt_dir.glob("step_*") if d.is_dir() and d.name[5:].isdigit() and (d / "state.json").is_file()]
+    return max(done, key=lambda d: int(d.name[5:]), default=None)
+
+
+def read_resume_state(ckpt: Path, cfg: TrainConfig) -> dict:
+    """The checkpoint's state.json, refused (one line) when it was written by a run with other flags."""
+    state = json.loads((ckpt / "state.json").read_text())
+    saved = state["config"]
+    differ = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != getattr(cfg, k, None)]
+    if differ:
+        shown = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {getattr(cfg, k, None)})" for k in differ)
+        raise SystemExit(f"{ckpt}: written by a run with {shown}; rerun with those flags to resume, or pick "
+                         f"another --out")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Distributed setup
+# ---------------------------------------------------------------------------------------------------------------------
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """NCCL on GPU, gloo on CPU. Under torchrun the env says who we are; alone we are a world of one, so the same
+    FSDP2 and checkpoint code runs either way."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" in os.environ:
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, **kwargs)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def checkpoint_block(block: torch.nn.Module) -> None:
+    """Activation checkpointing of one block: recompute it in backward. The block's forward is wrapped in place
+    (not in a wrapper module), so parameter names stay those of the HF key table in model.py."""
+    forward = block.forward
+
+    def checkpointed_forward(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    block.forward = checkpointed_forward
+
+
+def apply_fsdp(model: Transformer, bf16: bool, activation_checkpointing: bool, compile: bool) -> None:
+    """torchtitan's order: activation checkpointing -> compile -> fully_shard per block, then the root (embedding,
+    final norm and head). Parameters stay fp32 and sharded; under bf16 each block computes in bf16 and gradients
+    are reduced in fp32 (AdamW at 2e-5 on bf16-stored weights would round most updates away)."""
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    for block in model.layers:
+        if activation_checkpointing:
+            checkpoint_block(block)
+        if compile:
+            block.compile()                      # in place: keeps the parameter names
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    # dft_step touches the root's parameters (embedding, final norm, head) outside forward: FSDP must unshard them.
+    register_fsdp_forward_method(model, "dft_step")
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state().numpy().tobytes().hex()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device).numpy().tobytes().hex()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    as_tensor = lambda h: torch.frombuffer(bytearray.fromhex(h), dtype=torch.uint8)  # noqa: E731
+    torch.set_rng_state(as_tensor(state["cpu"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(as_tensor(state["cuda"]), device)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, state: dict, keep_last: int, device) -> None:
+    """DCP shards of model + optimizer from every rank, then state.json; written under step_N.tmp and renamed to
+    step_N when complete, so a kill at any moment leaves either the whole checkpoint or an ignored .tmp."""
+    rank = dist.get_rank()
+    final, tmp = ckpt_dir / f"step_{step}", ckpt_dir / f"step_{step}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+    rngs = [None] * dist.get_world_size()
+    dist.all_gather_object(rngs, rng_state(device))
+    if rank == 0:
+        with open(tmp / "state.json", "w") as f:
+            json.dump(state | {"rng": rngs}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        done = sorted((d for d in ckpt_dir.glob("step_*") if d.name[5:].isdigit()), key=lambda d: int(d.name[5:]))
+        for old in done[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_checkpoint(ckpt: Path, model, optimizer) -> None:
+    """Fill the sharded model and optimizer from a DCP checkpoint (resharded if the world size changed)."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(ckpt))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def export(model: Transformer, model_dir: Path, out: Path) -> Path:
+    """OUT/final in the HF layout: every rank gathers each tensor in turn, rank 0 writes shard by shard; then the
+    source's config.json (unchanged) and its tokenizer and generation files. Staged, then renamed into place."""
+    final, staging = out / "final", out / "final.partial"
+    model.save_pretrained(staging)
+    if dist.get_rank() == 0:
+        for name in SIDE_FILES + ("config.json",):
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, staging / name)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(staging, final)
+    dist.barrier()
+    return final
+
+
+@torch.no_grad()
+def evaluate(model, dataset, val_indices: list[int], cfg: TrainConfig, dft: DFTConfig, pad_id: int, device) -> dict:
+    """Loss parts over the held-out examples, each normalised by its count over the whole validation set."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = val_indices[rank::world]
+    batches = [collate([dataset[i] for i in mine[m:m + cfg.batch_size]], pad_id)
+               for m in range(0, len(mine), cfg.batch_size)]
+    # FSDP all-gathers inside every forward: all ranks must run the same number of them.
+    n_batches = math.ceil(math.ceil(len(val_indices) / world) / cfg.batch_size)
+    counts = torch.zeros(3, dtype=torch.long, device=device)
+    for batch in batches:
+        counts += torch.tensor(list(count_targets(batch, cfg.mode, dft).values()), device=device)
+    dist.all_reduce(counts)
+    counts = dict(zip(("tft", "lc", "et"), counts.tolist()))
+    filler = collate([dataset[val_indices[0]]], pad_id)
+    sums = torch.zeros(4, device=device)
+    for m in range(n_batches):
+        batch = batches[m] if m < len(batches) else filler
+        out = model.dft_step({k: v.to(device) for k, v in batch.items()}, cfg.mode, dft, counts)
+        if m < len(batches):       # the filler only keeps this rank in step with the others
+            sums += torch.stack([out[k].float().detach() for k in ("loss", "tft", "lc", "et")])
+    dist.all_reduce(sums)
+    return dict(zip(("val_loss", "val_tft", "val_lc", "val_et"), sums.tolist()))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------------
+
+@record
+def main(argv=None):
+    # Inputs first: every mistake a user can make shows up here, before any process group or allocation.
+    cfg = resolve_config(parse_args(argv), int(os.environ.get("WORLD_SIZE", "1")))
+    args, tokenizer, dataset, dft = check_inputs(cfg)
+    cfg.lc_layer, cfg.et_layer = dft.lc_layer, dft.et_layer
+    out, model_dir = Path(cfg.out), Path(cfg.model)
+    resume_from = latest_checkpoint(out / "ckpt")
+    resume = read_resume_state(resume_from, cfg) if resume_from else None
+    lc_type, et_type = dft.types(cfg.mode)
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    rank, world = init_distributed(device)
+    previous_handlers = {}
+    try:
+        torch.manual_seed(cfg.seed)
+        is_main = rank == 0
+
+        # --- data: a held-out validation set, then one permutation of the rest per epoch -----------------------
+        split = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))
+        val_indices = sorted(split[:cfg.val_size].tolist())
+        train_indices = split[cfg.val_size:].sort().values
+        steps_per_epoch = len(train_indices) // cfg.global_batch        # the last partial batch of an epoch is dropped
+        total_steps = cfg.epochs * steps_per_epoch
+        warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+        last_step = min(total_steps, cfg.max_steps or total_steps)
+        if is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            resolved = asdict(cfg) | dict(device=device.type, bf16=bf16, lc_type=lc_type, et_type=et_type,
+                                          steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                                          warmup_steps=warmup_steps, train_examples=len(train_indices))
+            (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+            print(f"train.py: {cfg.mode} {cfg.lang} | {cfg.model} ({args.n_layers} blocks; LC layer {dft.lc_layer} "
+                  f"{lc_type}, ET layer {dft.et_layer} {et_type}) | {len(train_indices)} examples, {cfg.val_size} held "
+                  f"out | {steps_per_epoch} steps/epoch x {cfg.epochs} = {total_steps} steps | {world} x "
+                  f"{cfg.batch_size} x accumulation {cfg.grad_accum} = {cfg.global_batch} | "
+                  f"{'bf16 mixed' if bf16 else 'fp32'} on {device.type} | {out}", file=sys.stderr)
+
+        # --- model: meta -> FSDP2 -> real (sharded) memory -> weights --------------------------------------------
+        with torch.device("meta"):
+            model = Transformer(args)
+        apply_fsdp(model, bf16, cfg.activation_checkpointing, cfg.compile)
+        model.to_empty(device=device)
+        if resume is None:
+            load_weights(model, model_dir)
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999),
+                                      eps=1e-8)
+
+        # --- resume ----------------------------------------------------------------------------------------------
+        step = 0
+        metrics_file = out / "metrics.jsonl"
+        if resume is not None:
+            load_checkpoint(resume_from, model, optimizer)
+            step = resume["step"]
+            if resume["world_size"] == world:
+                set_rng_state(resume["rng"][rank], device)
+            if is_main:
+                print(f"train.py: resumed from {resume_from} (step {step}, epoch {resume['epoch']}, "
+                      f"example {resume['step_in_epoch'] * cfg.global_batch} of the epoch)", file=sys.stderr)
+        if is_main:
+            for unfinished in (out / "ckpt").glob("step_*.tmp"):     # writes a killed run left behind
+                shutil.rmtree(unfinished, ignore_errors=True)
+            # Steps after the checkpoint will be redone: drop their rows (a killed run may have logged them).
+            rows = metrics_file.read_text().splitlines() if metrics_file.exists() else []
+            metrics_file.write_text("".join(r + "\n" for r in rows if r.strip() and json.loads(r)["step"] <= step))
+
+        # --- SIGTERM / SIGINT: finish the step, save, exit -------------------------------------------------------
+        stop_requested = []
+
+        def on_signal(signum, frame):
+            if stop_requested:             # a second Ctrl-C: stop now
+                signal.signal(signum, signal.SIG_DFL)
+                raise KeyboardInterrupt
+            stop_requested.append(signum)
+
+        previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        # --- the loop --------------------------------------------------------------------------------------------
+        def checkpoint_state(step):
+            return {"step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
+                    "world_size": world, "config": asdict(cfg),
+                    "scheduler": {"kind": "linear warmup + cosine to 0", "total_steps": total_steps,
+                                  "warmup_steps": warmup_steps, "max_lr": cfg.lr}}
+
+        pad_id = tokenizer.pad_id
+        bar = tqdm(total=last_step, initial=step, desc=f"{cfg.mode} {cfg.lang}", unit="step", disable=not is_main,
+                   dynamic_ncols=True)
+        order_epoch, order = None, None
+        stopped = False
+        while step < last_step:
+            started = time.perf_counter()
+            epoch, step_in_epoch = divmod(step, steps_per_epoch)
+            if order_epoch != epoch:
+                order_epoch, order = epoch, epoch_order(train_indices, cfg.seed, epoch)
+            micro = [collate([dataset[i] for i in idx], pad_id)
+                     for idx in step_examples(order, step_in_epoch, rank, world, cfg.global_batch, cfg.batch_size)]
+            # The step's global target counts, known before any backward: each micro-batch's loss parts are sums
+            # divided by them, so all micro-batches of all ranks add up to the global mean.
+            counts = torch.zeros(3, dtype=torch.long, device=device)
+            for batch in micro:
+                counts += torch.tensor(list(count_targets(batch, cfg.mode, dft).values()), device=device)
+            dist.all_reduce(counts)
+            counts = dict(zip(("tft", "lc", "et"), counts.tolist()))
+            lr = get_lr(step, total_steps, warmup_steps, cfg.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            sums = torch.zeros(4, device=device)                          # loss, tft, lc, et
+            tokens = 0
+            for batch in micro:
+                tokens += input_tokens(batch, lc_type, et_type)
+                parts = model.dft_step({k: v.to(device, non_blocking=True) for k, v in batch.items()},
+                                       cfg.mode, dft, counts)
+                # FSDP2 averages gradients over ranks; our per-rank losses are already shares of the global mean.
+                (parts["loss"] * world).backward()
+                sums += torch.stack([parts[k].float().detach() for k in ("loss", "tft", "lc", "et")])
+            stats = torch.cat([sums, torch.tensor([tokens, len(stop_requested)], device=device, dtype=torch.float)])
+            dist.all_reduce(stats)
+            loss, tft, lc, et, tokens, stop = stats.tolist()
+            if not math.isfinite(loss):
+                raise SystemExit(f"step {step + 1}: loss is {loss} (tft {tft}, lc {lc}, et {et}); stopping. The last "
+                                 f"checkpoint is in {out / 'ckpt'}; try a lower --lr")
+
+            if cfg.dump_grads and step == (resume["step"] if resume else 0):
+                grads = {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).cpu()
+                         for name, p in model.named_parameters()}
+                if is_main:
+                    torch.save(grads, cfg.dump_grads)
+            params = [p for p in model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            if isinstance(grad_norm, DTensor):
+                grad_norm = grad_norm.full_tensor()                       # the norm over all ranks' shards
+            if not torch.isfinite(grad_norm):
+                raise SystemExit(f"step {step + 1}: gradient norm is {grad_norm.item()}; stopping. The last "
+                                 f"checkpoint is in {out / 'ckpt'}; try a lower --lr")
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            seconds = time.perf_counter() - started
+            row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "tft": tft, "lc": lc,
+                   "et": et, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": round(tokens / seconds, 1)}
+            if device.type == "cuda":
+                row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            if val_indices and (step % cfg.eval_every == 0 or step == last_step):
+                row |= evaluate(model, dataset, val_indices, cfg, dft, pad_id, device)
+            if is_main:
+                with open(metrics_file, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}))
+                bar.update(1)
+            stopped = stop > 0
+            if step % cfg.save_every == 0 or step == last_step or stopped:
+                save_checkpoint(out / "ckpt", step, model, optimizer, checkpoint_state(step), cfg.keep_last, device)
+            if stopped:
+                break
+        bar.close()
+
+        if stopped:
+            if is_main:
+                print(f"train.py: stopped by signal after step {step}; checkpoint saved. Rerun the same command to "
+                      f"resume.", file=sys.stderr)
+            return
+        final = export(model, model_dir, out)
+        if is_main:
+            print(f"train.py: {step} steps done; the model is in {final}", file=sys.stderr)
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
