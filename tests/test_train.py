@@ -323,7 +323,7 @@ def test_demo_runs_end_to_end_and_prints_the_table(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| task | lang | metric | tft | dft-logits |" in proc.stdout
     assert "| xnli | vi | acc |" in proc.stdout and "| train (last step) | vi | lc | – |" in proc.stdout
-    assert "says nothing about the method's effect" in proc.stdout
+    assert "say nothing about the method's effect" in proc.stdout
     for mode in ("tft", "dft-logits"):
         rows = [json.loads(line) for line in (tmp_path / "runs/demo" / mode / "metrics.jsonl").read_text().splitlines()]
         assert rows[-1]["tft"] < rows[0]["tft"]
