@@ -380,11 +380,13 @@ class Transformer(nn.Module):
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
         """Random init for from-scratch tiny models (real runs load weights); separate from __init__ so that a
         meta-device build allocates nothing."""
+        device = generator.device if generator is not None else None     # None: each parameter's own device
         for name, p in self.named_parameters():
+            noise = torch.randn(p.shape, generator=generator, device=device or p.device)
             if name.endswith("norm.weight"):
-                p.copy_(1.0 - self.args.norm_offset + 0.1 * torch.randn(p.shape, generator=generator))
+                p.copy_(1.0 - self.args.norm_offset + 0.1 * noise)
             else:
-                p.copy_(std * torch.randn(p.shape, generator=generator))
+                p.copy_(std * noise)
 
     @property
     def head_weight(self) -> torch.Tensor:

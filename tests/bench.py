@@ -370,66 +370,71 @@ def bench_decode(device, quick):
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
+def train_step_rate(args: ModelArgs, device, mode: str, B: int, T: int, reps: int) -> dict:
+    """Median seconds of a full optimizer step (bf16 weights and AdamW) on random tokens: the prompt is the first half
+    of each row, the response the second; for dft-logits the English halves are the same tokens (shapes are what
+    matter here)."""
+    model = build(args, device, torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(3, args.vocab_size, (B, T), generator=g).to(device)
+    half = T // 2
+    labels = torch.full_like(toks, -100)
+    labels[:, half - 1:-1] = toks[:, half:]
+    ones = torch.ones_like(toks)
+    batch = {"tft_tokens": toks, "tft_labels": labels, "tft_mask": ones, "tgt_prompt_len": torch.full((B,), half, device=device),
+             "lc_tokens": toks, "lc_labels": labels, "lc_mask": ones, "lc_content": (labels != -100).long(),
+             "et_tokens": toks, "et_labels": labels, "et_mask": ones}
+    ref_i, ref_j = (2, 15) if args.family == "llama" else (2, 12)
+    cfg = DFTConfig(lc_layer=min(ref_i, args.n_layers), et_layer=min(ref_j, args.n_layers))
+    counts = count_targets(batch, mode, cfg)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model.dft_step(batch, mode, cfg, counts)["loss"].backward()
+        opt.step()
+
+    step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    sec = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    n_params = sum(p.numel() for p in model.parameters())
+    del model, opt
+    return {"sec": sec, "flops": step_flops(args, batch, mode, cfg), "peak_gib": peak, "n_params": n_params}
+
+
 def bench_gpu(device, quick):
     name = torch.cuda.get_device_name(device)
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     rows = []
-    for family, dims in (("gemma2", (2304, 26, 256000)), ("llama", (4096, 32, 32000))):
-        dim, n_layers, vocab = dims
+    B, T = 4, 512
+    for family, dim, n_layers, vocab in (("gemma2", 2304, 26, 256000), ("llama", 4096, 32, 32000)):
         args = reduced_config(family, n_layers, dim, vocab)
-        if family == "gemma2":
-            args.n_heads, args.n_kv_heads, args.hidden_dim = 8, 4, 9216
-        else:
-            args.hidden_dim = 11008
-        for layers in (n_layers, n_layers // 2, n_layers // 4):
-            try:
+        args.hidden_dim = 9216 if family == "gemma2" else 11008
+        for mode in ("tft", "dft-logits"):
+            for layers in (n_layers, n_layers // 2):           # fewer blocks if the whole model does not fit
                 args.n_layers = layers
                 args.sliding_layers = tuple(i % 2 == 0 for i in range(layers)) if family == "gemma2" else ()
-                model = build(args, device, torch.bfloat16)
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-                break
-            except torch.OutOfMemoryError:
-                model = opt = None
-                torch.cuda.empty_cache()
-        B, T = 4, 512
-        n_params = sum(p.numel() for p in model.parameters())
-        g = torch.Generator().manual_seed(0)
-        toks = torch.randint(3, vocab, (B, T), generator=g).to(device)
-        half = T // 2
-        labels = torch.full_like(toks, -100)
-        labels[:, half - 1:-1] = toks[:, half:]
-        batch = {"tft_tokens": toks, "tft_labels": labels, "tft_mask": torch.ones_like(toks),
-                 "lc_tokens": toks, "lc_labels": labels, "lc_mask": torch.ones_like(toks),
-                 "lc_content": (labels != -100).long(), "et_tokens": toks, "et_labels": labels,
-                 "et_mask": torch.ones_like(toks)}
-        i, j = (2, 15) if family == "llama" else (2, 12)
-        cfg = DFTConfig(lc_layer=min(i, layers), et_layer=min(j, layers))
-        for mode in ("tft", "dft-logits"):
-            counts = count_targets(batch, mode, cfg)
-
-            def step():
-                opt.zero_grad(set_to_none=True)
-                model.dft_step(batch, mode, cfg, counts)["loss"].backward()
-                opt.step()
-
-            step()
-            torch.cuda.reset_peak_memory_stats(device)
-            times = []
-            for _ in range(3 if quick else 6):
-                sync(device)
-                t0 = time.perf_counter()
-                step()
-                sync(device)
-                times.append(time.perf_counter() - t0)
-            sec = statistics.median(times)
-            flops = step_flops(args, batch, mode, cfg)          # the optimizer step adds O(params): negligible
-            mfu = flops / sec / peak if peak else float("nan")
-            rows.append((f"{family} {layers}/{n_layers} blocks, {n_params / 1e9:.2f}B params", mode,
-                         f"{B * T / sec:.0f}", f"{100 * mfu:.1f}%", f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}"))
-            SUMMARY.append(("gpu", f"{family} {mode}", f"{B * T / sec:.0f} tok/s, MFU {100 * mfu:.1f}%"))
-        del model, opt
-        torch.cuda.empty_cache()
-    table(f"GPU training step, bf16, B=4, T=512 ({name})", ["model", "mode", "tokens/s", "MFU", "peak GiB"], rows)
+                try:
+                    r = train_step_rate(args, device, mode, B, T, 3 if quick else 6)
+                    break
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+            mfu = r["flops"] / r["sec"] / peak if peak else float("nan")
+            rows.append((f"{family} {layers}/{n_layers} blocks, {r['n_params'] / 1e9:.2f}B params", mode,
+                         f"{B * T / r['sec']:.0f}", f"{100 * mfu:.1f}%", f"{r['peak_gib']:.1f}"))
+            SUMMARY.append(("gpu", f"{family} {mode}", f"{B * T / r['sec']:.0f} tok/s, MFU {100 * mfu:.1f}%"))
+            torch.cuda.empty_cache()
+    table(f"GPU training step, bf16 weights + AdamW, B={B}, T={T} ({name}); MFU = FLOP model / time / bf16 peak",
+          ["model", "mode", "tokens/s", "MFU", "peak GiB"], rows)
 
 
 def main():
