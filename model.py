@@ -430,11 +430,12 @@ class Transformer(nn.Module):
         if self.args.embed_scale is not None:
             # Gemma-2 rounds sqrt(dim) to the activation dtype before scaling, as its reference does.
             h = h * torch.tensor(self.args.embed_scale, dtype=h.dtype)
-        states = {0: h}
+        states = {0: h}                      # only the requested layers are kept (no_grad inference holds no more)
         for i, block in enumerate(self.layers[:n_run]):
             slot = (cache.k[i], cache.v[i]) if cache is not None else None
             h, kv = block(h, cos, sin, masks, slot, start, prefix.kv[i] if prefix is not None else None)
-            states[i + 1] = h
+            if i + 1 in layers:
+                states[i + 1] = h
             if record_kv is not None:
                 record_kv.append(kv)
         if cache is not None:
@@ -484,10 +485,10 @@ class Transformer(nn.Module):
         # Logits-based: blocks 1..i on [x_tgt ; x_en] predict x_en, blocks 1..j on [x_tgt ; y_en] predict y_en,
         # through the frozen final norm + head (the logit lens). x_tgt's states in these sequences are, by
         # causality, exactly those of the TFT pass: the shared path runs only the English part on its keys/values.
-        for kind, loss_type, k, h_tft, labels in (("lc", lc_type, i, h_i, lc_labels(batch, cfg) if lc_type == "logits" else None),
-                                                  ("et", et_type, j, h_j, batch["et_labels"])):
+        for kind, loss_type, k, h_tft in (("lc", lc_type, i, h_i), ("et", et_type, j, h_j)):
             if loss_type != "logits":
                 continue
+            labels = lc_labels(batch, cfg) if kind == "lc" else batch["et_labels"]
             if share:
                 h, labels = self._continue_prompt(batch, kind, k, h_tft, tft_kv, labels)
             else:

@@ -304,3 +304,16 @@ def test_shared_prompt_path_runs_only_the_english_tokens(tiny_llama):
     P = batch["tgt_prompt_len"]
     rest = lambda kind: int((batch[f"{kind}_mask"].sum(1) - P).max())  # noqa: E731
     assert seen == [batch["tft_tokens"].shape[1], rest("lc"), rest("et")]
+
+
+@pytest.mark.parametrize("mode", ["sft", "tft"])
+def test_english_only_batch_runs_the_plain_loss(setup, mode):
+    """SFT data has only the tft keys: sft and tft modes need nothing else, and give the reference CE."""
+    ref, ours, batch = setup
+    sft_batch = {k: batch[k] for k in ("tft_tokens", "tft_labels", "tft_mask", "tgt_prompt_len")}
+    cfg = DFTConfig()
+    out = ours.dft_step(sft_batch, mode, cfg, count_targets(sft_batch, mode, cfg))
+    with torch.no_grad():
+        logits = ref(batch["tft_tokens"], attention_mask=batch["tft_mask"]).logits
+    n = (batch["tft_labels"] != IGNORE).sum()
+    torch.testing.assert_close(out["loss"].detach(), ce_sum(logits, batch["tft_labels"]) / n, atol=1e-5, rtol=0)
