@@ -330,3 +330,16 @@ def test_demo_runs_end_to_end_and_prints_the_table(tmp_path):
     rerun = subprocess.run([sys.executable, str(ROOT / "train.py"), "--demo"], cwd=tmp_path, capture_output=True,
                            text=True, timeout=300)
     assert rerun.returncode == 0 and rerun.stdout.count("(done before: reused)") == 6
+
+
+def test_sft_mode_trains_on_english_only_data(setup, tmp_path):
+    """The SFT baseline: English-only data (only the tft keys) trains, its loss falls, and it exports."""
+    data = tmp_path / "sft-en"
+    prepare_data.main(["--sft", "--en", str(setup / "en.json"), "--tokenizer", str(setup / "llama"),
+                       "--out", str(data)])
+    out = tmp_path / "run"
+    run_here(["--mode", "sft", "--model", setup / "llama", "--data", data, "--out", out, "--global-batch", "8",
+              "--epochs", "2", "--lr", "3e-3", "--warmup-ratio", "0.1"])
+    rows = read_metrics(out)
+    assert len(rows) == 12 and rows[-1]["tft"] < rows[0]["tft"] and not rows[-1]["lc"] and not rows[-1]["et"]
+    assert (out / "final" / "model.safetensors").is_file()
