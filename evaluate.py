@@ -56,18 +56,13 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from prepare_data import alpaca_prompt_ids, format_prompt, read_records, record_defect
+
 LANGS = ("vi", "ar", "zh")          # the paper's languages; every table below has an entry for each
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Prompts (facts from the projects named; "I" marks our own choice where nobody states one)
 # ---------------------------------------------------------------------------------------------------------------------
-
-# stanford_alpaca's two templates; the QA prompts put x-LLM's per-language text into them.
-ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-                   "the request.\n\n### Instruction:\n{instruction}\n\n### Response:")
-ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
-                "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
-                "### Input:\n{input}\n\n### Response:")
 
 # x-LLM's XQuAD / MLQA instruction and input per language (the input ends in a space, as there).
 QA_INSTRUCTION = {
@@ -527,21 +522,15 @@ class QAItem:
     answers: list[str]
 
 
-def alpaca_prompt(instruction: str, input: str = "") -> str:
-    if input:
-        return ALPACA_INPUT.format(instruction=instruction, input=input)
-    return ALPACA_NO_INPUT.format(instruction=instruction)
-
-
 def squad_item(row: dict, lang: str) -> QAItem:
     # x-LLM strips context, question and answers before use.
     text = QA_INPUT[lang].format(context=row["context"].strip(), question=row["question"].strip())
-    return QAItem(row["id"], alpaca_prompt(QA_INSTRUCTION[lang], text), [a.strip() for a in row["answers"]])
+    return QAItem(row["id"], format_prompt(QA_INSTRUCTION[lang], text), [a.strip() for a in row["answers"]])
 
 
 def mkqa_item(row: dict, lang: str) -> QAItem:
     text = MKQA_INPUT[lang].format(question=row["question"].strip())
-    return QAItem(row["id"], alpaca_prompt(MKQA_INSTRUCTION[lang], text), row["answers"])
+    return QAItem(row["id"], format_prompt(MKQA_INSTRUCTION[lang], text), row["answers"])
 
 
 def truthfulqa_items(row: dict, lang: str) -> list[MCItem]:
@@ -907,7 +896,6 @@ class LensResult:
 def lens_records(path: Path, n: int) -> list[dict]:
     """The first `n` records of an Alpaca-format file (a JSON list of {instruction, input, output}); a malformed one
     among them stops the run with one line naming the file, the record and the field."""
-    from prepare_data import read_records, record_defect
 
     if not path.is_file():
         raise SystemExit(f"error: {path}: not found; pass --lens-data FILE.json, an Alpaca-format JSON list of "
@@ -926,7 +914,6 @@ def lens_records(path: Path, n: int) -> list[dict]:
 def lens_sequences(tok, records: list[dict], max_len: int) -> tuple[list[LensSequence], list[str]]:
     """The records as teacher-forced training sequences: prompt and response encoded as prepare_data.py does. A
     sequence longer than the model's context loses the end of its response (the lens needs no EOS)."""
-    from prepare_data import alpaca_prompt_ids
 
     sequences, notes = [], []
     for index, r in enumerate(records):
@@ -1223,7 +1210,7 @@ def load_model(path: str, device: str, dtype: str):
 
 def run_prompt(args) -> None:
     model, tok, _ = load_model(args.model, args.device, args.dtype)
-    ids = tok.encode(alpaca_prompt(args.prompt), bos=True)
+    ids = alpaca_prompt_ids(tok, args.prompt)
     ids = fit_prompt(ids, model.args.max_seq_len - args.max_new_tokens, Counter())
     generated = greedy_generate(model, tok, [ids], args.max_new_tokens, stop_at_newline=False)[0]
     print(tok.decode(generated).strip())

@@ -887,13 +887,15 @@ def write_tiny_checkpoint(path, family: str, texts, vocab_size: int | None = Non
     return path
 
 
+def alpaca_texts(files) -> list[str]:
+    """Every non-empty instruction, input and output of Alpaca-format files, to train a tiny tokenizer on."""
+    return [row[k] for f in files for row in json.loads(Path(f).read_text(encoding="utf-8"))
+            for k in ("instruction", "input", "output") if row.get(k)]
+
+
 def sample_texts() -> list[str]:
-    """Texts of the bundled Alpaca sample (all languages), to train the tiny tokenizer on."""
-    texts = []
-    for f in sorted((Path(__file__).parent / "data" / "sample").glob("alpaca_*.json")):
-        for row in json.loads(f.read_text(encoding="utf-8")):
-            texts += [row[k] for k in ("instruction", "input", "output") if row.get(k)]
-    return texts
+    """Texts of the bundled Alpaca sample (all languages)."""
+    return alpaca_texts(sorted((Path(__file__).parent / "data" / "sample").glob("alpaca_*.json")))
 
 
 def main(argv=None):
@@ -907,11 +909,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     a = parser.parse_args(argv)
     try:
-        if a.texts:
-            texts = [r[k] for f in a.texts for r in json.loads(Path(f).read_text(encoding="utf-8"))
-                     for k in ("instruction", "input", "output") if r.get(k)]
-        else:
-            texts = sample_texts()
+        texts = alpaca_texts(a.texts) if a.texts else sample_texts()
         if not texts:
             raise ValueError("no texts to train the tokenizer on; pass --texts FILE.json (Alpaca format)")
         out = write_tiny_checkpoint(a.make_tiny, a.family, texts, a.vocab_size, a.seed)

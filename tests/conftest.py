@@ -1,4 +1,3 @@
-import json
 import sys
 from pathlib import Path
 
@@ -16,14 +15,6 @@ TOKENIZER_TEXTS = [
     "قدم ثلاث نصائح للحفاظ على الصحة. تناول نظاما غذائيا متوازنا.",
     "The capital of France is Paris. 2 + 2 = 4. What is the boiling point of water?",
 ] * 8
-
-
-def sample_texts():
-    texts = []
-    for f in sorted((ROOT / "data" / "sample").glob("alpaca_*.json")):
-        for row in json.loads(f.read_text(encoding="utf-8")):
-            texts += [row[k] for k in ("instruction", "input", "output") if row.get(k)]
-    return texts or TOKENIZER_TEXTS
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import evaluate as ev  # noqa: E402
+import prepare_data  # noqa: E402
 from model import Tokenizer, Transformer  # noqa: E402
 
 BENCH = REPO / "data" / "bench_sample"
@@ -181,12 +182,6 @@ def test_prompts_follow_the_reference_formats():
     assert ("### Instruction:\nHãy trả lời các câu hỏi theo đoạn văn sau\n\n### Input:\nđoạn văn: Sông Mê Kông"
             in qa.prompt)
     assert qa.prompt.endswith("\ncâu hỏi: Sông Mê Kông chảy qua bao nhiêu quốc gia?\nTrả lời: \n\n### Response:")
-
-
-def test_alpaca_templates_are_the_training_ones():
-    import prepare_data
-    assert ev.ALPACA_NO_INPUT == prepare_data.PROMPT_NO_INPUT
-    assert ev.ALPACA_INPUT == prepare_data.PROMPT_WITH_INPUT
 
 
 def _line_of_nth_object(text: str, n: int) -> int:
@@ -448,7 +443,7 @@ def test_prompt_mode_prints_the_greedy_response(tiny_llama, capsys):
     ev.main(["--model", str(tiny_llama), "--prompt", "Give three tips.", "--max-new-tokens", "6", "--device", "cpu"])
     printed = capsys.readouterr().out.strip()
     model, tok = Transformer.from_pretrained(tiny_llama), Tokenizer(tiny_llama)
-    ids = tok.encode(ev.ALPACA_NO_INPUT.format(instruction="Give three tips."), bos=True)
+    ids = tok.encode(prepare_data.PROMPT_NO_INPUT.format(instruction="Give three tips."), bos=True)
     assert printed == tok.decode(naive_greedy(model, tok, ids, 6)).strip()
 
 
