@@ -153,10 +153,17 @@ def sample_batch(batch_size: int, workdir: Path) -> dict:
     return collate([data[i] for i in range(batch_size)], 0)
 
 
+def shared_suffix(batch: dict, kind: str) -> tuple[int, int]:
+    """(padded length of the part after x_tgt, padded length of x_tgt): what the shared path runs for `kind`."""
+    P = batch["tgt_prompt_len"]
+    return int((batch[f"{kind}_mask"].sum(1) - P).max()), int(P.max())
+
+
 def step_flops(args: ModelArgs, batch: dict, mode: str, cfg: DFTConfig) -> float:
     """Forward+backward FLOPs of one dft_step: matmuls of every block pass (QKV/O/MLP + attention scores over the
     padded length) and of every head application (supervised rows only: the chunked CE gathers them).
-    Blocks: forward 1x + backward 2x. Head: forward 1x + recompute 1x + backward 2x (1x when frozen: no weight grad)."""
+    Blocks: forward 1x + backward 2x. Head (gradient formed in the forward sweep): logits, d rows and d head = 3x,
+    2x when frozen (no weight grad)."""
     D, E, H, K, F, V = args.dim, args.head_dim, args.n_heads, args.n_kv_heads, args.hidden_dim, args.vocab_size
     per_token_block = 2 * (D * E * (H + 2 * K) + H * E * D + 3 * D * F)
 
@@ -165,14 +172,8 @@ def step_flops(args: ModelArgs, batch: dict, mode: str, cfg: DFTConfig) -> float
         fwd = n * B * (T * per_token_block + 2 * 2 * T * (n_keys or T) * H * E)
         return fwd * (3 if backward else 1)
 
-    def rest_of(kind):
-        """The shared path runs only the part after x_tgt, with keys over x_tgt + that part (padded lengths)."""
-        P = batch["tgt_prompt_len"]
-        n_rest = int((batch[f"{kind}_mask"].sum(1) - P).max())
-        return batch[f"{kind}_tokens"][:, :n_rest], int(P.max()) + n_rest
-
     def head(n_rows, frozen):
-        return 2 * n_rows * D * V * (3 if frozen else 4)
+        return 2 * n_rows * D * V * (2 if frozen else 3)
 
     lc_type, et_type = cfg.types(mode)
     i, j = cfg.layers(args)
@@ -181,9 +182,9 @@ def step_flops(args: ModelArgs, batch: dict, mode: str, cfg: DFTConfig) -> float
     for kind, loss_type, k in (("lc", lc_type, i), ("et", et_type, j)):
         if loss_type != "logits":
             continue
-        if cfg.prefix_share:
-            rest, n_keys = rest_of(kind)
-            total += blocks(rest, k, n_keys=n_keys) + head(counts[kind], True)
+        if cfg.prefix_share:          # only the part after x_tgt runs, with keys over x_tgt + that part
+            n_rest, n_prompt = shared_suffix(batch, kind)
+            total += blocks(batch[f"{kind}_tokens"][:, :n_rest], k, n_keys=n_prompt + n_rest) + head(counts[kind], True)
         else:
             total += blocks(batch[f"{kind}_tokens"], k) + head(counts[kind], True)
     if "feature" in (lc_type, et_type):   # one no-grad English pass: 1..i for LC only, all blocks when ET needs h_N
@@ -245,14 +246,16 @@ def aux_activation_bytes(args, batch, run, cfg, per_block_token) -> float:
     _, mode, _ = run
     lc_type, et_type = cfg.types(mode)
     i, j = cfg.layers(args)
-    P, total = batch["tgt_prompt_len"], 0.0
-    B = batch["tft_tokens"].shape[0]
+    total, B = 0.0, batch["tft_tokens"].shape[0]
     for kind, loss_type, k in (("lc", lc_type, i), ("et", et_type, j)):
-        if loss_type == "logits":
-            T = int((batch[f"{kind}_mask"].sum(1) - P).max()) if cfg.prefix_share else batch[f"{kind}_tokens"].shape[1]
-            total += per_block_token * k * B * T
-            if cfg.prefix_share:   # attention keeps its keys/values: the prompt's, copied in front of the suffix's
-                total += k * 2 * B * int(P.max()) * args.n_kv_heads * args.head_dim * 4
+        if loss_type != "logits":
+            continue
+        if cfg.prefix_share:
+            n_rest, n_prompt = shared_suffix(batch, kind)
+            # attention keeps its keys/values: the prompt's, copied in front of the suffix's
+            total += per_block_token * k * B * n_rest + k * 2 * B * n_prompt * args.n_kv_heads * args.head_dim * 4
+        else:
+            total += per_block_token * k * B * batch[f"{kind}_tokens"].shape[1]
     if "feature" in (lc_type, et_type):
         total += 2 * batch["en_tokens"].numel() * args.dim * 4
     return total
