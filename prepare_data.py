@@ -623,6 +623,17 @@ def span_mask(length: int, spans: np.ndarray, shift: int) -> torch.Tensor:
     return mask
 
 
+def data_identity(path) -> str:
+    """A digest of a prepared directory: meta.json's bytes and every array's name and size. Cheap (no array is
+    read), and it changes whenever prepare_data.py rewrites the directory with other inputs or flags; train.py
+    records it in its checkpoints and refuses to resume on other data."""
+    path = Path(path)
+    digest = hashlib.sha256((path / "meta.json").read_bytes())
+    for file in sorted(path.glob("*.npy")):
+        digest.update(f"\n{file.name} {file.stat().st_size}".encode())
+    return digest.hexdigest()
+
+
 def load_prepared(path) -> PreparedDataset:
     """Open a prepared directory (memory-mapped); one-line errors for a missing, old or damaged one."""
     path = Path(path)
