@@ -1,284 +1,219 @@
-"""Deep-supervision losses of DFT (Huo et al., "Enhancing Non-English Capabilities of English-Centric Large
-Language Models through Deep Supervision Fine-Tuning", AAAI 2025, arXiv 2503.01275). Imports torch only: copy
-this one file into your project.
+"""Deep-supervision losses of DFT (Huo et al., "Enhancing Non-English Capabilities of English-
+Centric Large Language Models through Deep Supervision Fine-Tuning", AAAI 2025, arXiv 2503.01275).
+Imports torch only: copy this one file into your project.
 
-Notation. A model with N blocks; h_k(x) = the residual stream after block k (k = 1..N, before the final norm);
-W_out = the output head, applied after the model's final norm ("logit lens"). An example is a parallel pair:
-the target-language prompt/response (x_tgt, y_tgt) and its English original (x_en, y_en). Layer i is early
-(language conversion), layer j is in the middle ("thinking in English").
+h_k(x): the residual stream after block k of N, before the final norm; W_out: the output head,
+read after the final norm ("logit lens"). An example pairs a target-language prompt and response
+(x_tgt, y_tgt) with their English original (x_en, y_en); layer i is early (language conversion),
+j in the middle ("thinking in English"). S = the paper states it, I = our choice where it is silent.
 
-Total loss (S = the paper states it, I = our choice where the paper is silent):
-
-    L = L_TFT + L_LC + L_ET                                      (S: unweighted; I: callers may weight LC and ET)
-
-    L_TFT = -log P(y_tgt | x_tgt; theta, W_out)                  ordinary fine-tuning loss at the last layer (S)
-
+    L     = L_TFT + L_LC + L_ET                       (S: unweighted; I: callers may weight LC, ET)
+    L_TFT = -log P(y_tgt | x_tgt; theta, W_out)       ordinary fine-tuning loss, last layer (S)
   logits-based (DFT-logits), W_out frozen:
-    L_LC  = -log P(x_en | x_tgt; theta_{1:i}, W_out)             from layer i, predict the English query (S)
-    L_ET  = -log P(y_en | x_tgt; theta_{1:j}, W_out)             from layer j, predict the English answer (S)
-
+    L_LC  = -log P(x_en | x_tgt; theta_{1:i}, W_out)  from layer i, predict the English query (S)
+    L_ET  = -log P(y_en | x_tgt; theta_{1:j}, W_out)  from layer j, predict the English answer (S)
   feature-based (DFT-feature):
-    L_LC  = 1 - cos(h_i(x_en), h_i(x_tgt))                       (S)
-    L_ET  = 1 - cos(h_N(x_en), h_j(x_tgt))                       (S)
+    L_LC  = 1 - cos(h_i(x_en), h_i(x_tgt))            (S)
+    L_ET  = 1 - cos(h_N(x_en), h_j(x_tgt))            (S)
 
-What is the paper's and what is ours:
-  - S: W_out only takes part in the forward pass of L_LC. I: the same for L_ET, and the final norm is part of the
-    head (as in the logit-lens literature) and is frozen too; the hidden state always gets its gradient.
-  - I: one teacher-forced sequence per logits loss, [x_tgt ; x_en] for LC and [x_tgt ; y_en] for ET, with
-    cross-entropy on the English tokens only (the caller builds the sequences and labels).
-  - I: the feature losses compare pooled vectors (the two sequences have different lengths): the mean over
-    content tokens by default, or the last marked token; the English side is a teacher and is detached.
-  - I: all loss math runs in fp32; cross-entropy is chunked over tokens and each chunk's gradient is formed
-    while its logits exist, so no [B, T, V] logits tensor is ever built and what autograd keeps for backward
-    has no dimension of size V beyond the head's own gradient.
+  - S: W_out only takes part in the forward pass of L_LC. I: also of L_ET, and so does the final
+    norm (part of the head); the hidden state always gets its gradient.
+  - I: one teacher-forced sequence per logits loss, [x_tgt ; x_en] for LC, [x_tgt ; y_en] for ET,
+    CE on the English tokens only; feature losses compare pooled vectors (the sequences differ in
+    length), the English side a detached teacher; all loss math runs in fp32.
 
-Usage with someone else's Hugging Face-style causal LM (LLaMA-2 or Gemma-2), one parallel batch.
-`lc_*` holds [x_tgt ; x_en] with labels on x_en, `et_*` holds [x_tgt ; y_en] with labels on y_en; labels are
-already shifted (labels[b, t] is the token at t + 1, -100 where unsupervised).
+Usage with a Hugging Face-style causal LM (LLaMA-2, Gemma-2), one parallel batch: `lc_*` holds
+[x_tgt ; x_en] with (shifted) labels on x_en, `et_*` [x_tgt ; y_en] with labels on y_en.
 
     from dsft_loss import logit_lens_ce, feature_cosine_loss
-
-    body = model.model                       # LlamaModel / Gemma2Model inside *ForCausalLM
-    norm, head_w = body.norm, model.lm_head.weight
-    softcap = getattr(model.config, "final_logit_softcapping", None)     # Gemma-2: 30.0
-    i, j = 2, 15
-
-    # HF's hidden_states[k] is the output of block k for k < N, but hidden_states[N] is already normed,
-    # so the TFT call passes an identity norm. (This runs all N blocks for LC/ET; running only 1..i or
-    # 1..j is cheaper and gives the same numbers.)
+    body = model.model                   # LlamaModel / Gemma2Model inside *ForCausalLM
+    norm, head_w, i, j = body.norm, model.lm_head.weight, 2, 15
+    cap = getattr(model.config, "final_logit_softcapping", None)     # softcap; Gemma-2: 30.0
+    # hidden_states[k] is block k's output, but [N] is already normed: TFT gets an identity norm.
     tgt = body(tft_tokens, attention_mask=tft_mask, output_hidden_states=True).hidden_states
-    tft = logit_lens_ce(tgt[-1], torch.nn.Identity(), head_w, tft_labels, softcap=softcap, freeze_head=False)
-
+    tft = logit_lens_ce(tgt[-1], torch.nn.Identity(), head_w, tft_labels, softcap=cap,
+                        freeze_head=False)
     # DFT-logits: frozen head, gradient into blocks 1..i (resp. 1..j)
     h_i = body(lc_tokens, attention_mask=lc_mask, output_hidden_states=True).hidden_states[i]
     h_j = body(et_tokens, attention_mask=et_mask, output_hidden_states=True).hidden_states[j]
-    lc = logit_lens_ce(h_i, norm, head_w, lc_labels, softcap=softcap)
-    et = logit_lens_ce(h_j, norm, head_w, et_labels, softcap=softcap)
-
-    # DFT-feature instead: the target-side states come free from the TFT pass (causality); the masks mark
-    # the query's instruction+input tokens.
+    lc = logit_lens_ce(h_i, norm, head_w, lc_labels, softcap=cap)
+    et = logit_lens_ce(h_j, norm, head_w, et_labels, softcap=cap)
+    # DFT-feature instead: students come free from the TFT pass; masks mark the query's content.
     en = body(en_tokens, attention_mask=en_mask, output_hidden_states=True).hidden_states
     lc = feature_cosine_loss(tgt[i], en[i], tgt_content, en_content)
     et = feature_cosine_loss(tgt[j], en[-1], tgt_content, en_content)
-
     (tft + lc + et).backward()
 """
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 IGNORE_INDEX = -100
 
 
-def _head_logits(norm, norm_params, head_weight, rows, softcap):
-    """logits [n, V] of n hidden rows [n, D]: norm -> head -> softcap, upcast to (at least) fp32."""
-    normed = functional_call(norm, norm_params, (rows,))
-    if normed.shape != rows.shape:
-        raise ValueError(f"logit_lens_ce: norm maps {tuple(rows.shape)} to {tuple(normed.shape)}; "
-                         "expected a norm that keeps the shape")
-    # The matmul runs in the head's dtype (a [V, D] fp32 copy of a bf16 head would cost GBs for Gemma's
-    # 256k vocabulary); the logits themselves are fp32 from here on.
+def _check(ok, message):
+    if not ok:
+        raise ValueError(message)
+
+
+def _on_cpu(tensor):  # value checks read data on the host: free on CPU, a sync per call elsewhere
+    return tensor.device.type == "cpu"
+
+
+def _head_logits(norm, head_weight, rows, softcap):  # [n, D] -> norm -> head -> softcap -> [n, V]
+    normed = norm(rows)
+    _check(normed.shape == rows.shape, f"logit_lens_ce: norm maps {tuple(rows.shape)} to "
+           f"{tuple(normed.shape)}; expected a norm that keeps the shape")
+    # The matmul runs in the head's dtype: an fp32 copy of a bf16 [V, D] head would cost GBs.
     logits = F.linear(normed.to(head_weight.dtype), head_weight)  # [n, V]
-    # fp32: logits, softcap and log-softmax
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return logits
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32: logits, CE
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
-class _ChunkedLogitLensCE(torch.autograd.Function):
-    """Summed CE over supervised rows, chunk by chunk, with the gradients computed in the same sweep.
-
-    The loss is a sum of per-row terms, so d(loss)/d(input) can be formed chunk by chunk while each chunk's
-    logits exist, and backward only scales it by the incoming gradient. Nothing with a vocabulary dimension
-    outlives its chunk, and no chunk is computed twice: the head costs 3 matmuls per chunk when it trains
-    (logits, d rows, d head) and 2 when frozen, against 4 and 3 for forward + recompute-in-backward.
-    Saved for backward: d rows [n, D], d head [V, D] (the head's gradient, which backward needs anyway) and
-    d norm params -- only those that need a gradient.
-    """
+class _FusedChunkedCE(torch.autograd.Function):
+    """Summed CE of the rows, with its gradients formed chunk by chunk in the forward."""
 
     @staticmethod
-    def forward(ctx, rows, targets, chunk_size, softcap, norm, param_names, head_weight, *param_values):
-        need_rows, need_head = ctx.needs_input_grad[0], ctx.needs_input_grad[6]
-        need_params = ctx.needs_input_grad[7:]
-        any_grad = need_rows or need_head or any(need_params)
+    def forward(ctx, rows, targets, chunk_size, softcap, norm, *params):
+        # params: the head, then the norm's parameters (detached if frozen; the norm uses its own).
+        need_rows, *need_params = ctx.needs_input_grad[0], *ctx.needs_input_grad[5:]
         grad_rows = torch.zeros_like(rows) if need_rows else None
-        grad_head, grad_params = None, [None] * len(param_values)
-        # Detached leaves: each autograd.grad call walks one chunk's small graph and nothing else.
-        head = head_weight.detach().requires_grad_(need_head)
-        params = [p.detach().requires_grad_(need) for p, need in zip(param_values, need_params)]
-        norm_params = dict(zip(param_names, params))
+        sums = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+                if need else None for p, need in zip(params, need_params)]
         total = rows.new_zeros((), dtype=torch.promote_types(rows.dtype, torch.float32))
         for start in range(0, rows.shape[0], chunk_size):
+            # A detached leaf: autograd.grad walks this chunk's small graph and nothing else.
             chunk_rows = rows[start:start + chunk_size].detach().requires_grad_(need_rows)
-            with torch.set_grad_enabled(any_grad):
-                logits = _head_logits(norm, norm_params, head, chunk_rows, softcap)
+            with torch.enable_grad():
+                logits = _head_logits(norm, params[0], chunk_rows, softcap)
                 loss = F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
+            wrt = [t for t, need in zip((chunk_rows, *params), (need_rows, *need_params)) if need]
+            grads = iter(torch.autograd.grad(loss, wrt))
             total += loss.detach()
-            if not any_grad:
-                continue
-            wrt = [t for t in (chunk_rows, head, *params) if t.requires_grad]
-            grads = list(torch.autograd.grad(loss, wrt))
-            del logits, loss
             if need_rows:
-                grad_rows[start:start + chunk_size] = grads.pop(0)
-            # Accumulated in the parameters' own dtype: an fp32 accumulator for a bf16 [V, D] head would
-            # double the head's memory; there are few chunks per call.
-            if need_head:
-                g = grads.pop(0)
-                grad_head = g if grad_head is None else grad_head.add_(g)
-            for k, need in enumerate(need_params):
-                if need:
-                    g = grads.pop(0)
-                    grad_params[k] = g if grad_params[k] is None else grad_params[k].add_(g)
-        ctx.n_params = len(param_values)
-        ctx.save_for_backward(grad_rows, grad_head, *grad_params)
+                grad_rows[start:start + chunk_size] = next(grads)
+            for grad_sum, grad in zip([t for t in sums if t is not None], grads):
+                grad_sum.add_(grad)
+        ctx.save_for_backward(grad_rows, *(None if grad_sum is None else grad_sum.to(p.dtype)
+                                           for grad_sum, p in zip(sums, params)))
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total):
-        grad_rows, grad_head, *grad_params = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_total.to(g.dtype)  # noqa: E731
-        return (scale(grad_rows), None, None, None, None, None, scale(grad_head), *map(scale, grad_params))
+        # A 0-dim fp32 factor keeps each gradient's dtype and rounds once, the product.
+        grad_rows, *grad_params = (None if g is None else g * grad_total for g in ctx.saved_tensors)
+        return grad_rows, None, None, None, None, *grad_params
 
 
-def logit_lens_ce(hidden, norm, head_weight, labels, chunk_size=1024, softcap=None, reduction="mean",
-                  freeze_head=True):
-    """Cross-entropy of the output head read off a hidden state (logit lens), chunked, fused with its gradient.
+def logit_lens_ce(hidden, norm, head_weight, labels, chunk_size=1024, softcap=None,
+                  reduction="mean", freeze_head=True):
+    """Cross-entropy of the output head read off a hidden state (logit lens).
 
-        logits[b, t] = softcap(W_out · norm(hidden[b, t]))          softcap(z) = c · tanh(z / c), or z if c is None
-        loss         = Σ_{(b,t): labels[b,t] != -100} −log softmax(logits[b, t])[labels[b, t]]
+        logits[b, t] = softcap(W_out · norm(hidden[b, t]))     softcap(z) = c·tanh(z/c), or z
+        loss = Σ_{(b,t): labels[b,t] != -100} −log softmax(logits[b, t])[labels[b, t]]
 
-    hidden [B, T, D] (any float dtype), norm: the model's final norm (a module mapping [.., D] -> [.., D]),
-    head_weight [V, D], labels [B, T] integer, already shifted: labels[b, t] is the token to predict from
-    position t, -100 = not supervised. softcap: Gemma-2's final-logit softcap c (None for LLaMA).
-    Returns an fp32 (or wider) scalar: the sum (reduction="sum"), or the mean over supervised tokens
-    ("mean"; 0.0, not NaN, when there are none). For a loss normalised over a whole optimizer step, use "sum"
-    and divide by the global token count.
+    hidden [B, T, D]; norm: the final norm (an nn.Module); head_weight [V, D]; labels [B, T] int,
+    shifted (labels[b, t]: the token after t; -100: none); softcap: Gemma-2's c or None. Returns
+    fp32: the sum ("sum"; over ranks and micro-batches, divide by their global token count) or the
+    mean over supervised tokens ("mean"; 0.0 over none). freeze_head=True (L_LC, L_ET): head and
+    norm get no gradient, the hidden state does; False (L_TFT): all do.
 
-    freeze_head=True (L_LC, L_ET): head_weight and the norm's parameters receive no gradient (S for LC's head;
-    I for ET and for the norm); the hidden state does. freeze_head=False (L_TFT): all of them train as usual.
-
-    Ours (I): the final norm is part of the lens; logits are fp32; only supervised positions are gathered and
-    processed `chunk_size` tokens at a time, and each chunk's gradients are formed while its logits exist (the
-    loss is a sum over rows), so no pass holds more than one chunk's [chunk_size, V] logits, nothing with a
-    V dimension is kept for backward, and no chunk is recomputed. Parameters
-    are read from `norm` at call time: under FSDP2 they must be the unsharded tensors of a running forward
-    (call from `forward` or a method registered with `register_fsdp_forward_method`, with the norm and head
-    in that module's FSDP unit, e.g. the root; not in a unit of their own, whose hooks would never run).
+    Memory (I): supervised rows run `chunk_size` at a time, each chunk's gradients formed while its
+    logits exist (the loss is a sum over rows): no [B, T, V] logits, nothing with a V dimension kept
+    for backward but the head's gradient, no recompute (head matmuls per chunk: 3, 2 if frozen, 1
+    with grad mode off). Parameter gradients sum over chunks in a (transient) fp32 buffer, so a bf16
+    head's error does not grow with the chunk count; with no supervised token they are zeros, not
+    None (FSDP2 needs them on every rank). Label values are checked on CPU only (elsewhere a check
+    syncs). Under FSDP2 call this inside forward or a method given to register_fsdp_forward_method,
+    with the norm and head in that module's FSDP unit.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"logit_lens_ce: reduction={reduction!r}; expected 'mean' or 'sum'")
-    if not isinstance(norm, torch.nn.Module):
-        raise ValueError(f"logit_lens_ce: norm is a {type(norm).__name__}; "
-                         "expected the model's final norm as an nn.Module")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"logit_lens_ce: chunk_size={chunk_size!r}; expected a positive int")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"logit_lens_ce: softcap={softcap!r}; expected a positive number or None")
-    if hidden.dim() != 3 or not hidden.is_floating_point():
-        raise ValueError(f"logit_lens_ce: hidden has shape {tuple(hidden.shape)} and dtype {hidden.dtype}; "
-                         "expected a float [B, T, D] tensor")
-    if head_weight.dim() != 2 or head_weight.shape[1] != hidden.shape[2]:
-        raise ValueError(f"logit_lens_ce: head_weight has shape {tuple(head_weight.shape)}; "
-                         f"expected [V, {hidden.shape[2]}] to match hidden's D")
-    if labels.shape != hidden.shape[:2]:
-        raise ValueError(f"logit_lens_ce: labels have shape {tuple(labels.shape)}; "
-                         f"expected {tuple(hidden.shape[:2])} to match hidden's [B, T]")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"logit_lens_ce: labels have dtype {labels.dtype}; "
-                         "expected an integer tensor (torch.long)")
-    if labels.device != hidden.device:
-        raise ValueError(f"logit_lens_ce: labels are on {labels.device} and hidden on {hidden.device}; "
-                         "expected one device")
-
+    fn = "logit_lens_ce"
+    _check(reduction in ("mean", "sum"), f"{fn}: reduction={reduction!r}; expected 'mean' or 'sum'")
+    _check(isinstance(norm, torch.nn.Module),
+           f"{fn}: norm is a {type(norm).__name__}; expected the model's final norm (an nn.Module)")
+    _check(type(chunk_size) is int and chunk_size > 0,
+           f"{fn}: chunk_size={chunk_size!r}; expected a positive int")
+    _check(softcap is None or softcap > 0, f"{fn}: softcap={softcap!r}; expected None or > 0")
+    _check(hidden.dim() == 3 and hidden.is_floating_point(), f"{fn}: hidden has shape "
+           f"{tuple(hidden.shape)} and dtype {hidden.dtype}; expected a float [B, T, D] tensor")
+    _check(head_weight.dim() == 2 and head_weight.shape[1] == hidden.shape[2], f"{fn}: head_weight "
+           f"has shape {tuple(head_weight.shape)}; expected [V, {hidden.shape[2]}], hidden's D")
+    _check(labels.shape == hidden.shape[:2] and labels.device == hidden.device,
+           f"{fn}: labels have shape {tuple(labels.shape)} on {labels.device}; expected hidden's "
+           f"[B, T] {tuple(hidden.shape[:2])} on {hidden.device}")
+    _check(not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool),
+           f"{fn}: labels have dtype {labels.dtype}; expected an integer tensor (torch.long)")
+    for name, value in [("head_weight", head_weight), *norm.named_parameters(prefix="norm")]:
+        _check(type(value).__name__ != "DTensor", f"{fn}: {name} is a sharded DTensor; under "
+               "FSDP2 call this inside forward or a method given to register_fsdp_forward_method")
     flat_labels = labels.reshape(-1).long()
     keep = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)  # [n]
     targets = flat_labels.index_select(0, keep)
     vocab = head_weight.shape[0]
-    if keep.numel() and (targets.min() < 0 or targets.max() >= vocab):
-        bad = targets[(targets < 0) | (targets >= vocab)][0].item()
-        raise ValueError(f"logit_lens_ce: labels contain {bad}; expected token ids in [0, {vocab}) or -100")
+    bad = targets[(targets < 0) | (targets >= vocab)].tolist() if _on_cpu(targets) else []
+    if bad:
+        raise ValueError(f"{fn}: labels contain {bad[0]}; expected ids in [0, {vocab}) or -100")
     rows = hidden.reshape(-1, hidden.shape[2]).index_select(0, keep)  # [n, D]
-
-    named = list(norm.named_parameters())
-    names, values = tuple(name for name, _ in named), tuple(value for _, value in named)
-    for name, value in (("head_weight", head_weight), *((f"norm.{n}", v) for n, v in named)):
-        if type(value).__name__ == "DTensor":
-            raise ValueError(f"logit_lens_ce: {name} is a sharded DTensor; under FSDP2 call this from forward "
-                             "or a method registered with register_fsdp_forward_method, with the norm and head "
-                             "in that module's FSDP unit")
-    if freeze_head:
-        # Stop-gradient on the head path only: the hidden state still gets its gradient.
-        head_weight = head_weight.detach()
-        values = tuple(v.detach() for v in values)
-    total = _ChunkedLogitLensCE.apply(rows, targets, chunk_size, softcap, norm, names, head_weight, *values)
-    if reduction == "mean":
-        return total / max(keep.numel(), 1)
-    return total
+    # freeze_head: stop-gradient on the head path only; the hidden state still gets its gradient.
+    params = tuple(p.detach() if freeze_head else p for p in (head_weight, *norm.parameters()))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, *params)):
+        total = _FusedChunkedCE.apply(rows, targets, chunk_size, softcap, norm, *params)
+    else:
+        total = rows.new_zeros((), dtype=torch.promote_types(rows.dtype, torch.float32))
+        for start in range(0, rows.shape[0], chunk_size):
+            logits = _head_logits(norm, head_weight, rows[start:start + chunk_size], softcap)
+            total += F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
+    return total / max(keep.numel(), 1) if reduction == "mean" else total
 
 
 def _pool(hidden, mask, pooling, mask_name):
-    """[B, T, D] hidden states -> [B, D] fp32 vectors over the positions where mask is 1."""
-    if mask.dtype != torch.bool and ((mask != 0) & (mask != 1)).any():
-        raise ValueError(f"feature_cosine_loss: {mask_name} has values other than 0 and 1; expected a 0/1 mask")
+    """[B, T, D] hidden states -> [B, D] fp32 vectors over the positions where mask is nonzero."""
+    if _on_cpu(mask):
+        _check(mask.dtype == torch.bool or not ((mask != 0) & (mask != 1)).any(),
+               f"feature_cosine_loss: {mask_name} has values other than 0 and 1; expected 0/1")
+        empty = (mask == 0).all(dim=1)  # [B]
+        _check(not empty.any(), f"feature_cosine_loss: {mask_name} row {int(empty.int().argmax())} "
+               "marks no token; expected at least one token to pool per example")
     mask = mask != 0  # [B, T]
-    empty = (~mask.any(dim=1)).nonzero()
-    if empty.numel():
-        raise ValueError(f"feature_cosine_loss: {mask_name} row {empty[0].item()} marks no token; "
-                         "expected at least one token to pool per example")
-    # fp32: pooling and cosine
+    # fp32: pooling and cosine. An empty row gives NaN (0/0, or the where below), never a number.
     if pooling == "mean":
-        weights = mask.float()
-        return torch.einsum("btd,bt->bd", hidden.float(), weights) / weights.sum(dim=1, keepdim=True)
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    last = (positions * mask).argmax(dim=1)  # [B]: the largest marked position
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+        return torch.einsum("btd,bt->bd", hidden.float(), mask.float()) / mask.sum(1, keepdim=True)
+    last = (torch.arange(mask.shape[1], device=mask.device) * mask).argmax(dim=1)  # [B]
+    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+    return torch.where(mask.any(dim=1, keepdim=True), picked, torch.nan)
 
 
-def feature_cosine_loss(h_student, h_teacher, mask_student, mask_teacher, pooling="mean", detach_teacher=True,
-                        reduction="mean"):
-    """Cosine distance between pooled hidden states of a student and a teacher sequence (DFT-feature).
+def feature_cosine_loss(h_student, h_teacher, mask_student, mask_teacher, pooling="mean",
+                        detach_teacher=True, reduction="mean"):
+    """Cosine distance between pooled hidden states of a student and a teacher sequence.
 
-        loss[b] = 1 − cos(pool(h_student[b], mask_student[b]), pool(h_teacher[b], mask_teacher[b]))
+        loss[b] = 1 − cos(pool(h_student[b], mask_student[b]),
+                          pool(h_teacher[b], mask_teacher[b]))
 
-    The paper's (S) two uses: L_LC = 1 − cos(h_i(x_en), h_i(x_tgt)) and L_ET = 1 − cos(h_N(x_en), h_j(x_tgt));
-    the student is the target-language side, the teacher the English side.
-    h_student [B, T_s, D], h_teacher [B, T_t, D] (the lengths may differ), masks [B, T_s] and [B, T_t]: 1 on the
-    tokens to pool over. Returns fp32: the mean over the batch ("mean"), the sum ("sum") or [B] ("none").
-
-    Ours (I): the sequences have different lengths, so states are pooled first -- pooling="mean" is the masked
-    mean, "last" the state at the last marked position; detach_teacher=True stops the gradient through the
-    English (teacher) side. An all-zero mask row is an error, not a silent NaN.
+    Student: the target-language side, teacher: the English side (L_LC, L_ET above). h_student
+    [B, T_s, D], h_teacher [B, T_t, D], masks [B, T_s], [B, T_t]: 1 on the tokens to pool. Returns
+    fp32: the mean over the batch ("mean"), the sum ("sum") or [B] ("none"). Ours (I): "mean" pools
+    by the masked mean, "last" takes the last marked position; detach_teacher stops the teacher's
+    gradient. Masks are checked on CPU only: an all-zero row is an error there, NaN elsewhere.
     """
-    if pooling not in ("mean", "last"):
-        raise ValueError(f"feature_cosine_loss: pooling={pooling!r}; expected 'mean' or 'last'")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"feature_cosine_loss: reduction={reduction!r}; expected 'mean', 'sum' or 'none'")
+    fn = "feature_cosine_loss"
+    _check(pooling in ("mean", "last"), f"{fn}: pooling={pooling!r}; expected 'mean' or 'last'")
+    _check(reduction in ("mean", "sum", "none"),
+           f"{fn}: reduction={reduction!r}; expected 'mean', 'sum' or 'none'")
     for name, h in (("h_student", h_student), ("h_teacher", h_teacher)):
-        if h.dim() != 3 or not h.is_floating_point():
-            raise ValueError(f"feature_cosine_loss: {name} has shape {tuple(h.shape)} and dtype {h.dtype}; "
-                             "expected a float [B, T, D] tensor")
-    if h_student.shape[0] != h_teacher.shape[0] or h_student.shape[2] != h_teacher.shape[2]:
-        raise ValueError(f"feature_cosine_loss: h_student {tuple(h_student.shape)} and h_teacher "
-                         f"{tuple(h_teacher.shape)} differ in B or D; expected [B, T_s, D] and [B, T_t, D]")
-    for name, mask, h in (("mask_student", mask_student, h_student), ("mask_teacher", mask_teacher, h_teacher)):
-        if mask.shape != h.shape[:2]:
-            raise ValueError(f"feature_cosine_loss: {name} has shape {tuple(mask.shape)}; "
-                             f"expected {tuple(h.shape[:2])} to match its hidden states")
-        if mask.device != h.device:
-            raise ValueError(f"feature_cosine_loss: {name} is on {mask.device} and its hidden states on "
-                             f"{h.device}; expected one device")
-
+        _check(h.dim() == 3 and h.is_floating_point(), f"{fn}: {name} has shape "
+               f"{tuple(h.shape)} and dtype {h.dtype}; expected a float [B, T, D] tensor")
+    _check(h_student.shape[::2] == h_teacher.shape[::2], f"{fn}: h_student "  # [B, D]
+           f"{tuple(h_student.shape)} and h_teacher {tuple(h_teacher.shape)} differ in B or D")
+    for name, mask, h in (("mask_student", mask_student, h_student),
+                          ("mask_teacher", mask_teacher, h_teacher)):
+        _check(mask.shape == h.shape[:2] and mask.device == h.device, f"{fn}: {name} has shape "
+               f"{tuple(mask.shape)} on {mask.device}; expected its states' {tuple(h.shape[:2])} "
+               f"on {h.device}")
     if detach_teacher:
         h_teacher = h_teacher.detach()  # stop-gradient: the English side is the teacher (I)
     student = _pool(h_student, mask_student, pooling, "mask_student")  # [B, D]
     teacher = _pool(h_teacher, mask_teacher, pooling, "mask_teacher")  # [B, D]
     loss = 1.0 - F.cosine_similarity(student, teacher, dim=-1)  # [B]
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
+    return {"mean": loss.mean(), "sum": loss.sum(), "none": loss}[reduction]

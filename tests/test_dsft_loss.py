@@ -4,6 +4,7 @@ hooks for the memory claim."""
 
 import ast
 import copy
+import datetime
 import gc
 import sys
 import weakref
@@ -18,6 +19,7 @@ from torch.utils._pytree import tree_flatten
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # so that plain `pytest` works as well as `python -m pytest`
 
+import dsft_loss  # noqa: E402
 from dsft_loss import feature_cosine_loss, logit_lens_ce  # noqa: E402
 
 
@@ -105,16 +107,19 @@ def test_frozen_head_still_trains_through_another_path():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_no_supervised_tokens_gives_zero_not_nan(reduction):
-    hidden, norm, head, labels = make_case()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_supervised_tokens_gives_zero_not_nan(reduction, dtype):
+    """Zero gradients, not None: under FSDP2 every rank must hand the same gradients to the
+    reduce-scatter, also a rank whose micro-batch has no supervised token."""
+    hidden, norm, head, labels = make_case(dtype=dtype)
     labels = torch.full_like(labels, -100)
     h, norm_ours, w = leaves(hidden, norm, head)
     loss = logit_lens_ce(h, norm_ours, w, labels, reduction=reduction, freeze_head=False)
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert h.grad is not None and h.grad.abs().max() == 0
-    for g in (w.grad, norm_ours.weight.grad):
-        assert g is None or g.abs().max() == 0
+    for g, param in ((w.grad, w), (norm_ours.weight.grad, norm_ours.weight)):
+        assert g is not None and g.abs().max() == 0 and g.dtype == param.dtype
 
 
 def test_bf16_inputs_give_fp32_loss_and_bf16_grads():
@@ -130,6 +135,89 @@ def test_bf16_inputs_give_fp32_loss_and_bf16_grads():
     assert h_ours.grad.dtype == torch.bfloat16 and w_ours.grad.dtype == torch.bfloat16
     torch.testing.assert_close(h_ours.grad, h_ref.grad, rtol=2e-2, atol=2e-3)
     torch.testing.assert_close(w_ours.grad, w_ref.grad, rtol=2e-2, atol=2e-3)
+
+
+def test_bf16_head_gradient_error_does_not_grow_with_the_number_of_chunks():
+    """Summed over chunks in bf16, the head gradient's error grew with the chunk count (1.2e-2 at 128
+    chunks against 2.3e-3 for one chunk, here); summed in fp32 and rounded once, it stays near the
+    one-chunk error."""
+    torch.manual_seed(0)
+    tokens, vocab, dim = 512, 64, 32
+    hidden = torch.randn(1, tokens, dim).bfloat16()
+    head = (0.3 * torch.randn(vocab, dim)).bfloat16()
+    labels = torch.randint(0, vocab, (1, tokens))
+    exact = head.double().requires_grad_(True)
+    reference_ce(hidden.double(), torch.nn.Identity(), exact, labels, None, "sum").backward()
+    errors = {}
+    for chunk_size in (4, tokens):
+        w = head.clone().requires_grad_(True)
+        logit_lens_ce(hidden, torch.nn.Identity(), w, labels, chunk_size=chunk_size, reduction="sum",
+                      freeze_head=False).backward()
+        assert w.grad.dtype == torch.bfloat16
+        errors[chunk_size] = ((w.grad.double() - exact.grad).norm() / exact.grad.norm()).item()
+    assert errors[tokens] < 4e-3, errors  # one chunk: bf16 matmuls and one rounding
+    assert errors[4] < 1.5 * errors[tokens], errors
+
+
+# Whichever level the dispatcher shows: linear itself (as under inference_mode) or its mm.
+MATMULS = {torch.ops.aten.linear, torch.ops.aten.matmul, torch.ops.aten.mm, torch.ops.aten.addmm,
+           torch.ops.aten.bmm}
+
+
+class OpLog(TorchDispatchMode):
+    """Every aten op that runs, forward and backward, with its arguments and tensor outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        self.calls.append((func.overloadpacket, args, outputs))
+        return out
+
+    def count(self, ops):
+        return sum(op in ops for op, _, _ in self.calls)
+
+    def fresh_buffers_shaped_like(self, weight):
+        """Outputs of weight's shape (or its transpose) in storage of their own: not views of it."""
+        shapes = {tuple(weight.shape), tuple(weight.shape)[::-1]}
+        storage = weight.untyped_storage().data_ptr()
+        return [tuple(t.shape) for _, _, outputs in self.calls for t in outputs
+                if tuple(t.shape) in shapes and t.untyped_storage().data_ptr() != storage]
+
+
+@pytest.mark.parametrize("grad_off", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("freeze_head", [True, False])
+def test_with_grad_mode_off_one_head_matmul_per_chunk_and_no_gradient_buffers(grad_off, freeze_head):
+    hidden, norm, head, labels = make_case()
+    h, norm_ours, w = leaves(hidden, norm, head)  # everything trainable: only grad mode says no
+    chunk_size = 4
+    n_supervised = int((labels != -100).sum())
+    n_chunks = -(-n_supervised // chunk_size)
+    with torch.no_grad():
+        ref = reference_ce(hidden, norm, head, labels, 2.0, "mean")
+    with grad_off(), OpLog() as log:
+        ours = logit_lens_ce(h, norm_ours, w, labels, chunk_size=chunk_size, softcap=2.0,
+                             freeze_head=freeze_head)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert not ours.requires_grad
+    assert log.count(MATMULS) == n_chunks
+    assert log.fresh_buffers_shaped_like(w) == []
+
+
+@pytest.mark.parametrize("freeze_head, matmuls_per_chunk", [(True, 2), (False, 3)])
+def test_op_log_sees_the_fused_gradient_matmuls_and_head_buffer(freeze_head, matmuls_per_chunk):
+    """The probe of the test above, with grad mode on: it counts the gradient matmuls and finds the
+    head's gradient buffer when the head trains."""
+    hidden, norm, head, labels = make_case()
+    h, norm_ours, w = leaves(hidden, norm, head)
+    n_chunks = -(-int((labels != -100).sum()) // 4)
+    with OpLog() as log:
+        logit_lens_ce(h, norm_ours, w, labels, chunk_size=4, freeze_head=freeze_head)
+    assert log.count(MATMULS) == matmuls_per_chunk * n_chunks
+    assert bool(log.fresh_buffers_shaped_like(w)) == (not freeze_head)
 
 
 # ---------------------------------------------------------------- logit_lens_ce: memory
@@ -242,12 +330,14 @@ class TinyLM(torch.nn.Module):
         return (tft + lens) / n_global
 
 
-def fsdp_worker(rank, world, init_file):
+def fsdp_worker(rank, world, init_file, rank1_unsupervised):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     torch.set_num_threads(1)  # two workers on a small shared CPU
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A timeout, so that ranks whose collectives disagree fail the test instead of hanging it.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         torch.manual_seed(0)
         model = TinyLM()
@@ -256,6 +346,8 @@ def fsdp_worker(rank, world, init_file):
         labels = torch.randint(0, 50, (4, 7))
         labels[:, :2] = -100
         labels[3, 5] = -100  # unequal token counts across ranks
+        if rank1_unsupervised:  # rank 1's micro-batch has no supervised token at all
+            labels[2:] = -100
         n_global = (labels != -100).sum()
         single.tft_plus_lens(tokens, labels, n_global).backward()
 
@@ -273,9 +365,13 @@ def fsdp_worker(rank, world, init_file):
         dist.destroy_process_group()
 
 
-def test_gradients_under_fsdp2_equal_single_process(tmp_path):
-    """Parameters are read at call time: under FSDP2 they are the unsharded tensors of the running forward."""
-    torch.multiprocessing.spawn(fsdp_worker, args=(2, str(tmp_path / "init")), nprocs=2)
+@pytest.mark.parametrize("rank1_unsupervised", [False, True])
+def test_gradients_under_fsdp2_equal_single_process(tmp_path, rank1_unsupervised):
+    """Parameters are read at call time: under FSDP2 they are the unsharded tensors of the running forward.
+    A rank with no supervised token still gives the head and norm (zero) gradients, so the ranks'
+    reduce-scatters match."""
+    torch.multiprocessing.spawn(fsdp_worker, args=(2, str(tmp_path / "init"), rank1_unsupervised),
+                                nprocs=2)
 
 
 # ---------------------------------------------------------------- logit_lens_ce: bad input
@@ -401,6 +497,63 @@ def test_feature_cosine_loss_rejects_bad_input_in_one_line(change, message):
     with pytest.raises(ValueError) as error:
         feature_cosine_loss(**args)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------- host-device syncs
+
+
+SYNCING = {torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero, torch.ops.aten.masked_select}
+
+
+def syncing_ops(log):
+    """The logged ops that make the host wait for an accelerator: reading a value (item, bool,
+    tolist), a data-dependent output size (nonzero, masked_select, indexing with a bool mask)."""
+    found = []
+    for op, args, _ in log.calls:
+        indices = args[1] if op is torch.ops.aten.index and len(args) > 1 else []
+        bool_index = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+        if op in SYNCING or bool_index:
+            found.append(op)
+    return found
+
+
+def test_logit_lens_ce_reads_no_value_on_the_host_off_cpu(monkeypatch):
+    """Off CPU the value checks are skipped (they would sync every call); what is left is the one
+    gather of the supervised rows. On CPU the checks run: the probe sees them."""
+    hidden, norm, head, labels = make_case()
+    with OpLog() as on_cpu:
+        logit_lens_ce(hidden, norm, head, labels)
+    assert len(syncing_ops(on_cpu)) > 1
+
+    monkeypatch.setattr(dsft_loss, "_on_cpu", lambda tensor: False)  # as on an accelerator
+    h, norm_ours, w = leaves(hidden, norm, head)
+    with OpLog() as off_cpu:
+        ours = logit_lens_ce(h, norm_ours, w, labels, freeze_head=False)
+        ours.backward()
+    assert syncing_ops(off_cpu) == [torch.ops.aten.nonzero]
+    torch.testing.assert_close(ours, reference_ce(hidden, norm, head, labels, None, "mean"))
+
+
+def test_feature_cosine_loss_reads_no_value_on_the_host_off_cpu():
+    """The meta device holds no data: any value check would fail there."""
+    student, teacher, mask_student, mask_teacher = feature_case()
+    meta = [t.to("meta") for t in (student, teacher, mask_student, mask_teacher)]
+    for pooling in ("mean", "last"):
+        loss = feature_cosine_loss(*meta, pooling=pooling, reduction="none")
+        assert loss.device.type == "meta" and loss.shape == (3,)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_feature_cosine_loss_off_cpu_gives_nan_for_an_empty_row_not_a_number(monkeypatch, pooling):
+    student, teacher, mask_student, mask_teacher = feature_case()
+    expected = feature_cosine_loss(student, teacher, mask_student, mask_teacher, pooling=pooling,
+                                   reduction="none")
+    mask_teacher[2] = 0
+    monkeypatch.setattr(dsft_loss, "_on_cpu", lambda tensor: False)  # as on an accelerator
+    loss = feature_cosine_loss(student, teacher, mask_student, mask_teacher, pooling=pooling,
+                               reduction="none")
+    assert torch.isnan(loss[2])
+    torch.testing.assert_close(loss[:2], expected[:2])
 
 
 # ---------------------------------------------------------------- the file itself
