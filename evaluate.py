@@ -5,9 +5,12 @@
     python evaluate.py --model OUT/final --prompt "Thủ đô của Việt Nam là gì?"   # greedy answer, Alpaca template
     python evaluate.py --model OUT/final --logit-lens --lens-lang vi             # per-layer lens, suggested i, j
 
-Writes OUT/final/eval/results.json (rows {"task", "lang", "metric", "value", "n", "prompt"}, value in [0, 100]),
-results.md (the layout of the paper's Tables 1 and 2, the paper's rows for the same model family beside ours) and
-predictions/<task>.<lang>.jsonl for the generative tasks.
+Writes OUT/final/eval/results.json (rows {"task", "lang", "metric", "value", "n", "prompt", "file"}, value in
+[0, 100], "prompt" naming the protocol), results.md (the layout of the paper's Tables 1 and 2, the paper's rows for
+the same model family beside ours; then per task and language the protocol, split and file read and the rows
+skipped as bad) and predictions/<task>.<lang>.jsonl: one line per example, from which every value in results.json
+can be recomputed (each choice's log-likelihood and length, the pick and the gold; or the generation, the answer
+taken from it, the gold answers, F1 and EM).
 
 BENCH_DIR holds the files exactly as the benchmarks release them (nothing is downloaded):
 
@@ -21,12 +24,14 @@ BENCH_DIR holds the files exactly as the benchmarks release them (nothing is dow
     xstorycloze/spring2016.val.{ar,zh}.tsv.split_20_80_eval.tsv    XStoryCloze (no Vietnamese)
 
 Protocol (METHOD.md §6). Multiple choice: summed log-likelihood of each continuation given the context (acc) and the
-same divided by the continuation's length in characters (acc_norm, as lm-evaluation-harness); a tie is never
-correct. Prompts: XNLI / XCOPA / XStoryCloze as lm-evaluation-harness, MMLU / TruthfulQA as Okapi's evaluation (the
-MMLU letter form of lm-evaluation-harness's Okapi port). Generative QA: x-LLM's per-language prompts inside the
-Alpaca template, greedy decoding with the KV cache, stop at EOS or at the first newline after the answer began,
-F1 / EM of the official MLQA script for XQuAD, MLQA and MKQA alike (MKQA adds its aliases and its rule for
-unanswerable questions).
+same divided by the continuation's length in characters (acc_norm, as lm-evaluation-harness); a tie for the best is
+never correct (--mc-ties first: the first best choice wins, as lm-evaluation-harness's argmax). Prompts: XNLI /
+XCOPA / XStoryCloze as lm-evaluation-harness, MMLU / TruthfulQA as Okapi's evaluation (the MMLU letter form of
+lm-evaluation-harness's Okapi port; the TruthfulQA question cleaned up as there). Generative QA: x-LLM's
+per-language prompts inside the Alpaca template, greedy decoding with the KV cache, at most --qa-max-new-tokens
+(64) new tokens; the answer ends at EOS or at the first newline after it began (--qa-stop newline), or at EOS only
+(--qa-stop eos, as x-LLM's scripts generate). F1 / EM of the official MLQA script for XQuAD, MLQA and MKQA alike
+(MKQA adds its aliases and its rule for unanswerable questions).
 
 Logit lens (--logit-lens): a few target-language Alpaca records (the bundled sample by default) as teacher-forced
 training sequences; at every response position, each layer's residual stream goes through the final norm and the
@@ -44,6 +49,7 @@ import functools
 import gzip
 import json
 import math
+import os
 import re
 import string
 import sys
@@ -203,10 +209,13 @@ def mkqa_f1(prediction: str, answers, lang: str) -> float:
     return max(one(a) for a in _answers(answers))
 
 
-def strictly_best(scores, gold: int) -> bool:
-    """True iff choice `gold` scores strictly above every other choice: a tie is never correct (Okapi puts the true
-    TruthfulQA MC1 answer first, so an argmax that breaks ties by order would reward a model that cannot tell)."""
-    return all(scores[gold] > s for i, s in enumerate(scores) if i != gold)
+def pick_choice(scores, ties: str = "wrong") -> int | None:
+    """The index of the best-scoring choice. On a tie for the best: None under ties="wrong" (a tie is never correct:
+    Okapi puts the true TruthfulQA MC1 answer first, so breaking ties by order would reward a model that cannot tell
+    the choices apart), the first of them under ties="first" (lm-evaluation-harness's argmax)."""
+    best = max(scores)
+    winners = [i for i, s in enumerate(scores) if s == best]
+    return winners[0] if ties == "first" or len(winners) == 1 else None
 
 
 def mc2_score(lls, true_mask) -> float:
@@ -389,7 +398,7 @@ def read_truthfulqa(path: Path, lang: str, bad: BadRows) -> list[dict]:
         try:
             if isinstance(row, BadRow):
                 raise row
-            out = {"question": _text(row, "question")}
+            out = {"id": f"line {n}", "question": _text(row, "question")}
             for part in ("mc1", "mc2"):
                 choices, labels = row.get(f"{part}_targets_choices"), row.get(f"{part}_targets_labels")
                 if (not isinstance(choices, list) or len(choices) < 2
@@ -429,7 +438,7 @@ def read_mmlu(path: Path, lang: str, bad: BadRows) -> list[dict]:
 
 def read_xnli(path: Path, lang: str, bad: BadRows) -> list[dict]:
     """XNLI-1.0 xnli.test.tsv (every language in one file) -> [{premise, hypothesis, label (0-2)}] for `lang`."""
-    need = ("language", "gold_label", "sentence1", "sentence2")
+    need = ("language", "gold_label", "sentence1", "sentence2", "pairID")
     rows = []
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)   # the release has unbalanced quotes
@@ -449,7 +458,8 @@ def read_xnli(path: Path, lang: str, bad: BadRows) -> list[dict]:
             try:
                 row = {c: fields[col[c]] for c in need}
                 label = XNLI_LABELS.index(_one_of(row, "gold_label", XNLI_LABELS))
-                rows.append(dict(premise=_text(row, "sentence1"), hypothesis=_text(row, "sentence2"), label=label))
+                rows.append(dict(id=row["pairID"], premise=_text(row, "sentence1"), hypothesis=_text(row, "sentence2"),
+                                 label=label))
             except BadRow as e:
                 bad(path, f"line {n}", e)
     return rows
@@ -462,7 +472,7 @@ def read_xcopa(path: Path, lang: str, bad: BadRows) -> list[dict]:
         try:
             if isinstance(row, BadRow):
                 raise row
-            rows.append(dict(premise=_text(row, "premise"), choice1=_text(row, "choice1"),
+            rows.append(dict(id=row.get("idx", f"line {n}"), premise=_text(row, "premise"), choice1=_text(row, "choice1"),
                              choice2=_text(row, "choice2"), question=_one_of(row, "question", ("cause", "effect")),
                              label=_one_of(row, "label", (0, 1))))
         except BadRow as e:
@@ -505,6 +515,7 @@ def read_xstorycloze(path: Path, lang: str, bad: BadRows) -> list[dict]:
 
 @dataclass
 class MCItem:
+    id: str | int                        # the release's id of the example, or the line it is on
     context: str                         # the prompt; each continuation is delimiter + choice
     choices: list[str]
     gold: int                            # index of the correct choice (acc, acc_norm, MC1)
@@ -517,7 +528,7 @@ class MCItem:
 
 @dataclass
 class QAItem:
-    id: str
+    id: str | int
     prompt: str
     answers: list[str]
 
@@ -533,21 +544,30 @@ def mkqa_item(row: dict, lang: str) -> QAItem:
     return QAItem(row["id"], format_prompt(MKQA_INSTRUCTION[lang], text), row["answers"])
 
 
+def okapi_question(text: str) -> str:
+    """A TruthfulQA question cleaned up as lm-evaluation-harness's Okapi task does: strip, " [title]" -> ". ", drop
+    [bracketed] spans, then one pass of "  " -> " " (so three spaces become two, as there)."""
+    text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
+    return text.replace("  ", " ")
+
+
 def truthfulqa_items(row: dict, lang: str) -> list[MCItem]:
-    context = TRUTHFULQA_PREFIX + "\n\nQ: " + row["question"] + "\nA:"
-    mc1 = MCItem(context, row["mc1_choices"], row["mc1_labels"].index(1))
-    mc2 = MCItem(context, row["mc2_choices"], row["mc2_labels"].index(1), [bool(x) for x in row["mc2_labels"]])
+    context = TRUTHFULQA_PREFIX + "\n\nQ: " + okapi_question(row["question"]) + "\nA:"
+    mc1 = MCItem(row["id"], context, row["mc1_choices"], row["mc1_labels"].index(1))
+    mc2 = MCItem(row["id"], context, row["mc2_choices"], row["mc2_labels"].index(1),
+                 [bool(x) for x in row["mc2_labels"]])
     return [mc1, mc2]
 
 
 def mmlu_item(row: dict, lang: str) -> MCItem:
     options = "".join(f"\n{letter}. {text}" for letter, text in zip(MMLU_LETTERS, row["options"]))
-    return MCItem(row["question"].strip() + options + "\nAnswer:", list(MMLU_LETTERS), row["answer"])
+    return MCItem(row["id"], row["question"].strip() + options + "\nAnswer:", list(MMLU_LETTERS), row["answer"])
 
 
 def xnli_item(row: dict, lang: str) -> MCItem:
     question, *label_words = XNLI_WORDS[lang]
-    return MCItem(f"{row['premise']}, {question}?", [f"{w}, {row['hypothesis']}" for w in label_words], row["label"])
+    return MCItem(row["id"], f"{row['premise']}, {question}?", [f"{w}, {row['hypothesis']}" for w in label_words],
+                  row["label"])
 
 
 def xcopa_item(row: dict, lang: str) -> MCItem:
@@ -556,12 +576,12 @@ def xcopa_item(row: dict, lang: str) -> MCItem:
     if is_punct(premise[-1]):
         premise = premise[:-1]
     lower_first = lambda s: s[0].lower() + s[1:]  # noqa: E731
-    return MCItem(f"{premise} {XCOPA_CONNECTORS[lang][row['question']]}",
+    return MCItem(row["id"], f"{premise} {XCOPA_CONNECTORS[lang][row['question']]}",
                   [lower_first(row["choice1"]), lower_first(row["choice2"])], row["label"])
 
 
 def xstorycloze_item(row: dict, lang: str) -> MCItem:
-    return MCItem(" ".join(row["sentences"]), row["endings"], row["label"])
+    return MCItem(row["id"], " ".join(row["sentences"]), row["endings"], row["label"])
 
 
 @dataclass(frozen=True)
@@ -572,7 +592,8 @@ class Benchmark:
     langs: tuple[str, ...]          # languages of ours the release has
     kind: str                       # "qa" (generated answers) | "mc" (log-likelihood)
     metrics: tuple[str, ...]        # the first is the paper's
-    prompt: str                     # id written into results.json
+    prompt: str                     # the prompt format's id, written into results.json with the protocol
+    split: str                      # the release's split these files hold
     file: Callable[[Path, str], Path]
     read: Callable
     build: Callable
@@ -584,22 +605,25 @@ def _mkqa_file(data_dir: Path, lang: str) -> Path:
 
 
 BENCHMARKS = {b.name: b for b in [
-    Benchmark("xquad", "XQuAD", 1, LANGS, "qa", ("f1", "em"), "x-llm-alpaca-qa",
+    Benchmark("xquad", "XQuAD", 1, LANGS, "qa", ("f1", "em"), "x-llm-alpaca-qa", "test (XQuAD's only split)",
               lambda d, l: d / "xquad" / f"xquad.{l}.json", read_squad, squad_item),
-    Benchmark("mlqa", "MLQA", 1, LANGS, "qa", ("f1", "em"), "x-llm-alpaca-qa",
+    Benchmark("mlqa", "MLQA", 1, LANGS, "qa", ("f1", "em"), "x-llm-alpaca-qa", "test (MLQA_V1/test, not dev)",
               lambda d, l: d / "mlqa" / f"test-context-{l}-question-{l}.json", read_squad, squad_item),
     Benchmark("truthfulqa", "TruthfulQA", 1, LANGS, "mc", ("mc1", "mc2"), "okapi-truthfulqa-qa-prompt",
+              "validation (Okapi's only TruthfulQA split)",
               lambda d, l: d / "truthfulqa" / f"{l}_validation.json", read_truthfulqa, truthfulqa_items),
-    Benchmark("mkqa", "MKQA", 1, LANGS, "qa", ("f1", "em"), "alpaca-closed-book-qa",
+    Benchmark("mkqa", "MKQA", 1, LANGS, "qa", ("f1", "em"), "alpaca-closed-book-qa", "all (MKQA has one split)",
               _mkqa_file, read_mkqa, mkqa_item),
-    Benchmark("xnli", "XNLI", 2, LANGS, "mc", ("acc", "acc_norm"), "lm-eval-xnli",
+    Benchmark("xnli", "XNLI", 2, LANGS, "mc", ("acc", "acc_norm"), "lm-eval-xnli", "test (not dev)",
               lambda d, l: d / "xnli" / "xnli.test.tsv", read_xnli, xnli_item),
-    Benchmark("xcopa", "XCOPA", 2, ("vi", "zh"), "mc", ("acc", "acc_norm"), "lm-eval-xcopa",
+    Benchmark("xcopa", "XCOPA", 2, ("vi", "zh"), "mc", ("acc", "acc_norm"), "lm-eval-xcopa", "test (not val)",
               lambda d, l: d / "xcopa" / f"test.{l}.jsonl", read_xcopa, xcopa_item),
     Benchmark("xstorycloze", "XStoryCloze", 2, ("ar", "zh"), "mc", ("acc", "acc_norm"), "lm-eval-xstorycloze",
+              "eval (split_20_80_eval, not train)",
               lambda d, l: d / "xstorycloze" / f"spring2016.val.{l}.tsv.split_20_80_eval.tsv",
               read_xstorycloze, xstorycloze_item),
     Benchmark("mmlu", "MMLU", 2, LANGS, "mc", ("acc", "acc_norm"), "lm-eval-okapi-mmlu-letters",
+              "test (Okapi's, not val or dev)",
               lambda d, l: d / "mmlu" / f"{l}_test.json", read_mmlu, mmlu_item),
 ]}
 
@@ -735,9 +759,46 @@ def greedy_generate(model, tok, prompts: list[list[int]], max_new_tokens: int, b
     return out
 
 
-def answer_text(tok, ids: list[int]) -> str:
-    """The answer a generation gives: its text up to the first newline after leading whitespace."""
-    return tok.decode(ids).lstrip().split("\n")[0].strip()
+QA_STOPS = {   # --qa-stop: where a generated answer ends
+    "newline": "EOS or the first newline after the answer began; the first line",
+    "eos": "EOS only (as x-LLM's scripts); the whole generation",
+}
+MC_TIES = {    # --mc-ties: what a tie for the best log-likelihood scores
+    "wrong": "a tie for the best is wrong",
+    "first": "a tie goes to the first best choice (lm-evaluation-harness)",
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How answers are produced and picked; `describe` names it in results.json's "prompt" field."""
+    qa_max_new_tokens: int = 64
+    qa_stop: str = "newline"         # a key of QA_STOPS
+    mc_ties: str = "wrong"           # a key of MC_TIES
+
+    def describe(self, bench: Benchmark) -> str:
+        if bench.kind == "qa":
+            return f"{bench.prompt}; greedy, max {self.qa_max_new_tokens} new tokens, stop {self.qa_stop}"
+        return f"{bench.prompt}; log-likelihood, ties {self.mc_ties}"
+
+    def legend(self) -> str:
+        return (f"stop {self.qa_stop}: {QA_STOPS[self.qa_stop]} (--qa-stop); "
+                f"ties {self.mc_ties}: {MC_TIES[self.mc_ties]} (--mc-ties)")
+
+
+def answer_text(generation: str, qa_stop: str) -> str:
+    """The answer a generation gives: its first line after leading whitespace (--qa-stop newline), or all of it."""
+    text = generation.strip()
+    return text.split("\n")[0].strip() if qa_stop == "newline" else text
+
+
+def prompt_room(model, max_new_tokens: int) -> int:
+    """Tokens a prompt may take beside `max_new_tokens` new ones in the model's context."""
+    room = model.args.max_seq_len - max_new_tokens
+    if room < 2:
+        raise SystemExit(f"error: --qa-max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {model.args.max_seq_len} tokens; pass fewer")
+    return room
 
 
 def fit_prompt(ids: list[int], room: int, notes: Counter) -> list[int]:
@@ -748,41 +809,64 @@ def fit_prompt(ids: list[int], room: int, notes: Counter) -> list[int]:
     return ids[:1] + ids[len(ids) - room + 1:]
 
 
-def evaluate_cell(model, tok, bench: Benchmark, lang: str, rows: list[dict], batch_size: int, max_new_tokens: int,
-                  notes: Counter, predictions_file: Path | None = None) -> dict[str, float]:
-    """Metric -> value in [0, 100] for one benchmark and language."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write beside `path`, then rename: a crash never leaves a half-written file under its name."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def percent(values) -> float:
+    values = [float(v) for v in values]
+    return 100 * sum(values) / len(values)
+
+
+def evaluate_cell(model, tok, bench: Benchmark, lang: str, rows: list[dict], protocol: Protocol, batch_size: int,
+                  notes: Counter) -> tuple[dict[str, float], list[dict]]:
+    """Metric -> value in [0, 100] for one benchmark and language, and one record per example (the lines of its
+    predictions file): every metric is the mean of a per-example quantity in those records.
+    QA: {id, prompt, generation, answer, gold, f1, em}. Multiple choice: {id, prompt, choices, ll (summed
+    log-likelihood of prompt + " " + choice), length (characters of the choice), gold, pick (acc), pick_norm
+    (acc_norm: ll / length)}; pick is null on a tie under --mc-ties wrong. TruthfulQA: {id, prompt, mc1: {choices,
+    ll, gold, pick}, mc2: {choices, ll, true, score (the probability mass of the true choices)}}."""
     desc = f"{bench.name}/{lang}"
     if bench.kind == "qa":
         items = [bench.build(r, lang) for r in rows]
-        room = model.args.max_seq_len - max_new_tokens
+        room = prompt_room(model, protocol.qa_max_new_tokens)
         prompts = [fit_prompt(tok.encode(it.prompt, bos=True), room, notes) for it in items]
-        generated = greedy_generate(model, tok, prompts, max_new_tokens, batch_size, desc=desc)
-        preds = [answer_text(tok, g) for g in generated]
-        f1_fn = mkqa_f1 if bench.name == "mkqa" else qa_f1
-        f1 = [f1_fn(p, it.answers, lang) for p, it in zip(preds, items)]
-        em = [qa_em(p, it.answers, lang) for p, it in zip(preds, items)]
-        if predictions_file is not None:
-            predictions_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(predictions_file, "w", encoding="utf-8") as f:
-                for it, p, a, b in zip(items, preds, f1, em):
-                    f.write(json.dumps(dict(id=it.id, prediction=p, answers=it.answers, f1=a, em=b),
-                                       ensure_ascii=False) + "\n")
-        return {"f1": 100 * sum(f1) / len(f1), "em": 100 * sum(em) / len(em)}
+        generated = greedy_generate(model, tok, prompts, protocol.qa_max_new_tokens, batch_size,
+                                    stop_at_newline=protocol.qa_stop == "newline", desc=desc)
+        f1_of = mkqa_f1 if bench.name == "mkqa" else qa_f1
+        records = []
+        for it, ids in zip(items, generated):
+            generation = tok.decode(ids)
+            answer = answer_text(generation, protocol.qa_stop)
+            records.append(dict(id=it.id, prompt=it.prompt, generation=generation, answer=answer, gold=it.answers,
+                                f1=f1_of(answer, it.answers, lang), em=qa_em(answer, it.answers, lang)))
+        return {"f1": percent(r["f1"] for r in records), "em": percent(r["em"] for r in records)}, records
 
+    ties = protocol.mc_ties
     if bench.name == "truthfulqa":
         pairs = [bench.build(r, lang) for r in rows]
-        mc1_items, mc2_items = [p[0] for p in pairs], [p[1] for p in pairs]
-        lls = item_loglikelihoods(model, tok, mc1_items + mc2_items, batch_size, desc, notes)
-        mc1 = [strictly_best(s, it.gold) for s, it in zip(lls[:len(rows)], mc1_items)]
-        mc2 = [mc2_score(s, it.true_mask) for s, it in zip(lls[len(rows):], mc2_items)]
-        return {"mc1": 100 * sum(mc1) / len(mc1), "mc2": 100 * sum(mc2) / len(mc2)}
+        lls = item_loglikelihoods(model, tok, [it for pair in pairs for it in pair], batch_size, desc, notes)
+        records = []
+        for (mc1, mc2), ll1, ll2 in zip(pairs, lls[0::2], lls[1::2]):
+            records.append(dict(id=mc1.id, prompt=mc1.context,
+                                mc1=dict(choices=mc1.choices, ll=ll1, gold=mc1.gold, pick=pick_choice(ll1, ties)),
+                                mc2=dict(choices=mc2.choices, ll=ll2, true=mc2.true_mask,
+                                         score=mc2_score(ll2, mc2.true_mask))))
+        return {"mc1": percent(r["mc1"]["pick"] == r["mc1"]["gold"] for r in records),
+                "mc2": percent(r["mc2"]["score"] for r in records)}, records
 
     items = [bench.build(r, lang) for r in rows]
-    lls = item_loglikelihoods(model, tok, items, batch_size, desc, notes)
-    acc = [strictly_best(s, it.gold) for s, it in zip(lls, items)]
-    # acc_norm divides by the choice's length in characters, delimiter excluded, as lm-evaluation-harness does.
-    acc_norm = [strictly_best([x / len(c) for x, c in zip(s, it.choices)], it.gold) for s, it in zip(lls, items)]
-    return {"acc": 100 * sum(acc) / len(acc), "acc_norm": 100 * sum(acc_norm) / len(acc_norm)}
+    records = []
+    for it, ll in zip(items, item_loglikelihoods(model, tok, items, batch_size, desc, notes)):
+        # acc_norm divides by the choice's length in characters, delimiter excluded, as lm-evaluation-harness does.
+        length = [len(c) for c in it.choices]
+        records.append(dict(id=it.id, prompt=it.context, choices=it.choices, ll=ll, length=length, gold=it.gold,
+                            pick=pick_choice(ll, ties), pick_norm=pick_choice([x / n for x, n in zip(ll, length)], ties)))
+    return {"acc": percent(r["pick"] == r["gold"] for r in records),
+            "acc_norm": percent(r["pick_norm"] == r["gold"] for r in records)}, records
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -830,11 +914,21 @@ TABLE_TITLES = {1: "Table 1: F1 (XQuAD, MLQA, MKQA) and MC1 accuracy (TruthfulQA
 NO_LANGUAGE, MISSING = "–", "missing"
 
 
-def results_markdown(rows: list[dict], cells: dict, tasks: list[str], langs: list[str], family: str, model_name: str,
-                     header_lines: list[str], notes: list[str]) -> str:
+@dataclass
+class Cell:
+    """One benchmark in one language: what was read and how it went."""
+    state: str                          # "ok", NO_LANGUAGE or MISSING
+    path: Path | None = None            # the release file read (or expected)
+    rows: list[dict] | None = None      # the examples scored
+    skipped: int = 0                    # malformed rows of its file skipped under --skip-bad
+
+
+def results_markdown(results: list[dict], cells: dict[tuple[str, str], Cell], tasks: list[str], langs: list[str],
+                     family: str, model_name: str, header_lines: list[str], notes: list[str]) -> str:
     """The paper's Tables 1 and 2 (only the requested tasks and languages), the paper's rows for `family` above ours;
-    then every metric, then notes. `cells[(task, lang)]` is "ok", NO_LANGUAGE or MISSING."""
-    ours = {(r["task"], r["lang"], r["metric"]): r["value"] for r in rows}
+    then every metric, then per cell the protocol, split and file read, then notes."""
+    ours = {(r["task"], r["lang"], r["metric"]): r["value"] for r in results}
+    protocols = {(r["task"], r["lang"]): r["prompt"] for r in results}
     lines = [f"# Zero-shot evaluation: {model_name}", ""] + header_lines + [""]
     for table in (1, 2):
         benches = [BENCHMARKS[t] for t in tasks if BENCHMARKS[t].table == table]
@@ -854,14 +948,20 @@ def results_markdown(rows: list[dict], cells: dict, tasks: list[str], langs: lis
                          + " | ".join(paper_cell(b, lang) for b, lang in columns) + " |")
 
         def our_cell(b, lang):
-            state = cells.get((b.name, lang))
-            if state != "ok":
-                return state or ""
+            cell = cells.get((b.name, lang))
+            if cell is None or cell.state != "ok":
+                return cell.state if cell else ""
             return f"{ours[(b.name, lang, b.metrics[0])]:.2f}"
         lines += [f"| ours | {model_name} | " + " | ".join(our_cell(b, lang) for b, lang in columns) + " |", ""]
-    lines += ["## All metrics", "", "| task | lang | metric | value | n | prompt |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['lang']} | {r['metric']} | {r['value']:.2f} | {r['n']} | {r['prompt']} |"
-              for r in rows]
+    lines += ["## All metrics", "", "| task | lang | metric | value | n |", "|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['lang']} | {r['metric']} | {r['value']:.2f} | {r['n']} |" for r in results]
+    lines += ["", "## What was read", "",
+              "| task | lang | file | split | rows scored | rows skipped as bad | protocol |", "|---|---|---|---|---|---|---|"]
+    for (task, lang), cell in cells.items():
+        if cell.state != NO_LANGUAGE:
+            scored = len(cell.rows) if cell.state == "ok" else MISSING
+            lines.append(f"| {task} | {lang} | `{cell.path}` | {BENCHMARKS[task].split} | {scored} | {cell.skipped} | "
+                         f"{protocols.get((task, lang), '')} |")
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -1149,8 +1249,15 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output dir for results.json / results.md (default: MODEL/eval)")
     p.add_argument("--limit", type=int, help="evaluate only the first N examples of each task and language")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="greedy tokens per answer (default 64; 256 with --prompt)")
+    p.add_argument("--qa-max-new-tokens", "--max-new-tokens", dest="qa_max_new_tokens", type=int, default=None,
+                   help="greedy tokens per generated answer, for the QA benchmarks and --prompt (default: "
+                   f"{Protocol.qa_max_new_tokens}; 256 with --prompt). --max-new-tokens is the same flag")
+    p.add_argument("--qa-stop", choices=tuple(QA_STOPS), default=Protocol.qa_stop,
+                   help="where a generated QA answer ends: " + "; ".join(f"{k}: {v}" for k, v in QA_STOPS.items())
+                   + " (default: %(default)s)")
+    p.add_argument("--mc-ties", choices=tuple(MC_TIES), default=Protocol.mc_ties,
+                   help="multiple choice: " + "; ".join(f"{k}: {v}" for k, v in MC_TIES.items())
+                   + " (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda when present, else cpu")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
@@ -1172,9 +1279,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.logit_lens and args.prompt:
         p.error("--logit-lens and --prompt are separate modes; pass one of them")
-    if args.max_new_tokens is None:
-        args.max_new_tokens = 256 if args.prompt else 64
-    for name, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens),
+    if args.qa_max_new_tokens is None:
+        args.qa_max_new_tokens = 256 if args.prompt else Protocol.qa_max_new_tokens
+    for name, value in (("--batch-size", args.batch_size), ("--qa-max-new-tokens", args.qa_max_new_tokens),
                         ("--limit", args.limit), ("--lens-examples", args.lens_examples),
                         ("--lens-positions", args.lens_positions)):
         if value is not None and value < 1:
@@ -1211,84 +1318,85 @@ def load_model(path: str, device: str, dtype: str):
 def run_prompt(args) -> None:
     model, tok, _ = load_model(args.model, args.device, args.dtype)
     ids = alpaca_prompt_ids(tok, args.prompt)
-    ids = fit_prompt(ids, model.args.max_seq_len - args.max_new_tokens, Counter())
-    generated = greedy_generate(model, tok, [ids], args.max_new_tokens, stop_at_newline=False)[0]
+    ids = fit_prompt(ids, prompt_room(model, args.qa_max_new_tokens), Counter())
+    generated = greedy_generate(model, tok, [ids], args.qa_max_new_tokens, stop_at_newline=False)[0]
     print(tok.decode(generated).strip())
 
 
-def plan_cells(args) -> tuple[dict, dict, list[str]]:
+def plan_cells(args) -> tuple[dict[tuple[str, str], Cell], list[str]]:
     """Read every requested benchmark file before the model is loaded, so a missing or malformed file fails fast.
-    Returns rows[(task, lang)], cell states[(task, lang)] and notes."""
+    Returns the cells by (task, lang) and notes."""
     data_dir, bad = Path(args.data_dir), BadRows(args.skip_bad)
-    rows, cells, notes = {}, {}, []
+    cells, notes = {}, []
     for task in args.tasks:
         bench = BENCHMARKS[task]
         for lang in args.langs:
             if lang not in bench.langs:
-                cells[(task, lang)] = NO_LANGUAGE
+                cells[(task, lang)] = Cell(NO_LANGUAGE)
                 continue
-            path = bench.file(data_dir, lang)
-            if not path.is_file():
-                message = f"{task}/{lang}: {path} not found; expected the original {bench.title} release file there"
+            path, rows = bench.file(data_dir, lang), []
+            if path.is_file():
+                try:
+                    rows = bench.read(path, lang, bad)
+                except ValueError as e:
+                    raise SystemExit(f"error: {e}") from None
+                problem = f"{task}/{lang}: {path} has no usable rows for {lang}"
+            else:
+                problem = f"{task}/{lang}: {path} not found; expected the original {bench.title} release file there"
+            if not rows:
                 if args.explicit_tasks:
-                    raise SystemExit(f"error: {message} (or leave {task} out of --tasks)")
-                print(f"note: {message}; skipping this cell", file=sys.stderr)
-                notes.append(message)
-                cells[(task, lang)] = MISSING
+                    raise SystemExit(f"error: {problem} (or leave {task} out of --tasks)")
+                print(f"note: {problem}; skipping this cell", file=sys.stderr)
+                notes.append(problem)
+                cells[(task, lang)] = Cell(MISSING, path)
                 continue
-            try:
-                cell_rows = bench.read(path, lang, bad)
-            except ValueError as e:
-                raise SystemExit(f"error: {e}") from None
-            cell_rows = cell_rows[:args.limit] if args.limit else cell_rows
-            if not cell_rows:
-                message = f"{task}/{lang}: {path} has no usable rows for {lang}"
-                if args.explicit_tasks:
-                    raise SystemExit(f"error: {message}")
-                print(f"note: {message}; skipping this cell", file=sys.stderr)
-                notes.append(message)
-                cells[(task, lang)] = MISSING
-                continue
-            rows[(task, lang)], cells[(task, lang)] = cell_rows, "ok"
+            cells[(task, lang)] = Cell("ok", path, rows[:args.limit] if args.limit else rows)
+    for cell in cells.values():
+        cell.skipped = bad.counts[str(cell.path)]
     for path, count in bad.counts.items():
         notes.append(f"--skip-bad: skipped {count} malformed row(s) of {path}; first: {bad.first[path]}")
         print(f"note: skipped {count} malformed row(s) of {path}", file=sys.stderr)
-    return rows, cells, notes
+    return cells, notes
 
 
 def run_benchmarks(args) -> Path:
-    rows_by_cell, cells, notes = plan_cells(args)
-    if not rows_by_cell:
+    cells, notes = plan_cells(args)
+    if all(cell.state != "ok" for cell in cells.values()):
         raise SystemExit(f"error: nothing to evaluate: no benchmark file for tasks {args.tasks} and languages "
                          f"{args.langs} under {args.data_dir}")
     model, tok, dtype = load_model(args.model, args.device, args.dtype)
     out = Path(args.out) if args.out else Path(args.model) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "predictions").mkdir(parents=True, exist_ok=True)
+    protocol = Protocol(args.qa_max_new_tokens, args.qa_stop, args.mc_ties)
     counters, results = Counter(), []
-    for (task, lang), cell_rows in rows_by_cell.items():
+    for (task, lang), cell in cells.items():
+        if cell.state != "ok":
+            continue
         bench = BENCHMARKS[task]
-        metrics = evaluate_cell(model, tok, bench, lang, cell_rows, args.batch_size, args.max_new_tokens, counters,
-                                out / "predictions" / f"{task}.{lang}.jsonl" if bench.kind == "qa" else None)
+        metrics, records = evaluate_cell(model, tok, bench, lang, cell.rows, protocol, args.batch_size, counters)
+        write_text_atomic(out / "predictions" / f"{task}.{lang}.jsonl",
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         for metric in bench.metrics:
             results.append(dict(task=task, lang=lang, metric=metric, value=round(metrics[metric], 4),
-                                n=len(cell_rows), prompt=bench.prompt))
-        print(f"{task}/{lang}: " + ", ".join(f"{m} {metrics[m]:.2f}" for m in bench.metrics) + f" (n={len(cell_rows)})")
+                                n=len(cell.rows), prompt=protocol.describe(bench), file=str(cell.path)))
+        print(f"{task}/{lang}: " + ", ".join(f"{m} {metrics[m]:.2f}" for m in bench.metrics) + f" (n={len(cell.rows)})")
+    notes += [f"protocol: {protocol.legend()}"]
     notes += [f"{name}: {count}" for name, count in counters.items() if count]
-    for (task, lang), state in cells.items():
-        if state == NO_LANGUAGE:
+    for (task, lang), cell in cells.items():
+        if cell.state == NO_LANGUAGE:
             notes.append(f"{task}/{lang}: the benchmark has no {lang} release ({NO_LANGUAGE} in the table)")
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     family = model.args.family
     header = [f"Model `{args.model}` (family {family}; paper rows: {PAPER_MODEL.get(family, '-')}), "
               f"device {args.device}, dtype {str(dtype).replace('torch.', '')}, data `{args.data_dir}`, "
-              f"batch size {args.batch_size}, max new tokens {args.max_new_tokens}. Zero-shot; values in %."]
+              f"batch size {args.batch_size}. Zero-shot; values in %. Per-example outputs: `predictions/`."]
     if args.limit:
         header.append(f"**--limit {args.limit}: only the first {args.limit} examples per cell; "
                       "not comparable to the paper.**")
     md = results_markdown(results, cells, args.tasks, args.langs, family, Path(args.model).name or "model",
                           header, notes)
-    (out / "results.md").write_text(md, encoding="utf-8")
-    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    write_text_atomic(out / "results.md", md)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'predictions'}/")
     return out
 
 

@@ -125,10 +125,15 @@ def test_unknown_language_and_empty_answers_are_errors():
         ev.qa_f1("a", [], "vi")
 
 
-def test_tie_is_never_correct():
-    assert ev.strictly_best([-1.0, -2.0, -3.0], 0)
-    assert not ev.strictly_best([-1.0, -1.0, -3.0], 0)             # argmax would pick 0
-    assert not ev.strictly_best([-2.0, -1.0], 0)
+def test_ties_pick_nothing_or_the_first_best():
+    assert ev.pick_choice([-1.0, -2.0, -3.0]) == 0
+    assert ev.pick_choice([-2.0, -1.0]) == 1
+    assert ev.pick_choice([-1.0, -1.0, -3.0]) is None              # argmax would pick 0
+    assert ev.pick_choice([-3.0, -1.0, -1.0]) is None
+    # lm-evaluation-harness's rule: the first of the tied best, never a later one, never a worse one
+    assert ev.pick_choice([-1.0, -1.0, -3.0], "first") == 0
+    assert ev.pick_choice([-3.0, -1.0, -2.0, -1.0], "first") == 1
+    assert ev.pick_choice([-3.0, -1.0, -2.0], "first") == 1
     assert ev.mc2_score([0.0, 0.0, 0.0, 0.0], [True, True, False, False]) == pytest.approx(0.5)
     assert ev.mc2_score([0.0, -100.0], [True, False]) == pytest.approx(1.0)
 
@@ -182,6 +187,17 @@ def test_prompts_follow_the_reference_formats():
     assert ("### Instruction:\nHãy trả lời các câu hỏi theo đoạn văn sau\n\n### Input:\nđoạn văn: Sông Mê Kông"
             in qa.prompt)
     assert qa.prompt.endswith("\ncâu hỏi: Sông Mê Kông chảy qua bao nhiêu quốc gia?\nTrả lời: \n\n### Response:")
+
+
+def test_truthfulqa_question_is_cleaned_up_as_lm_eval_okapi_does():
+    # strip, " [title]" -> ". ", [bracketed] spans dropped, then one pass of "  " -> " "
+    assert ev.okapi_question("  Is  it [x] true?  ") == "Is it true?"
+    assert ev.okapi_question("Lincoln [title] Abraham") == "Lincoln. Abraham"
+    assert ev.okapi_question("a   b") == "a  b"               # one pass: three spaces become two, as there
+    row = dict(id="t", question=" Có  thật [1] không? ", mc1_choices=["a", "b"], mc1_labels=[1, 0],
+               mc2_choices=["a", "b"], mc2_labels=[1, 0])
+    mc1, mc2 = ev.truthfulqa_items(row, "vi")
+    assert mc1.context.endswith("Barcelona, Spain.\n\nQ: Có thật không?\nA:") and mc2.context == mc1.context
 
 
 def _line_of_nth_object(text: str, n: int) -> int:
@@ -305,16 +321,26 @@ def test_mc_scores_equal_brute_force(tiny):
     assert ev.split_continuation(tok, ctx, "Answer:", " A") == (tok.encode("Answer: A", bos=True)[len(ctx):], False)
 
 
-def test_tied_choices_score_zero(tiny):
+def test_tied_choices_score_zero_or_go_to_the_first(tiny):
     model, tok, _ = tiny
     # Identical choices have identical likelihoods; with the true answer first, an argmax would score 100.
-    row = dict(question="Q?", mc1_choices=["same answer", "same answer"], mc1_labels=[1, 0],
+    row = dict(id="t", question="Q?", mc1_choices=["same answer", "same answer"], mc1_labels=[1, 0],
                mc2_choices=["same answer", "same answer"], mc2_labels=[1, 0])
-    got = ev.evaluate_cell(model, tok, ev.BENCHMARKS["truthfulqa"], "vi", [row], 4, 8, Counter())
-    assert got == {"mc1": 0.0, "mc2": pytest.approx(50.0)}
-    copa = dict(premise="Trời mưa.", choice1="Đi.", choice2="Đi.", question="effect", label=0)
-    got = ev.evaluate_cell(model, tok, ev.BENCHMARKS["xcopa"], "vi", [copa], 4, 8, Counter())
-    assert got == {"acc": 0.0, "acc_norm": 0.0}
+    copa = dict(id="c", premise="Trời mưa.", choice1="Đi.", choice2="Đi.", question="effect", label=0)
+    tqa, xcopa = ev.BENCHMARKS["truthfulqa"], ev.BENCHMARKS["xcopa"]
+    got, records = ev.evaluate_cell(model, tok, tqa, "vi", [row], ev.Protocol(), 4, Counter())
+    assert got == {"mc1": 0.0, "mc2": pytest.approx(50.0)} and records[0]["mc1"]["pick"] is None
+    got, records = ev.evaluate_cell(model, tok, xcopa, "vi", [copa], ev.Protocol(), 4, Counter())
+    assert got == {"acc": 0.0, "acc_norm": 0.0} and records[0]["pick"] is None
+
+    # --mc-ties first: the first of the tied choices is picked, so gold first scores and gold second does not
+    first = ev.Protocol(mc_ties="first")
+    got, records = ev.evaluate_cell(model, tok, tqa, "vi", [row], first, 4, Counter())
+    assert got == {"mc1": 100.0, "mc2": pytest.approx(50.0)} and records[0]["mc1"]["pick"] == 0
+    got, _ = ev.evaluate_cell(model, tok, xcopa, "vi", [copa], first, 4, Counter())
+    assert got == {"acc": 100.0, "acc_norm": 100.0}
+    got, records = ev.evaluate_cell(model, tok, xcopa, "vi", [dict(copa, label=1)], first, 4, Counter())
+    assert got == {"acc": 0.0, "acc_norm": 0.0} and records[0]["pick"] == records[0]["pick_norm"] == 0
 
 
 def naive_greedy(model, tok, ids, max_new_tokens):
@@ -347,7 +373,7 @@ class ScriptedModel:
     def __init__(self, scripts, vocab_size):
         self.scripts, self.vocab_size = scripts, vocab_size
         self.tok_embeddings = torch.nn.Embedding(1, 1)
-        self.args = type("Args", (), {"max_seq_len": 64})()
+        self.args = type("Args", (), {"max_seq_len": 4096})()
 
     def init_cache(self, batch_size, max_len):
         return {"step": 0, "rows": None}
@@ -373,8 +399,31 @@ def test_stop_at_eos_and_at_a_newline_after_the_answer_began(tiny_llama):
     got = ev.greedy_generate(model, tok, prompts, max_new_tokens=5, batch_size=4)
     assert got == [[nl, a, b, nl], [a], [a, b, a, b, a], [nl, nl]]
     # pieces "▁a" "b": the leading newline is dropped, "▁" is a space except at the start
-    assert [ev.answer_text(tok, g) for g in got] == ["ab", "a", "ab ab a", ""]
+    assert [ev.answer_text(tok.decode(g), "newline") for g in got] == ["ab", "a", "ab ab a", ""]
     assert ev.greedy_generate(model, tok, prompts[:1], max_new_tokens=5, stop_at_newline=False) == [[nl, a, b, nl, a]]
+
+
+def test_qa_stop_protocols_on_a_scripted_model(tiny_llama):
+    tok = Tokenizer(tiny_llama)
+    a, nl, b = tok.encode("a\nb", bos=False)
+    row = dict(id="q", context="c", question="q?", answers=["a b"])
+    last = tok.encode(ev.squad_item(row, "vi").prompt, bos=True)[-1]     # how the scripted model knows the row
+    model = ScriptedModel({last: [nl, a, nl, b, tok.eos_id, a, a]}, tok.vocab_size)
+
+    def run(protocol):
+        metrics, (record,) = ev.evaluate_cell(model, tok, ev.BENCHMARKS["xquad"], "vi", [row], protocol, 4, Counter())
+        return metrics, record
+    # newline: stop at the newline after "a"; the answer is its first line. {a} vs {a, b}: P = 1, R = 1/2, F1 = 2/3
+    metrics, record = run(ev.Protocol())
+    assert record["generation"] == tok.decode([nl, a, nl]) and record["answer"] == "a"
+    assert metrics == {"f1": pytest.approx(100 * 2 / 3), "em": 0.0} and record["f1"] == pytest.approx(2 / 3)
+    # eos: through the newlines up to EOS; the whole generation is the answer and matches "a b" after normalisation
+    metrics, record = run(ev.Protocol(qa_stop="eos"))
+    assert record["generation"] == tok.decode([nl, a, nl, b]) and record["answer"] == "a\nb" and metrics == {"f1": 100.0, "em": 100.0}
+    # the token budget still ends it
+    metrics, record = run(ev.Protocol(qa_max_new_tokens=3, qa_stop="eos"))
+    assert record["generation"] == tok.decode([nl, a, nl]) and record["answer"] == "a"
+    assert record["prompt"] == ev.squad_item(row, "vi").prompt and record["gold"] == ["a b"] and record["id"] == "q"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -384,14 +433,17 @@ def test_stop_at_eos_and_at_a_newline_after_the_answer_began(tiny_llama):
 def test_cli_end_to_end_on_the_fixtures(tiny_llama, tmp_path):
     out = tmp_path / "eval"
     ev.main(["--model", str(tiny_llama), "--data-dir", str(BENCH), "--out", str(out), "--limit", "2",
-             "--batch-size", "4", "--max-new-tokens", "6", "--device", "cpu"])
+             "--batch-size", "4", "--qa-max-new-tokens", "6", "--qa-stop", "eos", "--mc-ties", "first",
+             "--device", "cpu"])
     rows = json.loads((out / "results.json").read_text(encoding="utf-8"))
     cells = {(r["task"], r["lang"]) for r in rows}
     want = {(name, lang) for name, b in ev.BENCHMARKS.items() for lang in b.langs}
     assert cells == want and ("xcopa", "ar") not in cells and ("xstorycloze", "vi") not in cells
     for r in rows:
-        assert set(r) == {"task", "lang", "metric", "value", "n", "prompt"}
+        assert {"task", "lang", "metric", "value", "n", "prompt"} <= set(r)
         assert 0.0 <= r["value"] <= 100.0 and r["n"] == 2
+        kind = ev.BENCHMARKS[r["task"]].kind
+        assert r["prompt"].endswith("max 6 new tokens, stop eos" if kind == "qa" else "log-likelihood, ties first")
     assert {r["metric"] for r in rows if r["task"] == "truthfulqa"} == {"mc1", "mc2"}
     assert {r["metric"] for r in rows if r["task"] == "mlqa"} == {"f1", "em"}
     md = (out / "results.md").read_text(encoding="utf-8")
@@ -402,8 +454,69 @@ def test_cli_end_to_end_on_the_fixtures(tiny_llama, tmp_path):
     written = (out / "predictions" / "xquad.zh.jsonl").read_text(encoding="utf-8")
     preds = [json.loads(line) for line in written.splitlines()]
     assert len(preds) == 2
-    for p in preds:   # the written scores are the metric applied to the written prediction
-        assert p["f1"] == ev.qa_f1(p["prediction"], p["answers"], "zh")
+    for p in preds:   # the written scores are the metric applied to the written answer, all of the generation
+        assert p["answer"] == p["generation"].strip() and p["f1"] == ev.qa_f1(p["answer"], p["gold"], "zh")
+
+
+@pytest.fixture(scope="module")
+def bundled_run(tiny_llama, tmp_path_factory):
+    """evaluate.py without --data-dir (the bundled sample), every task and language, as the demo runs it."""
+    out = tmp_path_factory.mktemp("bundled") / "eval"
+    ev.main(["--model", str(tiny_llama), "--out", str(out), "--batch-size", "4", "--max-new-tokens", "6",
+             "--device", "cpu"])
+    return out
+
+
+def strictly_best(scores, gold):
+    return all(scores[gold] > s for i, s in enumerate(scores) if i != gold)
+
+
+def recompute(task, lines):
+    """A cell's metrics from its predictions file alone, with no code of evaluate.py (ties count as wrong)."""
+    mean = lambda values: 100 * sum(values) / len(values)  # noqa: E731
+    if task in ("xquad", "mlqa", "mkqa"):
+        return {"f1": mean([x["f1"] for x in lines]), "em": mean([x["em"] for x in lines])}
+    if task == "truthfulqa":
+        mc2 = []
+        for x in lines:
+            top = max(x["mc2"]["ll"])
+            p = [math.exp(ll - top) for ll in x["mc2"]["ll"]]
+            mc2.append(sum(q for q, true in zip(p, x["mc2"]["true"]) if true) / sum(p))
+        return {"mc1": mean([strictly_best(x["mc1"]["ll"], x["mc1"]["gold"]) for x in lines]), "mc2": mean(mc2)}
+    return {"acc": mean([strictly_best(x["ll"], x["gold"]) for x in lines]),
+            "acc_norm": mean([strictly_best([ll / len(c) for ll, c in zip(x["ll"], x["choices"])], x["gold"])
+                              for x in lines])}
+
+
+def test_results_json_is_recomputed_from_the_predictions_files(bundled_run, tiny_llama):
+    out = bundled_run
+    model, tok = Transformer.from_pretrained(tiny_llama).eval(), Tokenizer(tiny_llama)
+    cells = {}
+    for r in json.loads((out / "results.json").read_text(encoding="utf-8")):
+        cells.setdefault((r["task"], r["lang"]), {})[r["metric"]] = r
+    assert len(cells) == sum(len(b.langs) for b in ev.BENCHMARKS.values())
+    for (task, lang), rows in cells.items():
+        text = (out / "predictions" / f"{task}.{lang}.jsonl").read_text(encoding="utf-8")
+        lines = [json.loads(line) for line in text.splitlines()]
+        want = recompute(task, lines)
+        assert set(rows) == set(want)
+        for metric, row in rows.items():
+            assert row["n"] == len(lines)
+            assert row["value"] == pytest.approx(want[metric], abs=1e-4), (task, lang, metric)
+        first = lines[0]
+        if "f1" in want:
+            # the answer is the generation's first line (the default protocol), scored by the official metric
+            for x in lines:
+                assert x["answer"] == x["generation"].strip().split("\n")[0].strip()
+                f1 = (ev.mkqa_f1 if task == "mkqa" else ev.qa_f1)(x["answer"], x["gold"], lang)
+                assert x["f1"] == f1 and x["em"] == ev.qa_em(x["answer"], x["gold"], lang)
+        else:
+            # the written prompt and choices are what was scored: the log-likelihoods are brute-forced from them
+            scored = first["mc1"] if task == "truthfulqa" else first
+            want_ll = [brute_force_loglikelihood(model, tok, first["prompt"], " " + c) for c in scored["choices"]]
+            assert scored["ll"] == pytest.approx(want_ll, rel=1e-5, abs=1e-4)
+            if task != "truthfulqa":
+                assert first["length"] == [len(c) for c in first["choices"]]
 
 
 def test_cli_missing_files_and_bad_rows(tiny_llama, tmp_path):
@@ -436,7 +549,10 @@ def test_cli_missing_files_and_bad_rows(tiny_llama, tmp_path):
     assert f"{bad_file}: line 1: field 'question' is 'why'; expected one of cause/effect" in message
     assert "\n" not in message
     ev.main(base + ["--tasks", "xcopa", "--langs", "vi", "--skip-bad", "--out", str(out)])
-    assert "skipped 1 malformed row(s)" in (out / "results.md").read_text(encoding="utf-8")
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert "skipped 1 malformed row(s)" in md
+    # per cell: the file read, its split, the rows scored (--limit 1) and the malformed rows skipped
+    assert f"| xcopa | vi | `{bad_file}` | test (not val) | 1 | 1 | lm-eval-xcopa; log-likelihood, ties wrong |" in md
 
 
 def test_prompt_mode_prints_the_greedy_response(tiny_llama, capsys):
