@@ -23,7 +23,7 @@ BENCH_DIR holds the files exactly as the benchmarks release them (nothing is dow
     xcopa/test.{vi,zh}.jsonl                            XCOPA (no Arabic)
     xstorycloze/spring2016.val.{ar,zh}.tsv.split_20_80_eval.tsv    XStoryCloze (no Vietnamese)
 
-Protocol (METHOD.md §6). Multiple choice: summed log-likelihood of each continuation given the context (acc) and the
+Protocol. Multiple choice: summed log-likelihood of each continuation given the context (acc) and the
 same divided by the continuation's length in characters (acc_norm, as lm-evaluation-harness); a tie for the best is
 never correct (--mc-ties first: the first best choice wins, as lm-evaluation-harness's argmax). Prompts: XNLI /
 XCOPA / XStoryCloze as lm-evaluation-harness, MMLU / TruthfulQA as Okapi's evaluation (the MMLU letter form of
@@ -53,6 +53,7 @@ import os
 import re
 import string
 import sys
+import tempfile
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
@@ -62,9 +63,11 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from prepare_data import alpaca_prompt_ids, format_prompt, read_records, record_defect
+from prepare_data import SAMPLE_DIR, alpaca_prompt_ids, format_prompt, read_records, record_defect
 
 LANGS = ("vi", "ar", "zh")          # the paper's languages; every table below has an entry for each
+REPO_DIR = Path(__file__).resolve().parent
+BENCH_SAMPLE_DIR = SAMPLE_DIR.parent / "bench_sample"     # a few rows of each benchmark: a format check only
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Prompts (facts from the projects named; "I" marks our own choice where nobody states one)
@@ -199,8 +202,9 @@ def qa_em(prediction: str, answers, lang: str) -> float:
 
 def mkqa_f1(prediction: str, answers, lang: str) -> float:
     """F1 with MKQA's official rule: against an empty gold ("No Answer": unanswerable / long_answer rows), or for an
-    empty prediction, the score is 1 when both are empty and 0 otherwise. Tokens as the MLQA normalisation
-    (METHOD §6; MKQA's own script splits zh by character and strips only ASCII punctuation)."""
+    empty prediction, the score is 1 when both are empty and 0 otherwise. Tokens as the MLQA normalisation, as for
+    XQuAD and MLQA, so the three QA columns are scored alike (MKQA's own script splits zh by character and strips
+    only ASCII punctuation)."""
     pred = normalize_answer(prediction, lang).split()
 
     def one(answer):
@@ -870,7 +874,7 @@ def evaluate_cell(model, tok, bench: Benchmark, lang: str, rows: list[dict], pro
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The paper's numbers (METHOD.md §7) and the report
+# The paper's numbers (its Tables 1 and 2, transcribed) and the report
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _p(vi=None, ar=None, zh=None):
@@ -921,12 +925,32 @@ class Cell:
     path: Path | None = None            # the release file read (or expected)
     rows: list[dict] | None = None      # the examples scored
     skipped: int = 0                    # malformed rows of its file skipped under --skip-bad
+    not_comparable: str = ""            # a key of NOT_COMPARABLE when its numbers are not the benchmark's
+
+
+NOT_COMPARABLE = {   # why a cell's numbers cannot be set beside the paper's: its label, and what to do about it
+    "bundled": ("bundled sample", "its few rows are a format check, not a measurement: pass --data-dir BENCH_DIR "
+                "with the original release files"),
+    "limit": ("--limit subset", "only the first examples of each file were scored: run without --limit"),
+}
+
+
+def caveat(cells) -> str:
+    """One label for those of `cells` whose numbers are not comparable to the paper's ("" when none are):
+    "bundled sample (3–5 rows) — not comparable"."""
+    flagged = [c for c in cells if c.not_comparable]
+    if not flagged:
+        return ""
+    low, high = min(len(c.rows) for c in flagged), max(len(c.rows) for c in flagged)
+    rows = f"{low}–{high} rows" if low != high else f"{low} row" + "s" * (low != 1)
+    return f"{NOT_COMPARABLE[flagged[0].not_comparable][0]} ({rows}) — not comparable"
 
 
 def results_markdown(results: list[dict], cells: dict[tuple[str, str], Cell], tasks: list[str], langs: list[str],
                      family: str, model_name: str, header_lines: list[str], notes: list[str]) -> str:
     """The paper's Tables 1 and 2 (only the requested tasks and languages), the paper's rows for `family` above ours;
-    then every metric, then per cell the protocol, split and file read, then notes."""
+    then every metric, then per cell the protocol, split and file read, then notes. Numbers that are not comparable
+    to the paper's carry their caveat in every table's title and in every row that shows them."""
     ours = {(r["task"], r["lang"], r["metric"]): r["value"] for r in results}
     protocols = {(r["task"], r["lang"]): r["prompt"] for r in results}
     lines = [f"# Zero-shot evaluation: {model_name}", ""] + header_lines + [""]
@@ -935,7 +959,8 @@ def results_markdown(results: list[dict], cells: dict[tuple[str, str], Cell], ta
         if not benches:
             continue
         columns = [(b, lang) for b in benches for lang in langs]
-        lines += [f"## {TABLE_TITLES[table]}", "",
+        label = caveat(cells[(b.name, lang)] for b, lang in columns)
+        lines += [f"## {TABLE_TITLES[table]}" + (f" — ours: {label}" if label else ""), "",
                   "| model | method | " + " | ".join(f"{b.title} {lang}" for b, lang in columns) + " |",
                   "|---|---|" + "---|" * len(columns)]
         for method, values in PAPER_ROWS.get(family, {}).get(table, []):
@@ -948,18 +973,19 @@ def results_markdown(results: list[dict], cells: dict[tuple[str, str], Cell], ta
                          + " | ".join(paper_cell(b, lang) for b, lang in columns) + " |")
 
         def our_cell(b, lang):
-            cell = cells.get((b.name, lang))
-            if cell is None or cell.state != "ok":
-                return cell.state if cell else ""
-            return f"{ours[(b.name, lang, b.metrics[0])]:.2f}"
-        lines += [f"| ours | {model_name} | " + " | ".join(our_cell(b, lang) for b, lang in columns) + " |", ""]
-    lines += ["## All metrics", "", "| task | lang | metric | value | n |", "|---|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['lang']} | {r['metric']} | {r['value']:.2f} | {r['n']} |" for r in results]
-    lines += ["", "## What was read", "",
-              "| task | lang | file | split | rows scored | rows skipped as bad | protocol |", "|---|---|---|---|---|---|---|"]
+            cell = cells[(b.name, lang)]
+            return f"{ours[(b.name, lang, b.metrics[0])]:.2f}" if cell.state == "ok" else cell.state
+        method = model_name + (f" — {label}" if label else "")
+        lines += [f"| ours | {method} | " + " | ".join(our_cell(b, lang) for b, lang in columns) + " |", ""]
+    lines += ["## All metrics", "", "| task | lang | metric | value | n | comparable to the paper |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['lang']} | {r['metric']} | {r['value']:.2f} | {r['n']} | {r['caveat'] or 'yes'} |"
+              for r in results]
+    lines += ["", "## What was read", "", "| task | lang | file | split | rows scored | rows skipped as bad | protocol |",
+              "|---|---|---|---|---|---|---|"]
     for (task, lang), cell in cells.items():
         if cell.state != NO_LANGUAGE:
-            scored = len(cell.rows) if cell.state == "ok" else MISSING
+            scored = (caveat([cell]) or len(cell.rows)) if cell.state == "ok" else MISSING
             lines.append(f"| {task} | {lang} | `{cell.path}` | {BENCHMARKS[task].split} | {scored} | {cell.skipped} | "
                          f"{protocols.get((task, lang), '')} |")
     if notes:
@@ -968,10 +994,9 @@ def results_markdown(results: list[dict], cells: dict[tuple[str, str], Cell], ta
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The logit lens: what each layer would predict if the model stopped there (METHOD.md §4: how i and j are chosen)
+# The logit lens: what each layer would predict if the model stopped there (the paper reads i and j off it)
 # ---------------------------------------------------------------------------------------------------------------------
 
-SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "sample"
 LENS_LANGS = ("vi", "ar", "zh", "en")        # the bundled sample's languages
 # I: our reading of "the entropy drops". A drop is clear when it is at least this share of the curve's range over
 # layers 1..N, and a curve whose range is under LENS_FLAT nats has none: its layer-to-layer steps are noise.
@@ -1199,6 +1224,7 @@ def plot_lens(result: LensResult, i: int, j: int, path: Path) -> str:
 def run_logit_lens(args) -> Path:
     data = Path(args.lens_data) if args.lens_data else SAMPLE_DIR / f"alpaca_{args.lens_lang}.json"
     records = lens_records(data, args.lens_examples)        # before the model loads: a bad file fails fast
+    out = output_dir(args)
     model, tok, dtype = load_model(args.model, args.device, args.dtype)
     sequences, notes = lens_sequences(tok, records, model.args.max_seq_len)
     if not sequences:
@@ -1207,8 +1233,6 @@ def run_logit_lens(args) -> Path:
     result = logit_lens(model, sequences, tok.pad_id, args.batch_size, show=args.lens_positions, desc="logit lens")
     n_layers, family = model.args.n_layers, model.args.family
     i, j, rule_notes = suggest_layers([row["entropy"] for row in result.layers[1:]], family)
-    out = Path(args.out) if args.out else Path(args.model) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
     png = plot_lens(result, i, j, out / "logit_lens.png")
     header = [f"Model `{args.model}` (family {family}, {n_layers} blocks, V = {model.args.vocab_size}: the largest "
               f"possible entropy is ln V = {math.log(model.args.vocab_size):.2f} nats), device {args.device}, dtype "
@@ -1238,17 +1262,23 @@ def run_logit_lens(args) -> Path:
 # CLI
 # ---------------------------------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint dir in the HF layout (config.json, safetensors, "
-                   "tokenizer.model), e.g. OUT/final")
-    p.add_argument("--langs", default=",".join(LANGS), help=f"comma-separated, of {','.join(LANGS)} (default: all)")
-    p.add_argument("--tasks", default="all", help=f"'all' or comma-separated, of {','.join(BENCHMARKS)}")
-    p.add_argument("--data-dir", default=str(Path(__file__).resolve().parent / "data" / "bench_sample"),
-                   help="BENCH_DIR with <task>/<original release file> (default: the bundled tiny fixtures)")
-    p.add_argument("--out", help="output dir for results.json / results.md (default: MODEL/eval)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N examples of each task and language")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+                   "tokenizer.model), e.g. OUT/final (required; no default)")
+    p.add_argument("--langs", default=",".join(LANGS),
+                   help=f"comma-separated, of {','.join(LANGS)} (default: %(default)s)")
+    p.add_argument("--tasks", default="all",
+                   help=f"'all' or comma-separated, of {','.join(BENCHMARKS)} (default: %(default)s)")
+    p.add_argument("--data-dir", default=str(BENCH_SAMPLE_DIR),
+                   help="BENCH_DIR with <task>/<original release file>, the tree above (default: the bundled "
+                   f"sample {BENCH_SAMPLE_DIR.relative_to(REPO_DIR)}, 3-5 rows per task, whose numbers are "
+                   "labelled 'not comparable' everywhere)")
+    p.add_argument("--out", help="output dir for results.json, results.md, predictions/ and the logit lens "
+                   "(default: MODEL/eval)")
+    p.add_argument("--limit", type=int,
+                   help="evaluate only the first N examples of each task and language (default: all of them)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default: %(default)s)")
     p.add_argument("--qa-max-new-tokens", "--max-new-tokens", dest="qa_max_new_tokens", type=int, default=None,
                    help="greedy tokens per generated answer, for the QA benchmarks and --prompt (default: "
                    f"{Protocol.qa_max_new_tokens}; 256 with --prompt). --max-new-tokens is the same flag")
@@ -1259,23 +1289,31 @@ def parse_args(argv=None):
                    help="multiple choice: " + "; ".join(f"{k}: {v}" for k, v in MC_TIES.items())
                    + " (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="default: cuda when present, else cpu")
+                   help="torch device (default: cuda when present, else cpu; here %(default)s)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 on CUDA, fp32 on CPU (bf16 matmuls are very slow on CPUs)")
+                   help="auto: bf16 on CUDA, fp32 on CPU, where bf16 matmuls are very slow (default: %(default)s)")
     p.add_argument("--skip-bad", action="store_true",
-                   help="skip malformed benchmark rows (counted in results.md) instead of stopping at the first")
+                   help="skip malformed benchmark rows, counted in results.md (default: off; the first malformed "
+                   "row stops the run, naming its file, row and field)")
     p.add_argument("--prompt", help="only generate a greedy response to this instruction (Alpaca template) and "
-                   "print it")
+                   "print it (default: none; run the benchmarks)")
     lens = p.add_argument_group("logit lens (--logit-lens: per-layer entropy, suggested --lc-layer/--et-layer)")
-    lens.add_argument("--logit-lens", action="store_true",
-                      help="only run the logit-lens analysis: OUT/logit_lens.md, .json and .png (with matplotlib)")
-    lens.add_argument("--lens-data", metavar="FILE.json",
-                      help="Alpaca-format records of the target language (default: data/sample/alpaca_LANG.json)")
+    lens.add_argument("--logit-lens", action="store_true", help="only run the logit-lens analysis: "
+                      "OUT/logit_lens.md, .json and .png with matplotlib (default: off; run the benchmarks)")
+    lens.add_argument("--lens-data", metavar="FILE.json", help="Alpaca-format records of the target language "
+                      f"(default: {SAMPLE_DIR.relative_to(REPO_DIR)}/alpaca_LANG.json, LANG from --lens-lang)")
     lens.add_argument("--lens-lang", choices=LENS_LANGS, default="vi",
-                      help="the language of the records, picking the bundled sample file (default vi)")
-    lens.add_argument("--lens-examples", type=int, default=16, metavar="N", help="first N records (default 16)")
+                      help="the language of the records, picking the bundled sample file (default: %(default)s)")
+    lens.add_argument("--lens-examples", type=int, default=16, metavar="N",
+                      help="first N records (default: %(default)s)")
     lens.add_argument("--lens-positions", type=int, default=8, metavar="N",
-                      help="response positions of the first example whose top-1 tokens are shown (default 8)")
+                      help="response positions of the first example whose top-1 tokens are shown "
+                      "(default: %(default)s)")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.logit_lens and args.prompt:
         p.error("--logit-lens and --prompt are separate modes; pass one of them")
@@ -1315,6 +1353,19 @@ def load_model(path: str, device: str, dtype: str):
     return model.eval(), tok, torch_dtype
 
 
+def output_dir(args, *subdirs: str) -> Path:
+    """--out (default MODEL/eval) with `subdirs`, made and shown writable before any model loads."""
+    out = Path(args.out) if args.out else Path(args.model) / "eval"
+    try:
+        for path in (out, *(out / d for d in subdirs)):
+            path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise SystemExit(f"error: --out {out}: cannot write there ({e.strerror or e}); pass a writable "
+                         "directory") from None
+    return out
+
+
 def run_prompt(args) -> None:
     model, tok, _ = load_model(args.model, args.device, args.dtype)
     ids = alpaca_prompt_ids(tok, args.prompt)
@@ -1327,6 +1378,7 @@ def plan_cells(args) -> tuple[dict[tuple[str, str], Cell], list[str]]:
     """Read every requested benchmark file before the model is loaded, so a missing or malformed file fails fast.
     Returns the cells by (task, lang) and notes."""
     data_dir, bad = Path(args.data_dir), BadRows(args.skip_bad)
+    bundled = data_dir.resolve() == BENCH_SAMPLE_DIR.resolve()
     cells, notes = {}, []
     for task in args.tasks:
         bench = BENCHMARKS[task]
@@ -1350,7 +1402,9 @@ def plan_cells(args) -> tuple[dict[tuple[str, str], Cell], list[str]]:
                 notes.append(problem)
                 cells[(task, lang)] = Cell(MISSING, path)
                 continue
-            cells[(task, lang)] = Cell("ok", path, rows[:args.limit] if args.limit else rows)
+            kept = rows[:args.limit] if args.limit else rows
+            limited = "limit" if len(kept) < len(rows) else ""
+            cells[(task, lang)] = Cell("ok", path, kept, not_comparable="bundled" if bundled else limited)
     for cell in cells.values():
         cell.skipped = bad.counts[str(cell.path)]
     for path, count in bad.counts.items():
@@ -1364,9 +1418,8 @@ def run_benchmarks(args) -> Path:
     if all(cell.state != "ok" for cell in cells.values()):
         raise SystemExit(f"error: nothing to evaluate: no benchmark file for tasks {args.tasks} and languages "
                          f"{args.langs} under {args.data_dir}")
+    out = output_dir(args, "predictions")
     model, tok, dtype = load_model(args.model, args.device, args.dtype)
-    out = Path(args.out) if args.out else Path(args.model) / "eval"
-    (out / "predictions").mkdir(parents=True, exist_ok=True)
     protocol = Protocol(args.qa_max_new_tokens, args.qa_stop, args.mc_ties)
     counters, results = Counter(), []
     for (task, lang), cell in cells.items():
@@ -1376,10 +1429,13 @@ def run_benchmarks(args) -> Path:
         metrics, records = evaluate_cell(model, tok, bench, lang, cell.rows, protocol, args.batch_size, counters)
         write_text_atomic(out / "predictions" / f"{task}.{lang}.jsonl",
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        label = caveat([cell])
         for metric in bench.metrics:
             results.append(dict(task=task, lang=lang, metric=metric, value=round(metrics[metric], 4),
-                                n=len(cell.rows), prompt=protocol.describe(bench), file=str(cell.path)))
-        print(f"{task}/{lang}: " + ", ".join(f"{m} {metrics[m]:.2f}" for m in bench.metrics) + f" (n={len(cell.rows)})")
+                                n=len(cell.rows), prompt=protocol.describe(bench), file=str(cell.path),
+                                comparable=not label, caveat=label))
+        print(f"{task}/{lang}: " + ", ".join(f"{m} {metrics[m]:.2f}" for m in bench.metrics)
+              + f" (n={len(cell.rows)})" + (f" — {label}" if label else ""))
     notes += [f"protocol: {protocol.legend()}"]
     notes += [f"{name}: {count}" for name, count in counters.items() if count]
     for (task, lang), cell in cells.items():
@@ -1389,14 +1445,18 @@ def run_benchmarks(args) -> Path:
     family = model.args.family
     header = [f"Model `{args.model}` (family {family}; paper rows: {PAPER_MODEL.get(family, '-')}), "
               f"device {args.device}, dtype {str(dtype).replace('torch.', '')}, data `{args.data_dir}`, "
-              f"batch size {args.batch_size}. Zero-shot; values in %. Per-example outputs: `predictions/`."]
-    if args.limit:
-        header.append(f"**--limit {args.limit}: only the first {args.limit} examples per cell; "
-                      "not comparable to the paper.**")
+              f"batch size {args.batch_size}" + (f", --limit {args.limit}" if args.limit else "")
+              + ". Zero-shot; values in %. Per-example outputs: `predictions/`."]
+    label = caveat(cells.values())
+    fix = "; ".join(NOT_COMPARABLE[kind][1] for kind in {c.not_comparable for c in cells.values()} - {""})
+    if label:
+        header.append(f"**{label}: {fix}.**")
     md = results_markdown(results, cells, args.tasks, args.langs, family, Path(args.model).name or "model",
                           header, notes)
     write_text_atomic(out / "results.md", md)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'predictions'}/")
+    if label:
+        print(f"note: all numbers above: {label}; {fix}")
     return out
 
 

@@ -3,8 +3,11 @@ MKQA scripts' rules, the fixture files' contents as written, log-likelihoods fro
 of one unpadded sequence at a time, naive argmax decoding without a cache, and a scripted fake model for the
 stopping rules."""
 
+import contextlib
+import io
 import json
 import math
+import re
 import shutil
 import sys
 from collections import Counter
@@ -460,11 +463,36 @@ def test_cli_end_to_end_on_the_fixtures(tiny_llama, tmp_path):
 
 @pytest.fixture(scope="module")
 def bundled_run(tiny_llama, tmp_path_factory):
-    """evaluate.py without --data-dir (the bundled sample), every task and language, as the demo runs it."""
+    """evaluate.py without --data-dir (the bundled sample), every task and language, as the demo runs it; the
+    output dir and what it printed."""
     out = tmp_path_factory.mktemp("bundled") / "eval"
-    ev.main(["--model", str(tiny_llama), "--out", str(out), "--batch-size", "4", "--max-new-tokens", "6",
-             "--device", "cpu"])
-    return out
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        ev.main(["--model", str(tiny_llama), "--out", str(out), "--batch-size", "4", "--max-new-tokens", "6",
+                 "--device", "cpu"])
+    return out, printed.getvalue()
+
+
+def test_the_bundled_sample_is_labelled_not_comparable_everywhere(bundled_run):
+    out, printed = bundled_run
+    label = re.compile(r"bundled sample \(([345]|[345]–[345]) rows\) — not comparable")
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results and all(r["comparable"] is False and label.fullmatch(r["caveat"]) for r in results)
+    assert {r["caveat"] for r in results if r["task"] == "mkqa"} == {"bundled sample (5 rows) — not comparable"}
+    md = (out / "results.md").read_text(encoding="utf-8")
+    titles = [line for line in md.splitlines() if line.startswith("## Table")]
+    ours = [line for line in md.splitlines() if line.startswith("| ours |")]
+    metric_rows = md.split("## All metrics")[1].split("## What was read")[0].splitlines()[4:-1]
+    read_rows = md.split("## What was read")[1].split("## Notes")[0].splitlines()[4:-1]
+    assert len(titles) == len(ours) == 2 and len(metric_rows) == len(results) and len(read_rows) == 22
+    for line, rows in zip(titles + ours, ["3–5", "3–4"] * 2):   # Table 1's cells have 3-5 rows, Table 2's 3-4
+        assert line.count(f"bundled sample ({rows} rows) — not comparable") == 1, line
+    for line in metric_rows + read_rows:
+        assert label.search(line), line
+    assert "**bundled sample (3–5 rows) — not comparable: " in md and "--data-dir BENCH_DIR" in md
+    cell_lines = [line for line in printed.splitlines() if re.match(r"\w+/\w\w: ", line)]
+    assert len(cell_lines) == 22 and all(label.search(line) for line in cell_lines)
+    assert "note: all numbers above: bundled sample (3–5 rows) — not comparable; " in printed
 
 
 def strictly_best(scores, gold):
@@ -489,7 +517,7 @@ def recompute(task, lines):
 
 
 def test_results_json_is_recomputed_from_the_predictions_files(bundled_run, tiny_llama):
-    out = bundled_run
+    out, _ = bundled_run
     model, tok = Transformer.from_pretrained(tiny_llama).eval(), Tokenizer(tiny_llama)
     cells = {}
     for r in json.loads((out / "results.json").read_text(encoding="utf-8")):
@@ -537,6 +565,13 @@ def test_cli_missing_files_and_bad_rows(tiny_llama, tmp_path):
     assert {(r["task"], r["lang"]) for r in rows} == {("xcopa", "vi")}
     md = (out / "results.md").read_text(encoding="utf-8")
     assert "| missing |" in md and str(data / "mmlu" / "vi_test.json") in md
+    # the release file cut by --limit is labelled; not as the bundled sample, whose path this is not
+    assert all(r["caveat"] == "--limit subset (1 row) — not comparable" and not r["comparable"] for r in rows)
+    assert "bundled" not in md and f"| ours | {tiny_llama.name} — --limit subset (1 row) — not comparable |" in md
+    ev.main(base[:-2] + ["--out", str(out), "--limit", "4"])          # the whole file: comparable
+    rows = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert all(r["comparable"] and r["caveat"] == "" for r in rows)
+    assert "not comparable" not in (out / "results.md").read_text(encoding="utf-8")
 
     # a malformed row: one line naming file and line, before any model is loaded; --skip-bad counts it
     bad_file = data / "xcopa" / "test.vi.jsonl"
@@ -552,7 +587,34 @@ def test_cli_missing_files_and_bad_rows(tiny_llama, tmp_path):
     md = (out / "results.md").read_text(encoding="utf-8")
     assert "skipped 1 malformed row(s)" in md
     # per cell: the file read, its split, the rows scored (--limit 1) and the malformed rows skipped
-    assert f"| xcopa | vi | `{bad_file}` | test (not val) | 1 | 1 | lm-eval-xcopa; log-likelihood, ties wrong |" in md
+    assert (f"| xcopa | vi | `{bad_file}` | test (not val) | --limit subset (1 row) — not comparable | 1 | "
+            "lm-eval-xcopa; log-likelihood, ties wrong |") in md
+
+
+def test_an_unwritable_out_is_one_line_naming_it(tiny_llama, tmp_path):
+    a_file = tmp_path / "results"
+    a_file.write_text("not a directory", encoding="utf-8")
+    base = ["--model", str(tiny_llama), "--device", "cpu", "--tasks", "xcopa", "--langs", "vi"]
+    for out in (a_file, a_file / "eval"):                 # --out is a file; --out lies under a file
+        for mode in ([], ["--logit-lens"]):
+            with pytest.raises(SystemExit) as info:
+                ev.main(base + mode + ["--out", str(out)])
+            message = str(info.value)
+            assert message.startswith(f"error: --out {out}: cannot write there (") and "\n" not in message
+    assert a_file.read_text(encoding="utf-8") == "not a directory"
+
+
+def test_help_shows_every_default_and_no_developer_notes():
+    parser = ev.build_parser()
+    for action in parser._actions:
+        if action.dest != "help":
+            assert "(default: " in action.help or "no default" in action.help, action.option_strings
+    (qa_tokens,) = [a for a in parser._actions if "--max-new-tokens" in a.option_strings]
+    assert qa_tokens.option_strings == ["--qa-max-new-tokens", "--max-new-tokens"]
+    assert "(default: 64; 256 with --prompt)" in qa_tokens.help
+    source = (REPO / "evaluate.py").read_text(encoding="utf-8")
+    for name in ("METHOD", "DESIGN", "STYLE"):
+        assert f"{name}.md" not in source and f"{name} §" not in source
 
 
 def test_prompt_mode_prints_the_greedy_response(tiny_llama, capsys):
