@@ -5,9 +5,12 @@
     python evaluate.py --model OUT/final --prompt "Thủ đô của Việt Nam là gì?"   # greedy answer, Alpaca template
     python evaluate.py --model OUT/final --logit-lens --lens-lang vi             # per-layer lens, suggested i, j
 
-Writes OUT/final/eval/results.json (rows {"task", "lang", "metric", "value", "n", "prompt"}, value in [0, 100]),
-results.md (the layout of the paper's Tables 1 and 2, the paper's rows for the same model family beside ours) and
-predictions/<task>.<lang>.jsonl for the generative tasks.
+Writes OUT/final/eval/results.json (rows {"task", "lang", "metric", "value", "n", "prompt", "file"}, value in
+[0, 100], "prompt" naming the protocol), results.md (the layout of the paper's Tables 1 and 2, the paper's rows for
+the same model family beside ours; then per task and language the protocol, split and file read and the rows
+skipped as bad) and predictions/<task>.<lang>.jsonl: one line per example, from which every value in results.json
+can be recomputed (each choice's log-likelihood and length, the pick and the gold; or the generation, the answer
+taken from it, the gold answers, F1 and EM).
 
 BENCH_DIR holds the files exactly as the benchmarks release them (nothing is downloaded):
 
@@ -20,13 +23,15 @@ BENCH_DIR holds the files exactly as the benchmarks release them (nothing is dow
     xcopa/test.{vi,zh}.jsonl                            XCOPA (no Arabic)
     xstorycloze/spring2016.val.{ar,zh}.tsv.split_20_80_eval.tsv    XStoryCloze (no Vietnamese)
 
-Protocol (METHOD.md §6). Multiple choice: summed log-likelihood of each continuation given the context (acc) and the
-same divided by the continuation's length in characters (acc_norm, as lm-evaluation-harness); a tie is never
-correct. Prompts: XNLI / XCOPA / XStoryCloze as lm-evaluation-harness, MMLU / TruthfulQA as Okapi's evaluation (the
-MMLU letter form of lm-evaluation-harness's Okapi port). Generative QA: x-LLM's per-language prompts inside the
-Alpaca template, greedy decoding with the KV cache, stop at EOS or at the first newline after the answer began,
-F1 / EM of the official MLQA script for XQuAD, MLQA and MKQA alike (MKQA adds its aliases and its rule for
-unanswerable questions).
+Protocol. Multiple choice: summed log-likelihood of each continuation given the context (acc) and the
+same divided by the continuation's length in characters (acc_norm, as lm-evaluation-harness); a tie for the best is
+never correct (--mc-ties first: the first best choice wins, as lm-evaluation-harness's argmax). Prompts: XNLI /
+XCOPA / XStoryCloze as lm-evaluation-harness, MMLU / TruthfulQA as Okapi's evaluation (the MMLU letter form of
+lm-evaluation-harness's Okapi port; the TruthfulQA question cleaned up as there). Generative QA: x-LLM's
+per-language prompts inside the Alpaca template, greedy decoding with the KV cache, at most --qa-max-new-tokens
+(64) new tokens; the answer ends at EOS or at the first newline after it began (--qa-stop newline), or at EOS only
+(--qa-stop eos, as x-LLM's scripts generate). F1 / EM of the official MLQA script for XQuAD, MLQA and MKQA alike
+(MKQA adds its aliases and its rule for unanswerable questions).
 
 Logit lens (--logit-lens): a few target-language Alpaca records (the bundled sample by default) as teacher-forced
 training sequences; at every response position, each layer's residual stream goes through the final norm and the
@@ -44,9 +49,11 @@ import functools
 import gzip
 import json
 import math
+import os
 import re
 import string
 import sys
+import tempfile
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
@@ -56,9 +63,18 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from prepare_data import alpaca_prompt_ids, format_prompt, read_records, record_defect
+from model import Tokenizer, Transformer, default_layers
+from prepare_data import SAMPLE_DIR, alpaca_prompt_ids, format_prompt, read_records, record_defect
+
+try:                                        # optional: only the logit lens's PNG needs it
+    from matplotlib.figure import Figure    # no pyplot: no GUI backend, no global state
+    from matplotlib.ticker import MaxNLocator
+except ImportError:
+    Figure = MaxNLocator = None
 
 LANGS = ("vi", "ar", "zh")          # the paper's languages; every table below has an entry for each
+REPO_DIR = Path(__file__).resolve().parent
+BENCH_SAMPLE_DIR = SAMPLE_DIR.parent / "bench_sample"   # a few rows per benchmark: a format check
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Prompts (facts from the projects named; "I" marks our own choice where nobody states one)
@@ -193,8 +209,9 @@ def qa_em(prediction: str, answers, lang: str) -> float:
 
 def mkqa_f1(prediction: str, answers, lang: str) -> float:
     """F1 with MKQA's official rule: against an empty gold ("No Answer": unanswerable / long_answer rows), or for an
-    empty prediction, the score is 1 when both are empty and 0 otherwise. Tokens as the MLQA normalisation
-    (METHOD §6; MKQA's own script splits zh by character and strips only ASCII punctuation)."""
+    empty prediction, the score is 1 when both are empty and 0 otherwise. Tokens as the MLQA
+    normalisation, so XQuAD, MLQA and MKQA are scored alike (MKQA's own script splits zh by
+    character and strips only ASCII punctuation)."""
     pred = normalize_answer(prediction, lang).split()
 
     def one(answer):
@@ -203,10 +220,14 @@ def mkqa_f1(prediction: str, answers, lang: str) -> float:
     return max(one(a) for a in _answers(answers))
 
 
-def strictly_best(scores, gold: int) -> bool:
-    """True iff choice `gold` scores strictly above every other choice: a tie is never correct (Okapi puts the true
-    TruthfulQA MC1 answer first, so an argmax that breaks ties by order would reward a model that cannot tell)."""
-    return all(scores[gold] > s for i, s in enumerate(scores) if i != gold)
+def pick_choice(scores, ties: str = "wrong") -> int | None:
+    """The index of the best-scoring choice. On a tie for the best: None under ties="wrong" (a tie
+    is never correct: Okapi puts the true TruthfulQA MC1 answer first, so breaking ties by order
+    would reward a model that cannot tell the choices apart), the first of them under
+    ties="first" (lm-evaluation-harness's argmax)."""
+    best = max(scores)
+    winners = [i for i, s in enumerate(scores) if s == best]
+    return winners[0] if ties == "first" or len(winners) == 1 else None
 
 
 def mc2_score(lls, true_mask) -> float:
@@ -220,283 +241,251 @@ def mc2_score(lls, true_mask) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 
 class BadRow(Exception):
-    """One malformed row; the reader turns it into `{path}: {where}: {problem}`."""
+    """One malformed row; read_rows turns it into `{path}: {where}: {problem}`."""
 
 
 class BadRows:
-    """Malformed rows stop the run with a one-line error naming file and line, or, with --skip-bad, are counted."""
+    """Malformed rows stop the run with one line naming the file, the row and the field, or, with
+    --skip-bad, are counted per file (a row of a file read for several languages counts once)."""
 
     def __init__(self, skip: bool = False):
         self.skip = skip
-        self.counts: Counter = Counter()
-        self.first: dict[str, str] = {}
+        self.found: dict[str, dict[str, str]] = {}          # file -> where -> message
 
     def __call__(self, path, where: str, problem) -> None:
         message = f"{path}: {where}: {problem}"
         if not self.skip:
             raise ValueError(f"{message} (fix the row, or pass --skip-bad to skip malformed rows)")
-        self.counts[str(path)] += 1
-        self.first.setdefault(str(path), message)
+        self.found.setdefault(str(path), {}).setdefault(where, message)
+
+    def count(self, path) -> int:
+        return len(self.found.get(str(path), {}))
 
 
-def _text(row: dict, key: str, name: str | None = None) -> str:
+def is_strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(x, str) for x in value)
+
+
+def checked(row, key: str, ok: Callable, expected: str, name: str | None = None):
+    """row[key] when ok(row[key]), else a BadRow naming the field, what it holds and what was
+    expected."""
     value = row.get(key) if isinstance(row, dict) else None
-    if not isinstance(value, str) or not value.strip():
-        shown = "missing" if not isinstance(row, dict) or key not in row else f"{value!r}"
-        raise BadRow(f"field {name or repr(key)} is {shown}; expected a non-empty string")
+    if not ok(value):
+        shown = repr(value) if isinstance(row, dict) and key in row else "missing"
+        raise BadRow(f"field {name or repr(key)} is {shown}; expected {expected}")
     return value
 
 
-def _one_of(row: dict, key: str, allowed):
-    value = row.get(key) if isinstance(row, dict) else None
-    if value not in allowed:
-        shown = "missing" if not isinstance(row, dict) or key not in row else f"{value!r}"
-        raise BadRow(f"field {key!r} is {shown}; expected one of {'/'.join(map(str, allowed))}")
-    return value
+def text_of(row, key: str, name: str | None = None) -> str:
+    return checked(row, key, lambda v: isinstance(v, str) and v.strip(), "a non-empty string", name)
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8", newline="")
+def one_of(row, key: str, allowed: tuple):
+    return checked(row, key, lambda v: v in allowed, "one of " + "/".join(map(str, allowed)))
 
 
-def _json_file(path: Path):
+def read_rows(path: Path, rows, bad: BadRows, parse: Callable[[dict], dict | None]) -> list[dict]:
+    """parse(row) of each (where, row) of a release file, "id" defaulting to `where`. A row that
+    parse rejects with a BadRow, or that arrives as one, goes to `bad`; parse returns None for a
+    row of another language."""
+    out = []
+    for where, row in rows:
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            parsed = parse(row)
+        except BadRow as e:
+            bad(path, where, e)
+            continue
+        if parsed is not None:
+            out.append(parsed if parsed.get("id") is not None else {**parsed, "id": where})
+    return out
+
+
+def read_text(path: Path) -> str:
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8-sig") as f:
+        return f.read()
+
+
+def parse_json(path: Path, text: str):
     try:
-        with _open_text(path) as f:
-            return json.load(f)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
 
 
-def _rows_with_lines(path: Path):
-    """(line, row) for a JSON array of objects (the line where each element starts) or for JSON Lines; a JSONL line
-    that does not parse comes back as a BadRow, so --skip-bad can skip it."""
-    with _open_text(path) as f:
-        text = f.read()
+JSON_GAP = re.compile(r"[\s,]*")       # what lies between the rows of a valid JSON array
+
+
+def json_rows(path: Path):
+    """(where, row) of a JSON array or a JSON Lines file, where = "line N", the line the row starts
+    on. A JSON Lines line that does not parse arrives as a BadRow (--skip-bad skips it); an array
+    that does not parse stops the run."""
+    text = read_text(path)
     if not text.lstrip().startswith("["):
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
-                    yield n, json.loads(line)
+                    yield f"line {n}", json.loads(line)
                 except json.JSONDecodeError as e:
-                    yield n, BadRow(f"not valid JSON ({e.msg})")
+                    yield f"line {n}", BadRow(f"not valid JSON ({e.msg})")
         return
-    decoder, skip_space = json.JSONDecoder(), re.compile(r"\s*")
-    pos = skip_space.match(text).end() + 1                       # just after "["
-    line, counted = 1, 0                                         # line number of text[counted]
+    decoder, pos, line, counted = json.JSONDecoder(), text.index("[") + 1, 1, 0
+    for row in parse_json(path, text):
+        pos = JSON_GAP.match(text, pos).end()                 # where this row starts
+        line += text.count("\n", counted, pos)
+        counted = pos
+        yield f"line {line}", row
+        pos = decoder.raw_decode(text, pos)[1]
 
-    def line_at(p):
-        nonlocal line, counted
-        line, counted = line + text.count("\n", counted, p), p
-        return line
-    while True:
-        pos = skip_space.match(text, pos).end()
-        if text.startswith("]", pos):
-            return
-        try:
-            row, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
-        yield line_at(pos), row
-        pos = skip_space.match(text, end).end()
-        if text.startswith(",", pos):
-            pos += 1
-        elif not text.startswith("]", pos):
-            raise ValueError(f"{path}: line {line_at(pos)}: expected ',' or ']' between the rows of the JSON array")
+
+def tsv_rows(path: Path, need: tuple[str, ...]):
+    """(where, {column: field}) of a tab-separated release file whose first line names the columns,
+    `need` among them. A line with another number of fields arrives as a BadRow: a stray tab
+    would shift every later field."""
+    with open(path, encoding="utf-8", newline="") as f:
+        # QUOTE_NONE: the releases have unbalanced quotes
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, [])
+        missing = [c for c in need if c not in header]
+        if missing:
+            raise ValueError(f"{path}: line 1: the header lacks column(s) {missing}; expected the "
+                             f"release's header line, naming {', '.join(need)} among its columns")
+        for fields in reader:
+            where = f"line {reader.line_num}"
+            if len(fields) != len(header):
+                yield where, BadRow(f"{len(fields)} tab-separated fields; expected "
+                                    f"{len(header)}, as in the header")
+            else:
+                yield where, dict(zip(header, fields))
+
+
+def squad_rows(path: Path):
+    """(where, question) of SQuAD v1.1 json, each question with its paragraph's "context"; an
+    article or paragraph whose questions cannot be reached arrives as one BadRow."""
+    doc = parse_json(path, read_text(path))
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: top-level field 'data' is missing or not a list; expected SQuAD "
+                         'v1.1 json ({"version": ..., "data": [{"paragraphs": [{"context", "qas"}]}]})')
+    for i, article in enumerate(data):
+        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+        if not isinstance(paragraphs, list):
+            yield f"data[{i}]", BadRow("field 'paragraphs' is missing or not a list")
+            continue
+        for j, paragraph in enumerate(paragraphs):
+            qas = paragraph.get("qas") if isinstance(paragraph, dict) else None
+            if not isinstance(qas, list):
+                yield f"data[{i}].paragraphs[{j}]", BadRow("field 'qas' is missing or not a list")
+                continue
+            for k, qa in enumerate(qas):
+                row = {**qa, "context": paragraph.get("context")} if isinstance(qa, dict) else qa
+                yield f"data[{i}].paragraphs[{j}].qas[{k}]", row
 
 
 def read_squad(path: Path, lang: str, bad: BadRows) -> list[dict]:
     """XQuAD / MLQA (SQuAD v1.1 json) -> [{id, context, question, answers}], in file order."""
-    doc = _json_file(path)
-    data = doc.get("data") if isinstance(doc, dict) else None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: top-level field 'data' is missing or not a list; expected SQuAD v1.1 json "
-                         "({\"version\": ..., \"data\": [{\"paragraphs\": [{\"context\", \"qas\"}]}]})")
-    text = path.read_text(encoding="utf-8")
-    rows = []
-    for i, article in enumerate(data):
-        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
-        if not isinstance(paragraphs, list):
-            bad(path, f"data[{i}]", "field 'paragraphs' is missing or not a list")
-            continue
-        for j, paragraph in enumerate(paragraphs):
-            where = f"data[{i}].paragraphs[{j}]"
-            try:
-                context = _text(paragraph, "context")
-                qas = paragraph.get("qas")
-                if not isinstance(qas, list):
-                    raise BadRow("field 'qas' is missing or not a list")
-            except BadRow as e:
-                bad(path, where, e)
-                continue
-            for k, qa in enumerate(qas):
-                qid = qa.get("id") if isinstance(qa, dict) else None
-                at = text.find(json.dumps(qid, ensure_ascii=False)) if isinstance(qid, str) else -1
-                place = f"{where}.qas[{k}]" + (f" (line {text.count(chr(10), 0, at) + 1})" if at >= 0 else "")
-                try:
-                    _text(qa, "id")
-                    question = _text(qa, "question")
-                    answers = qa.get("answers")
-                    if not isinstance(answers, list) or not answers:
-                        raise BadRow(f"field 'answers' is {answers!r}; expected a non-empty list of "
-                                     "{'text', 'answer_start'}")
-                    texts = [_text(a, "text") for a in answers]
-                except BadRow as e:
-                    bad(path, place, e)
-                    continue
-                rows.append(dict(id=qid, context=context, question=question, answers=texts))
-    return rows
+    def parse(qa):
+        answers = checked(qa, "answers", lambda v: isinstance(v, list) and v,
+                          "a non-empty list of {'text', 'answer_start'}")
+        return dict(id=text_of(qa, "id"), context=text_of(qa, "context"),
+                    question=text_of(qa, "question"), answers=[text_of(a, "text") for a in answers])
+    return read_rows(path, squad_rows(path), bad, parse)
 
 
 def read_mkqa(path: Path, lang: str, bad: BadRows) -> list[dict]:
-    """MKQA jsonl(.gz) -> [{id, question, answers}] for one language; answers = every answer's text and aliases,
-    "" for an answer without text (unanswerable, long_answer), as the official script does."""
+    """MKQA jsonl(.gz) -> [{id, question, answers}] for one language; answers = every answer's text
+    and aliases, "" for an answer without text (unanswerable, long_answer), as the official
+    script does."""
     key = MKQA_KEY[lang]
-    rows = []
-    for n, row in _rows_with_lines(path):
-        try:
-            if isinstance(row, BadRow):
-                raise row
-            if not isinstance(row, dict) or "example_id" not in row:
-                raise BadRow("field 'example_id' is missing")
-            queries, answers = row.get("queries"), row.get("answers")
-            if not isinstance(queries, dict) or not isinstance(answers, dict):
-                raise BadRow("fields 'queries' and 'answers' must be objects keyed by language")
-            question = _text(queries, key, f"'queries.{key}'")
-            entries = answers.get(key)
-            if not isinstance(entries, list) or not entries:
-                raise BadRow(f"field 'answers.{key}' is {entries!r}; expected a non-empty list of answers")
-            golds = []
-            for a in entries:
-                if not isinstance(a, dict) or not isinstance(a.get("type"), str):
-                    raise BadRow(f"an entry of 'answers.{key}' has no 'type': {a!r}")
-                if a.get("text") is not None and not isinstance(a["text"], str):
-                    raise BadRow(f"field 'answers.{key}[].text' is {a['text']!r}; expected a string or null")
-                aliases = a.get("aliases", [])
-                if not isinstance(aliases, list) or not all(isinstance(x, str) for x in aliases):
-                    raise BadRow(f"field 'answers.{key}[].aliases' is {aliases!r}; expected a list of strings")
-                golds += [a.get("text") or ""] + aliases
-        except BadRow as e:
-            bad(path, f"line {n}", e)
-            continue
-        rows.append(dict(id=str(row["example_id"]), question=question, answers=list(dict.fromkeys(golds))))
-    return rows
+
+    def by_language(row, field):
+        return checked(row, field, lambda v: isinstance(v, dict), "an object keyed by language")
+
+    def parse(row):
+        example_id = checked(row, "example_id", lambda v: v is not None, "an id")
+        question = text_of(by_language(row, "queries"), key, f"'queries.{key}'")
+        entries = checked(by_language(row, "answers"), key, lambda v: isinstance(v, list) and v,
+                          "a non-empty list of answers", f"'answers.{key}'")
+        golds = []
+        for a in entries:
+            checked(a, "type", lambda v: isinstance(v, str), "a string", f"'answers.{key}[].type'")
+            text = checked(a, "text", lambda v: v is None or isinstance(v, str), "a string or null",
+                           f"'answers.{key}[].text'")
+            aliases = checked(a, "aliases", lambda v: v is None or is_strings(v),
+                              "a list of strings", f"'answers.{key}[].aliases'")
+            golds += [text or ""] + (aliases or [])
+        return dict(id=str(example_id), question=question, answers=list(dict.fromkeys(golds)))
+    return read_rows(path, json_rows(path), bad, parse)
 
 
 def read_truthfulqa(path: Path, lang: str, bad: BadRows) -> list[dict]:
-    """Okapi TruthfulQA -> [{question, mc1_choices, mc1_labels, mc2_choices, mc2_labels}]."""
-    rows = []
-    for n, row in _rows_with_lines(path):
-        try:
-            if isinstance(row, BadRow):
-                raise row
-            out = {"question": _text(row, "question")}
-            for part in ("mc1", "mc2"):
-                choices, labels = row.get(f"{part}_targets_choices"), row.get(f"{part}_targets_labels")
-                if (not isinstance(choices, list) or len(choices) < 2
-                        or not all(isinstance(c, str) and c.strip() for c in choices)):
-                    raise BadRow(f"field '{part}_targets_choices' is {choices!r}; expected a list of >= 2 "
-                                 "non-empty strings")
-                if not isinstance(labels, list) or len(labels) != len(choices) or set(labels) - {0, 1}:
-                    raise BadRow(f"field '{part}_targets_labels' is {labels!r}; expected {len(choices)} labels of 0/1")
-                n_true = sum(labels)
-                if (part == "mc1" and n_true != 1) or n_true == 0:
-                    raise BadRow(f"field '{part}_targets_labels' has {n_true} true answers; expected "
-                                 + ("exactly one" if part == "mc1" else "at least one"))
-                out[f"{part}_choices"], out[f"{part}_labels"] = choices, labels
-        except BadRow as e:
-            bad(path, f"line {n}", e)
-            continue
-        rows.append(out)
-    return rows
+    """Okapi TruthfulQA -> [{id, question, mc1_choices, mc1_labels, mc2_choices, mc2_labels}]."""
+    def parse(row):
+        out = {"question": text_of(row, "question")}
+        for part in ("mc1", "mc2"):
+            choices = checked(row, f"{part}_targets_choices",
+                              lambda v: is_strings(v) and len(v) >= 2 and all(c.strip() for c in v),
+                              "a list of >= 2 non-empty strings")
+            labels = checked(row, f"{part}_targets_labels",
+                             lambda v: isinstance(v, list) and len(v) == len(choices)
+                             and all(x in (0, 1) for x in v), f"{len(choices)} labels of 0/1")
+            if sum(labels) == 0 or (part == "mc1" and sum(labels) != 1):
+                raise BadRow(f"field '{part}_targets_labels' has {sum(labels)} true answers; "
+                             "expected " + ("exactly one" if part == "mc1" else "at least one"))
+            out[f"{part}_choices"], out[f"{part}_labels"] = choices, labels
+        return out
+    return read_rows(path, json_rows(path), bad, parse)
 
 
 def read_mmlu(path: Path, lang: str, bad: BadRows) -> list[dict]:
     """Okapi MMLU -> [{id, question, options (A-D), answer (0-3)}]."""
-    rows = []
-    for n, row in _rows_with_lines(path):
-        try:
-            if isinstance(row, BadRow):
-                raise row
-            question = _text(row, "instruction")
-            options = [_text(row, f"option_{c.lower()}") for c in MMLU_LETTERS]
-            answer = MMLU_LETTERS.index(_one_of(row, "answer", MMLU_LETTERS))
-        except BadRow as e:
-            bad(path, f"line {n}", e)
-            continue
-        rows.append(dict(id=str(row.get("id", n)), question=question, options=options, answer=answer))
-    return rows
+    def parse(row):
+        return dict(id=row.get("id"), question=text_of(row, "instruction"),
+                    options=[text_of(row, f"option_{c.lower()}") for c in MMLU_LETTERS],
+                    answer=MMLU_LETTERS.index(one_of(row, "answer", MMLU_LETTERS)))
+    return read_rows(path, json_rows(path), bad, parse)
+
+
+XNLI_COLUMNS = ("language", "gold_label", "sentence1", "sentence2", "pairID")
 
 
 def read_xnli(path: Path, lang: str, bad: BadRows) -> list[dict]:
-    """XNLI-1.0 xnli.test.tsv (every language in one file) -> [{premise, hypothesis, label (0-2)}] for `lang`."""
-    need = ("language", "gold_label", "sentence1", "sentence2")
-    rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)   # the release has unbalanced quotes
-        header = next(reader, [])
-        missing = [c for c in need if c not in header]
-        if missing:
-            raise ValueError(f"{path}: line 1: header lacks column(s) {missing}; expected XNLI-1.0's header "
-                             "(language, gold_label, ..., sentence1, sentence2, ...)")
-        col = {c: header.index(c) for c in need}
-        for fields in reader:
-            n = reader.line_num
-            if len(fields) <= max(col.values()):
-                bad(path, f"line {n}", f"{len(fields)} tab-separated fields; expected {len(header)}")
-                continue
-            if fields[col["language"]] != lang:
-                continue
-            try:
-                row = {c: fields[col[c]] for c in need}
-                label = XNLI_LABELS.index(_one_of(row, "gold_label", XNLI_LABELS))
-                rows.append(dict(premise=_text(row, "sentence1"), hypothesis=_text(row, "sentence2"), label=label))
-            except BadRow as e:
-                bad(path, f"line {n}", e)
-    return rows
+    """XNLI-1.0 xnli.test.tsv (every language in one file) -> [{id, premise, hypothesis, label
+    (0-2)}] for `lang`."""
+    def parse(row):
+        if row["language"] != lang:
+            return None
+        return dict(id=row["pairID"], premise=text_of(row, "sentence1"),
+                    hypothesis=text_of(row, "sentence2"),
+                    label=XNLI_LABELS.index(one_of(row, "gold_label", XNLI_LABELS)))
+    return read_rows(path, tsv_rows(path, XNLI_COLUMNS), bad, parse)
 
 
 def read_xcopa(path: Path, lang: str, bad: BadRows) -> list[dict]:
-    """XCOPA test.{lang}.jsonl -> [{premise, choice1, choice2, question, label}]."""
-    rows = []
-    for n, row in _rows_with_lines(path):
-        try:
-            if isinstance(row, BadRow):
-                raise row
-            rows.append(dict(premise=_text(row, "premise"), choice1=_text(row, "choice1"),
-                             choice2=_text(row, "choice2"), question=_one_of(row, "question", ("cause", "effect")),
-                             label=_one_of(row, "label", (0, 1))))
-        except BadRow as e:
-            bad(path, f"line {n}", e)
-    return rows
+    """XCOPA test.{lang}.jsonl -> [{id, premise, choice1, choice2, question, label}]."""
+    def parse(row):
+        return dict(id=row.get("idx"), premise=text_of(row, "premise"),
+                    choice1=text_of(row, "choice1"), choice2=text_of(row, "choice2"),
+                    question=one_of(row, "question", ("cause", "effect")),
+                    label=one_of(row, "label", (0, 1)))
+    return read_rows(path, json_rows(path), bad, parse)
 
 
-STORYCLOZE_COLUMNS = ("InputStoryid", "InputSentence1", "InputSentence2", "InputSentence3", "InputSentence4",
-                      "RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2", "AnswerRightEnding")
+STORYCLOZE_COLUMNS = ("InputStoryid", "InputSentence1", "InputSentence2", "InputSentence3",
+                      "InputSentence4", "RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2",
+                      "AnswerRightEnding")
 
 
 def read_xstorycloze(path: Path, lang: str, bad: BadRows) -> list[dict]:
-    """XStoryCloze spring2016.val.{lang}.tsv.split_20_80_eval.tsv (StoryCloze's 8 columns, a header line first)
-    -> [{sentences (4), endings (2), label (0/1)}]."""
-    rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        for fields in reader:
-            n = reader.line_num
-            if n == 1 and fields and fields[-1] not in ("1", "2"):
-                continue                                        # the header line
-            row = dict(zip(STORYCLOZE_COLUMNS, fields))
-            try:
-                if len(fields) != len(STORYCLOZE_COLUMNS):
-                    raise BadRow(f"{len(fields)} tab-separated fields; expected {len(STORYCLOZE_COLUMNS)} "
-                                 f"({', '.join(STORYCLOZE_COLUMNS)})")
-                sentences = [_text(row, f"InputSentence{i}") for i in range(1, 5)]
-                endings = [_text(row, f"RandomFifthSentenceQuiz{i}") for i in (1, 2)]
-                label = int(_one_of(row, "AnswerRightEnding", ("1", "2"))) - 1
-            except BadRow as e:
-                bad(path, f"line {n}", e)
-                continue
-            rows.append(dict(id=fields[0], sentences=sentences, endings=endings, label=label))
-    return rows
+    """XStoryCloze spring2016.val.{lang}.tsv.split_20_80_eval.tsv (StoryCloze's 8 columns under a
+    header line) -> [{id, sentences (4), endings (2), label (0/1)}]."""
+    def parse(row):
+        return dict(id=row["InputStoryid"],
+                    sentences=[text_of(row, f"InputSentence{i}") for i in range(1, 5)],
+                    endings=[text_of(row, f"RandomFifthSentenceQuiz{i}") for i in (1, 2)],
+                    label=int(one_of(row, "AnswerRightEnding", ("1", "2"))) - 1)
+    return read_rows(path, tsv_rows(path, STORYCLOZE_COLUMNS), bad, parse)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -505,6 +494,7 @@ def read_xstorycloze(path: Path, lang: str, bad: BadRows) -> list[dict]:
 
 @dataclass
 class MCItem:
+    id: str | int                        # the release's id of the example, or the line it is on
     context: str                         # the prompt; each continuation is delimiter + choice
     choices: list[str]
     gold: int                            # index of the correct choice (acc, acc_norm, MC1)
@@ -517,7 +507,7 @@ class MCItem:
 
 @dataclass
 class QAItem:
-    id: str
+    id: str | int
     prompt: str
     answers: list[str]
 
@@ -533,21 +523,32 @@ def mkqa_item(row: dict, lang: str) -> QAItem:
     return QAItem(row["id"], format_prompt(MKQA_INSTRUCTION[lang], text), row["answers"])
 
 
+def okapi_question(text: str) -> str:
+    """A TruthfulQA question cleaned up as lm-evaluation-harness's Okapi task does: strip,
+    " [title]" -> ". ", drop [bracketed] spans, then one pass of "  " -> " " (so three spaces
+    become two, as there)."""
+    text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
+    return text.replace("  ", " ")
+
+
 def truthfulqa_items(row: dict, lang: str) -> list[MCItem]:
-    context = TRUTHFULQA_PREFIX + "\n\nQ: " + row["question"] + "\nA:"
-    mc1 = MCItem(context, row["mc1_choices"], row["mc1_labels"].index(1))
-    mc2 = MCItem(context, row["mc2_choices"], row["mc2_labels"].index(1), [bool(x) for x in row["mc2_labels"]])
+    context = TRUTHFULQA_PREFIX + "\n\nQ: " + okapi_question(row["question"]) + "\nA:"
+    mc1 = MCItem(row["id"], context, row["mc1_choices"], row["mc1_labels"].index(1))
+    mc2 = MCItem(row["id"], context, row["mc2_choices"], row["mc2_labels"].index(1),
+                 [bool(x) for x in row["mc2_labels"]])
     return [mc1, mc2]
 
 
 def mmlu_item(row: dict, lang: str) -> MCItem:
     options = "".join(f"\n{letter}. {text}" for letter, text in zip(MMLU_LETTERS, row["options"]))
-    return MCItem(row["question"].strip() + options + "\nAnswer:", list(MMLU_LETTERS), row["answer"])
+    return MCItem(row["id"], row["question"].strip() + options + "\nAnswer:", list(MMLU_LETTERS),
+                  row["answer"])
 
 
 def xnli_item(row: dict, lang: str) -> MCItem:
     question, *label_words = XNLI_WORDS[lang]
-    return MCItem(f"{row['premise']}, {question}?", [f"{w}, {row['hypothesis']}" for w in label_words], row["label"])
+    return MCItem(row["id"], f"{row['premise']}, {question}?",
+                  [f"{w}, {row['hypothesis']}" for w in label_words], row["label"])
 
 
 def xcopa_item(row: dict, lang: str) -> MCItem:
@@ -556,12 +557,12 @@ def xcopa_item(row: dict, lang: str) -> MCItem:
     if is_punct(premise[-1]):
         premise = premise[:-1]
     lower_first = lambda s: s[0].lower() + s[1:]  # noqa: E731
-    return MCItem(f"{premise} {XCOPA_CONNECTORS[lang][row['question']]}",
+    return MCItem(row["id"], f"{premise} {XCOPA_CONNECTORS[lang][row['question']]}",
                   [lower_first(row["choice1"]), lower_first(row["choice2"])], row["label"])
 
 
 def xstorycloze_item(row: dict, lang: str) -> MCItem:
-    return MCItem(" ".join(row["sentences"]), row["endings"], row["label"])
+    return MCItem(row["id"], " ".join(row["sentences"]), row["endings"], row["label"])
 
 
 @dataclass(frozen=True)
@@ -572,7 +573,8 @@ class Benchmark:
     langs: tuple[str, ...]          # languages of ours the release has
     kind: str                       # "qa" (generated answers) | "mc" (log-likelihood)
     metrics: tuple[str, ...]        # the first is the paper's
-    prompt: str                     # id written into results.json
+    prompt: str                     # the prompt format's id, in results.json with the protocol
+    split: str                      # the release's split these files hold
     file: Callable[[Path, str], Path]
     read: Callable
     build: Callable
@@ -585,21 +587,27 @@ def _mkqa_file(data_dir: Path, lang: str) -> Path:
 
 BENCHMARKS = {b.name: b for b in [
     Benchmark("xquad", "XQuAD", 1, LANGS, "qa", ("f1", "em"), "x-llm-alpaca-qa",
+              "test (XQuAD's only split)",
               lambda d, l: d / "xquad" / f"xquad.{l}.json", read_squad, squad_item),
     Benchmark("mlqa", "MLQA", 1, LANGS, "qa", ("f1", "em"), "x-llm-alpaca-qa",
+              "test (MLQA_V1/test, not dev)",
               lambda d, l: d / "mlqa" / f"test-context-{l}-question-{l}.json", read_squad, squad_item),
     Benchmark("truthfulqa", "TruthfulQA", 1, LANGS, "mc", ("mc1", "mc2"), "okapi-truthfulqa-qa-prompt",
-              lambda d, l: d / "truthfulqa" / f"{l}_validation.json", read_truthfulqa, truthfulqa_items),
+              "validation (Okapi's only TruthfulQA split)",
+              lambda d, l: d / "truthfulqa" / f"{l}_validation.json", read_truthfulqa,
+              truthfulqa_items),
     Benchmark("mkqa", "MKQA", 1, LANGS, "qa", ("f1", "em"), "alpaca-closed-book-qa",
-              _mkqa_file, read_mkqa, mkqa_item),
-    Benchmark("xnli", "XNLI", 2, LANGS, "mc", ("acc", "acc_norm"), "lm-eval-xnli",
+              "all (MKQA has one split)", _mkqa_file, read_mkqa, mkqa_item),
+    Benchmark("xnli", "XNLI", 2, LANGS, "mc", ("acc", "acc_norm"), "lm-eval-xnli", "test (not dev)",
               lambda d, l: d / "xnli" / "xnli.test.tsv", read_xnli, xnli_item),
     Benchmark("xcopa", "XCOPA", 2, ("vi", "zh"), "mc", ("acc", "acc_norm"), "lm-eval-xcopa",
-              lambda d, l: d / "xcopa" / f"test.{l}.jsonl", read_xcopa, xcopa_item),
-    Benchmark("xstorycloze", "XStoryCloze", 2, ("ar", "zh"), "mc", ("acc", "acc_norm"), "lm-eval-xstorycloze",
+              "test (not val)", lambda d, l: d / "xcopa" / f"test.{l}.jsonl", read_xcopa, xcopa_item),
+    Benchmark("xstorycloze", "XStoryCloze", 2, ("ar", "zh"), "mc", ("acc", "acc_norm"),
+              "lm-eval-xstorycloze", "eval (split_20_80_eval, not train)",
               lambda d, l: d / "xstorycloze" / f"spring2016.val.{l}.tsv.split_20_80_eval.tsv",
               read_xstorycloze, xstorycloze_item),
     Benchmark("mmlu", "MMLU", 2, LANGS, "mc", ("acc", "acc_norm"), "lm-eval-okapi-mmlu-letters",
+              "test (Okapi's, not val or dev)",
               lambda d, l: d / "mmlu" / f"{l}_test.json", read_mmlu, mmlu_item),
 ]}
 
@@ -621,6 +629,25 @@ def split_continuation(tok, context_ids: list[int], context: str, continuation: 
     if len(whole) > len(context_ids) and whole[:len(context_ids)] == context_ids:
         return whole[len(context_ids):], False
     return tok.encode(continuation, bos=False), True
+
+
+def pack_scored(sequences: list[list[int]], firsts: list[int], pad_id: int, device):
+    """A right-padded batch whose next-token predictions from position `first` on are scored.
+    tokens, mask [B, T]: each sequence but its last id (only ever a target); rows, cols, targets
+    [M]: one entry per scored position, position `col` of row `row` predicting `target`."""
+    T = max(len(s) for s in sequences) - 1
+    tokens = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), T), dtype=torch.long)
+    rows, cols, targets = [], [], []
+    for b, (seq, first) in enumerate(zip(sequences, firsts)):
+        n = len(seq) - 1
+        tokens[b, :n] = torch.tensor(seq[:-1])
+        mask[b, :n] = 1
+        rows += [b] * (n - first)
+        cols += range(first, n)
+        targets += seq[first + 1:]
+    rows, cols, targets = (torch.tensor(x, device=device) for x in (rows, cols, targets))
+    return tokens.to(device), mask.to(device), rows, cols, targets
 
 
 @torch.inference_mode()
@@ -655,20 +682,11 @@ def loglikelihoods(model, tok, requests: list[tuple[str, str]], batch_size: int 
     device, n_layers = model_device(model), model.args.n_layers
     for start in tqdm(range(0, len(keys), batch_size), desc=desc, leave=False, disable=desc is None):
         chunk = keys[start:start + batch_size]
-        seqs = [unique[k][0] + unique[k][1] for k in chunk]
-        T = max(len(s) for s in seqs) - 1
-        tokens = torch.full((len(chunk), T), tok.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        rows, cols, targets = [], [], []       # one entry per scored token: position `col` of row `row` predicts it
-        for b, (k, seq) in enumerate(zip(chunk, seqs)):
-            tokens[b, :len(seq) - 1] = torch.tensor(seq[:-1])
-            mask[b, :len(seq) - 1] = 1
-            first = len(unique[k][0]) - 1                        # the last context position predicts the first token
-            rows += [b] * (len(seq) - 1 - first)
-            cols += range(first, len(seq) - 1)
-            targets += seq[first + 1:]
-        rows, cols, targets = (torch.tensor(x, device=device) for x in (rows, cols, targets))
-        h = model.hidden_at(tokens.to(device), n_layers, attention_mask=mask.to(device))       # [B, T, D]
+        # the last context position predicts the continuation's first token
+        tokens, mask, rows, cols, targets = pack_scored(
+            [unique[k][0] + unique[k][1] for k in chunk], [len(unique[k][0]) - 1 for k in chunk],
+            tok.pad_id, device)
+        h = model.hidden_at(tokens, n_layers, attention_mask=mask)                 # [B, T, D]
         logp = model.head_logits(h[rows, cols][None])[0].log_softmax(-1)                       # [M, V] fp32
         token_lp = logp.gather(1, targets[:, None])[:, 0].double()                             # [M]
         sums = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(0, rows, token_lp)
@@ -735,9 +753,48 @@ def greedy_generate(model, tok, prompts: list[list[int]], max_new_tokens: int, b
     return out
 
 
-def answer_text(tok, ids: list[int]) -> str:
-    """The answer a generation gives: its text up to the first newline after leading whitespace."""
-    return tok.decode(ids).lstrip().split("\n")[0].strip()
+QA_STOPS = {   # --qa-stop: where a generated answer ends
+    "newline": "EOS or the first newline after the answer began; the first line",
+    "eos": "EOS only (as x-LLM's scripts); the whole generation",
+}
+MC_TIES = {    # --mc-ties: what a tie for the best log-likelihood scores
+    "wrong": "a tie for the best is wrong",
+    "first": "a tie goes to the first best choice (lm-evaluation-harness)",
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How answers are produced and picked; `describe` names it in results.json's "prompt"."""
+    qa_max_new_tokens: int = 64
+    qa_stop: str = "newline"         # a key of QA_STOPS
+    mc_ties: str = "wrong"           # a key of MC_TIES
+
+    def describe(self, bench: Benchmark) -> str:
+        if bench.kind == "qa":
+            return (f"{bench.prompt}; greedy, max {self.qa_max_new_tokens} new tokens, "
+                    f"stop {self.qa_stop}")
+        return f"{bench.prompt}; log-likelihood, ties {self.mc_ties}"
+
+    def legend(self) -> str:
+        return (f"stop {self.qa_stop}: {QA_STOPS[self.qa_stop]} (--qa-stop); "
+                f"ties {self.mc_ties}: {MC_TIES[self.mc_ties]} (--mc-ties)")
+
+
+def answer_text(generation: str, qa_stop: str) -> str:
+    """The answer a generation gives: its first line after leading whitespace (--qa-stop
+    newline), or all of it."""
+    text = generation.strip()
+    return text.split("\n")[0].strip() if qa_stop == "newline" else text
+
+
+def prompt_room(model, max_new_tokens: int) -> int:
+    """Tokens a prompt may take beside `max_new_tokens` new ones in the model's context."""
+    room = model.args.max_seq_len - max_new_tokens
+    if room < 2:
+        raise SystemExit(f"error: --qa-max-new-tokens {max_new_tokens} leaves no room for a prompt "
+                         f"in the model's context of {model.args.max_seq_len} tokens; pass fewer")
+    return room
 
 
 def fit_prompt(ids: list[int], room: int, notes: Counter) -> list[int]:
@@ -748,45 +805,68 @@ def fit_prompt(ids: list[int], room: int, notes: Counter) -> list[int]:
     return ids[:1] + ids[len(ids) - room + 1:]
 
 
-def evaluate_cell(model, tok, bench: Benchmark, lang: str, rows: list[dict], batch_size: int, max_new_tokens: int,
-                  notes: Counter, predictions_file: Path | None = None) -> dict[str, float]:
-    """Metric -> value in [0, 100] for one benchmark and language."""
+def percent(values) -> float:
+    values = [float(v) for v in values]
+    return 100 * sum(values) / len(values)
+
+
+def evaluate_cell(model, tok, bench: Benchmark, lang: str, rows: list[dict], protocol: Protocol,
+                  batch_size: int, notes: Counter) -> tuple[dict[str, float], list[dict]]:
+    """Metric -> value in [0, 100] for one benchmark and language, and one record per example (the
+    lines of its predictions file): every metric is the mean of a per-example value in them.
+    QA: {id, prompt, generation, answer, gold, f1, em}. Multiple choice: {id, prompt, choices,
+    ll (summed log-likelihood of prompt + " " + choice), length (the choice's characters), gold,
+    pick (acc), pick_norm (acc_norm: ll / length)}; a pick is null on a tie under --mc-ties
+    wrong. TruthfulQA: {id, prompt, mc1: {choices, ll, gold, pick}, mc2: {choices, ll, true,
+    score (the probability mass of the true choices)}}."""
     desc = f"{bench.name}/{lang}"
     if bench.kind == "qa":
         items = [bench.build(r, lang) for r in rows]
-        room = model.args.max_seq_len - max_new_tokens
+        room = prompt_room(model, protocol.qa_max_new_tokens)
         prompts = [fit_prompt(tok.encode(it.prompt, bos=True), room, notes) for it in items]
-        generated = greedy_generate(model, tok, prompts, max_new_tokens, batch_size, desc=desc)
-        preds = [answer_text(tok, g) for g in generated]
-        f1_fn = mkqa_f1 if bench.name == "mkqa" else qa_f1
-        f1 = [f1_fn(p, it.answers, lang) for p, it in zip(preds, items)]
-        em = [qa_em(p, it.answers, lang) for p, it in zip(preds, items)]
-        if predictions_file is not None:
-            predictions_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(predictions_file, "w", encoding="utf-8") as f:
-                for it, p, a, b in zip(items, preds, f1, em):
-                    f.write(json.dumps(dict(id=it.id, prediction=p, answers=it.answers, f1=a, em=b),
-                                       ensure_ascii=False) + "\n")
-        return {"f1": 100 * sum(f1) / len(f1), "em": 100 * sum(em) / len(em)}
+        generated = greedy_generate(model, tok, prompts, protocol.qa_max_new_tokens, batch_size,
+                                    stop_at_newline=protocol.qa_stop == "newline", desc=desc)
+        f1_of = mkqa_f1 if bench.name == "mkqa" else qa_f1
+        records = []
+        for it, ids in zip(items, generated):
+            generation = tok.decode(ids)
+            answer = answer_text(generation, protocol.qa_stop)
+            records.append(dict(id=it.id, prompt=it.prompt, generation=generation, answer=answer,
+                                gold=it.answers, f1=f1_of(answer, it.answers, lang),
+                                em=qa_em(answer, it.answers, lang)))
+        metrics = {"f1": percent(r["f1"] for r in records), "em": percent(r["em"] for r in records)}
+        return metrics, records
 
+    ties = protocol.mc_ties
     if bench.name == "truthfulqa":
         pairs = [bench.build(r, lang) for r in rows]
-        mc1_items, mc2_items = [p[0] for p in pairs], [p[1] for p in pairs]
-        lls = item_loglikelihoods(model, tok, mc1_items + mc2_items, batch_size, desc, notes)
-        mc1 = [strictly_best(s, it.gold) for s, it in zip(lls[:len(rows)], mc1_items)]
-        mc2 = [mc2_score(s, it.true_mask) for s, it in zip(lls[len(rows):], mc2_items)]
-        return {"mc1": 100 * sum(mc1) / len(mc1), "mc2": 100 * sum(mc2) / len(mc2)}
+        lls = item_loglikelihoods(model, tok, [it for pair in pairs for it in pair], batch_size,
+                                  desc, notes)
+        records = []
+        for (mc1, mc2), ll1, ll2 in zip(pairs, lls[0::2], lls[1::2]):
+            records.append(dict(
+                id=mc1.id, prompt=mc1.context,
+                mc1=dict(choices=mc1.choices, ll=ll1, gold=mc1.gold, pick=pick_choice(ll1, ties)),
+                mc2=dict(choices=mc2.choices, ll=ll2, true=mc2.true_mask,
+                         score=mc2_score(ll2, mc2.true_mask))))
+        return {"mc1": percent(r["mc1"]["pick"] == r["mc1"]["gold"] for r in records),
+                "mc2": percent(r["mc2"]["score"] for r in records)}, records
 
     items = [bench.build(r, lang) for r in rows]
-    lls = item_loglikelihoods(model, tok, items, batch_size, desc, notes)
-    acc = [strictly_best(s, it.gold) for s, it in zip(lls, items)]
-    # acc_norm divides by the choice's length in characters, delimiter excluded, as lm-evaluation-harness does.
-    acc_norm = [strictly_best([x / len(c) for x, c in zip(s, it.choices)], it.gold) for s, it in zip(lls, items)]
-    return {"acc": 100 * sum(acc) / len(acc), "acc_norm": 100 * sum(acc_norm) / len(acc_norm)}
+    records = []
+    for it, ll in zip(items, item_loglikelihoods(model, tok, items, batch_size, desc, notes)):
+        # acc_norm divides by the choice's length in characters, delimiter excluded, as
+        # lm-evaluation-harness does.
+        length = [len(c) for c in it.choices]
+        records.append(dict(id=it.id, prompt=it.context, choices=it.choices, ll=ll, length=length,
+                            gold=it.gold, pick=pick_choice(ll, ties),
+                            pick_norm=pick_choice([x / n for x, n in zip(ll, length)], ties)))
+    return {"acc": percent(r["pick"] == r["gold"] for r in records),
+            "acc_norm": percent(r["pick_norm"] == r["gold"] for r in records)}, records
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The paper's numbers (METHOD.md §7) and the report
+# The paper's numbers (its Tables 1 and 2, transcribed) and the report
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _p(vi=None, ar=None, zh=None):
@@ -830,18 +910,51 @@ TABLE_TITLES = {1: "Table 1: F1 (XQuAD, MLQA, MKQA) and MC1 accuracy (TruthfulQA
 NO_LANGUAGE, MISSING = "–", "missing"
 
 
-def results_markdown(rows: list[dict], cells: dict, tasks: list[str], langs: list[str], family: str, model_name: str,
-                     header_lines: list[str], notes: list[str]) -> str:
-    """The paper's Tables 1 and 2 (only the requested tasks and languages), the paper's rows for `family` above ours;
-    then every metric, then notes. `cells[(task, lang)]` is "ok", NO_LANGUAGE or MISSING."""
-    ours = {(r["task"], r["lang"], r["metric"]): r["value"] for r in rows}
+@dataclass
+class Cell:
+    """One benchmark in one language: what was read and how it went."""
+    state: str                          # "ok", NO_LANGUAGE or MISSING
+    path: Path | None = None            # the release file read (or expected)
+    rows: list[dict] | None = None      # the examples scored
+    skipped: int = 0                    # malformed rows of its file skipped under --skip-bad
+    not_comparable: str = ""            # a key of NOT_COMPARABLE: its numbers are not the benchmark's
+
+
+NOT_COMPARABLE = {   # why a cell's numbers cannot be set beside the paper's: a label, what to do
+    "bundled": ("bundled sample", "its few rows are a format check, not a measurement: pass "
+                "--data-dir BENCH_DIR with the original release files"),
+    "limit": ("--limit subset", "only the first examples of each file were scored: run without --limit"),
+}
+
+
+def caveat(cells) -> str:
+    """One label for those of `cells` whose numbers are not comparable to the paper's ("" when none
+    are): "bundled sample (3–5 rows) — not comparable"."""
+    flagged = [c for c in cells if c.not_comparable]
+    if not flagged:
+        return ""
+    low, high = min(len(c.rows) for c in flagged), max(len(c.rows) for c in flagged)
+    rows = f"{low}–{high} rows" if low != high else f"{low} row" + "s" * (low != 1)
+    return f"{NOT_COMPARABLE[flagged[0].not_comparable][0]} ({rows}) — not comparable"
+
+
+def results_markdown(results: list[dict], cells: dict[tuple[str, str], Cell], tasks: list[str],
+                     langs: list[str], family: str, model_name: str, header_lines: list[str],
+                     notes: list[str]) -> str:
+    """The paper's Tables 1 and 2 (only the requested tasks and languages), the paper's rows for
+    `family` above ours; then every metric, then per cell the file, split and protocol, then
+    notes. Numbers not comparable to the paper's carry their caveat in each table's title and in
+    every row that shows them."""
+    ours = {(r["task"], r["lang"], r["metric"]): r["value"] for r in results}
+    protocols = {(r["task"], r["lang"]): r["prompt"] for r in results}
     lines = [f"# Zero-shot evaluation: {model_name}", ""] + header_lines + [""]
     for table in (1, 2):
         benches = [BENCHMARKS[t] for t in tasks if BENCHMARKS[t].table == table]
         if not benches:
             continue
         columns = [(b, lang) for b in benches for lang in langs]
-        lines += [f"## {TABLE_TITLES[table]}", "",
+        label = caveat(cells[(b.name, lang)] for b, lang in columns)
+        lines += [f"## {TABLE_TITLES[table]}" + (f" — ours: {label}" if label else ""), "",
                   "| model | method | " + " | ".join(f"{b.title} {lang}" for b, lang in columns) + " |",
                   "|---|---|" + "---|" * len(columns)]
         for method, values in PAPER_ROWS.get(family, {}).get(table, []):
@@ -854,24 +967,39 @@ def results_markdown(rows: list[dict], cells: dict, tasks: list[str], langs: lis
                          + " | ".join(paper_cell(b, lang) for b, lang in columns) + " |")
 
         def our_cell(b, lang):
-            state = cells.get((b.name, lang))
-            if state != "ok":
-                return state or ""
-            return f"{ours[(b.name, lang, b.metrics[0])]:.2f}"
-        lines += [f"| ours | {model_name} | " + " | ".join(our_cell(b, lang) for b, lang in columns) + " |", ""]
-    lines += ["## All metrics", "", "| task | lang | metric | value | n | prompt |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['lang']} | {r['metric']} | {r['value']:.2f} | {r['n']} | {r['prompt']} |"
-              for r in rows]
+            cell = cells[(b.name, lang)]
+            return f"{ours[(b.name, lang, b.metrics[0])]:.2f}" if cell.state == "ok" else cell.state
+        method = model_name + (f" — {label}" if label else "")
+        lines += [f"| ours | {method} | " + " | ".join(our_cell(b, lang) for b, lang in columns)
+                  + " |", ""]
+    lines += ["## All metrics", "", "| task | lang | metric | value | n | comparable to the paper |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['lang']} | {r['metric']} | {r['value']:.2f} | {r['n']} | "
+              f"{r['caveat'] or 'yes'} |" for r in results]
+    lines += ["", "## What was read", "",
+              "| task | lang | file | split | rows scored | rows skipped as bad | protocol |",
+              "|---|---|---|---|---|---|---|"]
+    for (task, lang), cell in cells.items():
+        if cell.state != NO_LANGUAGE:
+            scored = (caveat([cell]) or len(cell.rows)) if cell.state == "ok" else MISSING
+            lines.append(f"| {task} | {lang} | `{cell.path}` | {BENCHMARKS[task].split} | {scored} | "
+                         f"{cell.skipped} | {protocols.get((task, lang), '')} |")
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write beside `path`, then rename: a crash never leaves a half-written file under its name."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# The logit lens: what each layer would predict if the model stopped there (METHOD.md §4: how i and j are chosen)
+# The logit lens: what each layer would predict if the model stopped there (the paper reads i, j off it)
 # ---------------------------------------------------------------------------------------------------------------------
 
-SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "sample"
 LENS_LANGS = ("vi", "ar", "zh", "en")        # the bundled sample's languages
 # I: our reading of "the entropy drops". A drop is clear when it is at least this share of the curve's range over
 # layers 1..N, and a curve whose range is under LENS_FLAT nats has none: its layer-to-layer steps are noise.
@@ -947,19 +1075,9 @@ def logit_lens(model, sequences: list[LensSequence], pad_id: int, batch_size: in
     bar = tqdm(total=len(batches) * (n_layers + 1), desc=desc, unit="layer", leave=False, disable=desc is None)
     for start in batches:
         chunk = sequences[start:start + batch_size]
-        T = max(len(s.ids) for s in chunk) - 1
-        tokens = torch.full((len(chunk), T), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        rows, cols, targets = [], [], []      # position `col` of row `row` predicts `target`
-        for b, s in enumerate(chunk):
-            n = len(s.ids) - 1
-            tokens[b, :n] = torch.tensor(s.ids[:-1])
-            mask[b, :n] = 1
-            rows += [b] * (n - s.first)
-            cols += range(s.first, n)
-            targets += s.ids[s.first + 1:]
-        rows, cols, targets = (torch.tensor(x, device=device) for x in (rows, cols, targets))
-        states = model.hidden_at(tokens.to(device), tuple(range(n_layers + 1)), attention_mask=mask.to(device))
+        tokens, mask, rows, cols, targets = pack_scored(
+            [s.ids for s in chunk], [s.first for s in chunk], pad_id, device)
+        states = model.hidden_at(tokens, tuple(range(n_layers + 1)), attention_mask=mask)
         for k, h in enumerate(states):
             h = h[rows, cols]                                                              # [M, D]
             for a in range(0, len(h), chunk_size):
@@ -1003,8 +1121,6 @@ def suggest_layers(entropy: list[float], family: str) -> tuple[int, int, list[st
     earlier layer on a tie). A drop counts only when it is clear: positive, at least LENS_CLEAR_DROP x the curve's
     range over layers 1..N, that range at least LENS_FLAT nats. A third with no clear drop gets
     model.default_layers' layer, and a note says so; if that leaves no 1 <= i < j <= N, both are the defaults."""
-    from model import default_layers
-
     n_layers = len(entropy)
     default_i, default_j = default_layers(n_layers, family)
     height = max(entropy) - min(entropy) if entropy else 0.0
@@ -1073,10 +1189,7 @@ def lens_markdown(result: LensResult, tok, i: int, j: int, rule_notes: list[str]
 
 def plot_lens(result: LensResult, i: int, j: int, path: Path) -> str:
     """Entropy and mean rank of the true next token against layer, i and j marked; a line saying what happened."""
-    try:
-        from matplotlib.figure import Figure       # no pyplot: no GUI backend, no global state
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
+    if Figure is None:
         return "PNG skipped: pip install matplotlib"
     ks = [row["layer"] for row in result.layers]
     fig = Figure(figsize=(9, 3.6), layout="constrained")
@@ -1099,6 +1212,7 @@ def plot_lens(result: LensResult, i: int, j: int, path: Path) -> str:
 def run_logit_lens(args) -> Path:
     data = Path(args.lens_data) if args.lens_data else SAMPLE_DIR / f"alpaca_{args.lens_lang}.json"
     records = lens_records(data, args.lens_examples)        # before the model loads: a bad file fails fast
+    out = output_dir(args)
     model, tok, dtype = load_model(args.model, args.device, args.dtype)
     sequences, notes = lens_sequences(tok, records, model.args.max_seq_len)
     if not sequences:
@@ -1107,8 +1221,6 @@ def run_logit_lens(args) -> Path:
     result = logit_lens(model, sequences, tok.pad_id, args.batch_size, show=args.lens_positions, desc="logit lens")
     n_layers, family = model.args.n_layers, model.args.family
     i, j, rule_notes = suggest_layers([row["entropy"] for row in result.layers[1:]], family)
-    out = Path(args.out) if args.out else Path(args.model) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
     png = plot_lens(result, i, j, out / "logit_lens.png")
     header = [f"Model `{args.model}` (family {family}, {n_layers} blocks, V = {model.args.vocab_size}: the largest "
               f"possible entropy is ln V = {math.log(model.args.vocab_size):.2f} nats), device {args.device}, dtype "
@@ -1119,7 +1231,7 @@ def run_logit_lens(args) -> Path:
               "Layer k = the residual stream after block k, read through the final norm and the output head "
               f"(the model's own output at k = {n_layers}). Rank 1 = the lens's top choice."]
     md = lens_markdown(result, tok, i, j, rule_notes, header, rule_notes + notes + [png])
-    (out / "logit_lens.md").write_text(md, encoding="utf-8")
+    write_text_atomic(out / "logit_lens.md", md)
     report = dict(model=str(args.model), family=family, n_layers=n_layers, vocab_size=model.args.vocab_size,
                   data=str(data), lang=args.lens_lang, examples=len(sequences), positions=result.positions,
                   device=str(args.device), dtype=str(dtype).replace("torch.", ""), layers=result.layers,
@@ -1127,7 +1239,8 @@ def run_logit_lens(args) -> Path:
                   first_example=dict(targets=[token_piece(tok, t) for t in result.shown_targets],
                                      top1=[[token_piece(tok, t) for t in ids] for ids in result.shown_top1]),
                   notes=notes)
-    (out / "logit_lens.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text_atomic(out / "logit_lens.json",
+                      json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(md)
     print(png)
     print(f"wrote {out / 'logit_lens.md'} and {out / 'logit_lens.json'}")
@@ -1138,53 +1251,84 @@ def run_logit_lens(args) -> Path:
 # CLI
 # ---------------------------------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint dir in the HF layout (config.json, safetensors, "
-                   "tokenizer.model), e.g. OUT/final")
-    p.add_argument("--langs", default=",".join(LANGS), help=f"comma-separated, of {','.join(LANGS)} (default: all)")
-    p.add_argument("--tasks", default="all", help=f"'all' or comma-separated, of {','.join(BENCHMARKS)}")
-    p.add_argument("--data-dir", default=str(Path(__file__).resolve().parent / "data" / "bench_sample"),
-                   help="BENCH_DIR with <task>/<original release file> (default: the bundled tiny fixtures)")
-    p.add_argument("--out", help="output dir for results.json / results.md (default: MODEL/eval)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N examples of each task and language")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="greedy tokens per answer (default 64; 256 with --prompt)")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint dir in the HF layout (config.json, "
+                   "safetensors, tokenizer.model), e.g. OUT/final (required; no default)")
+    p.add_argument("--langs", default=",".join(LANGS),
+                   help=f"comma-separated, of {','.join(LANGS)} (default: %(default)s)")
+    p.add_argument("--tasks", default="all", help="'all' or comma-separated, of "
+                   f"{','.join(BENCHMARKS)} (default: %(default)s)")
+    p.add_argument("--data-dir", default=str(BENCH_SAMPLE_DIR),
+                   help="BENCH_DIR with <task>/<original release file>, the tree above (default: the "
+                   f"bundled sample {BENCH_SAMPLE_DIR.relative_to(REPO_DIR)}, 3-5 rows per task, "
+                   "whose numbers are labelled 'not comparable' everywhere)")
+    p.add_argument("--out", help="output dir for results.json, results.md, predictions/ and the "
+                   "logit lens (default: MODEL/eval)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N examples of each task and "
+                   "language (default: all of them)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="sequences per forward pass (default: %(default)s)")
+    p.add_argument("--qa-max-new-tokens", "--max-new-tokens", dest="qa_max_new_tokens", type=int,
+                   help="greedy tokens per generated answer, for the QA benchmarks and --prompt "
+                   f"(default: {Protocol.qa_max_new_tokens}; 256 with --prompt). --max-new-tokens is "
+                   "the same flag")
+    p.add_argument("--qa-stop", choices=tuple(QA_STOPS), default=Protocol.qa_stop,
+                   help="where a generated QA answer ends: "
+                   + "; ".join(f"{k}: {v}" for k, v in QA_STOPS.items()) + " (default: %(default)s)")
+    p.add_argument("--mc-ties", choices=tuple(MC_TIES), default=Protocol.mc_ties,
+                   help="multiple choice: " + "; ".join(f"{k}: {v}" for k, v in MC_TIES.items())
+                   + " (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="default: cuda when present, else cpu")
+                   help="torch device (default: cuda when present, else cpu; here %(default)s)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 on CUDA, fp32 on CPU (bf16 matmuls are very slow on CPUs)")
+                   help="auto: bf16 on CUDA, fp32 on CPU, where bf16 matmuls are very slow "
+                   "(default: %(default)s)")
     p.add_argument("--skip-bad", action="store_true",
-                   help="skip malformed benchmark rows (counted in results.md) instead of stopping at the first")
-    p.add_argument("--prompt", help="only generate a greedy response to this instruction (Alpaca template) and "
-                   "print it")
-    lens = p.add_argument_group("logit lens (--logit-lens: per-layer entropy, suggested --lc-layer/--et-layer)")
-    lens.add_argument("--logit-lens", action="store_true",
-                      help="only run the logit-lens analysis: OUT/logit_lens.md, .json and .png (with matplotlib)")
+                   help="skip malformed benchmark rows, counted in results.md (default: off; the first "
+                   "malformed row stops the run, naming its file, row and field)")
+    p.add_argument("--prompt", help="only generate a greedy response to this instruction (Alpaca "
+                   "template) and print it (default: none; run the benchmarks)")
+    lens = p.add_argument_group("logit lens (--logit-lens: per-layer entropy, suggested "
+                                "--lc-layer/--et-layer)")
+    lens.add_argument("--logit-lens", action="store_true", help="only run the logit-lens analysis: "
+                      "OUT/logit_lens.md, .json and .png with matplotlib (default: off; run the "
+                      "benchmarks)")
     lens.add_argument("--lens-data", metavar="FILE.json",
-                      help="Alpaca-format records of the target language (default: data/sample/alpaca_LANG.json)")
-    lens.add_argument("--lens-lang", choices=LENS_LANGS, default="vi",
-                      help="the language of the records, picking the bundled sample file (default vi)")
-    lens.add_argument("--lens-examples", type=int, default=16, metavar="N", help="first N records (default 16)")
+                      help="Alpaca-format records of the target language (default: "
+                      f"{SAMPLE_DIR.relative_to(REPO_DIR)}/alpaca_LANG.json, LANG from --lens-lang)")
+    lens.add_argument("--lens-lang", choices=LENS_LANGS, default="vi", help="the language of the "
+                      "records, picking the bundled sample file (default: %(default)s)")
+    lens.add_argument("--lens-examples", type=int, default=16, metavar="N",
+                      help="first N records (default: %(default)s)")
     lens.add_argument("--lens-positions", type=int, default=8, metavar="N",
-                      help="response positions of the first example whose top-1 tokens are shown (default 8)")
+                      help="response positions of the first example whose top-1 tokens are shown "
+                      "(default: %(default)s)")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.logit_lens and args.prompt:
         p.error("--logit-lens and --prompt are separate modes; pass one of them")
-    if args.max_new_tokens is None:
-        args.max_new_tokens = 256 if args.prompt else 64
-    for name, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens),
-                        ("--limit", args.limit), ("--lens-examples", args.lens_examples),
+    if args.qa_max_new_tokens is None:
+        args.qa_max_new_tokens = 256 if args.prompt else Protocol.qa_max_new_tokens
+    for name, value in (("--batch-size", args.batch_size),
+                        ("--qa-max-new-tokens", args.qa_max_new_tokens), ("--limit", args.limit),
+                        ("--lens-examples", args.lens_examples),
                         ("--lens-positions", args.lens_positions)):
         if value is not None and value < 1:
             p.error(f"{name} {value}: expected a positive integer")
     args.langs = [x.strip() for x in args.langs.split(",") if x.strip()]
     unknown = [x for x in args.langs if x not in LANGS]
     if unknown or not args.langs:
-        p.error(f"--langs {','.join(args.langs)}: unknown {unknown}; expected some of {','.join(LANGS)}")
+        p.error(f"--langs {','.join(args.langs)}: unknown {unknown}; expected some of "
+                f"{','.join(LANGS)}")
     args.explicit_tasks = args.tasks.strip() != "all"
-    args.tasks = [x.strip() for x in args.tasks.split(",") if x.strip()] if args.explicit_tasks else list(BENCHMARKS)
+    args.tasks = ([x.strip() for x in args.tasks.split(",") if x.strip()] if args.explicit_tasks
+                  else list(BENCHMARKS))
     unknown = [x for x in args.tasks if x not in BENCHMARKS]
     if unknown or not args.tasks:
         p.error(f"--tasks: unknown {unknown}; expected 'all' or some of {','.join(BENCHMARKS)}")
@@ -1192,8 +1336,6 @@ def parse_args(argv=None):
 
 
 def load_model(path: str, device: str, dtype: str):
-    from model import Tokenizer, Transformer
-
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is visible; pass --device cpu")
@@ -1208,87 +1350,118 @@ def load_model(path: str, device: str, dtype: str):
     return model.eval(), tok, torch_dtype
 
 
+def output_dir(args, *subdirs: str) -> Path:
+    """--out (default MODEL/eval) with `subdirs`, made and shown writable before any model loads."""
+    out = Path(args.out) if args.out else Path(args.model) / "eval"
+    try:
+        for path in (out, *(out / d for d in subdirs)):
+            path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise SystemExit(f"error: --out {out}: cannot write there ({e.strerror or e}); pass a "
+                         "writable directory") from None
+    return out
+
+
 def run_prompt(args) -> None:
     model, tok, _ = load_model(args.model, args.device, args.dtype)
     ids = alpaca_prompt_ids(tok, args.prompt)
-    ids = fit_prompt(ids, model.args.max_seq_len - args.max_new_tokens, Counter())
-    generated = greedy_generate(model, tok, [ids], args.max_new_tokens, stop_at_newline=False)[0]
-    print(tok.decode(generated).strip())
+    ids = fit_prompt(ids, prompt_room(model, args.qa_max_new_tokens), Counter())
+    generated = greedy_generate(model, tok, [ids], args.qa_max_new_tokens, stop_at_newline=False)
+    print(tok.decode(generated[0]).strip())
 
 
-def plan_cells(args) -> tuple[dict, dict, list[str]]:
-    """Read every requested benchmark file before the model is loaded, so a missing or malformed file fails fast.
-    Returns rows[(task, lang)], cell states[(task, lang)] and notes."""
+def plan_cells(args) -> tuple[dict[tuple[str, str], Cell], list[str]]:
+    """Read every requested benchmark file before the model is loaded, so a missing or malformed
+    file fails fast. Returns the cells by (task, lang) and notes."""
     data_dir, bad = Path(args.data_dir), BadRows(args.skip_bad)
-    rows, cells, notes = {}, {}, []
+    bundled = data_dir.resolve() == BENCH_SAMPLE_DIR.resolve()
+    cells, notes = {}, []
     for task in args.tasks:
         bench = BENCHMARKS[task]
         for lang in args.langs:
             if lang not in bench.langs:
-                cells[(task, lang)] = NO_LANGUAGE
+                cells[(task, lang)] = Cell(NO_LANGUAGE)
                 continue
-            path = bench.file(data_dir, lang)
-            if not path.is_file():
-                message = f"{task}/{lang}: {path} not found; expected the original {bench.title} release file there"
+            path, rows = bench.file(data_dir, lang), []
+            if path.is_file():
+                try:
+                    rows = bench.read(path, lang, bad)
+                except ValueError as e:
+                    raise SystemExit(f"error: {e}") from None
+                problem = f"{task}/{lang}: {path} has no usable rows for {lang}"
+            else:
+                problem = (f"{task}/{lang}: {path} not found; expected the original {bench.title} "
+                           "release file there")
+            if not rows:
                 if args.explicit_tasks:
-                    raise SystemExit(f"error: {message} (or leave {task} out of --tasks)")
-                print(f"note: {message}; skipping this cell", file=sys.stderr)
-                notes.append(message)
-                cells[(task, lang)] = MISSING
+                    raise SystemExit(f"error: {problem} (or leave {task} out of --tasks)")
+                print(f"note: {problem}; skipping this cell", file=sys.stderr)
+                notes.append(problem)
+                cells[(task, lang)] = Cell(MISSING, path)
                 continue
-            try:
-                cell_rows = bench.read(path, lang, bad)
-            except ValueError as e:
-                raise SystemExit(f"error: {e}") from None
-            cell_rows = cell_rows[:args.limit] if args.limit else cell_rows
-            if not cell_rows:
-                message = f"{task}/{lang}: {path} has no usable rows for {lang}"
-                if args.explicit_tasks:
-                    raise SystemExit(f"error: {message}")
-                print(f"note: {message}; skipping this cell", file=sys.stderr)
-                notes.append(message)
-                cells[(task, lang)] = MISSING
-                continue
-            rows[(task, lang)], cells[(task, lang)] = cell_rows, "ok"
-    for path, count in bad.counts.items():
-        notes.append(f"--skip-bad: skipped {count} malformed row(s) of {path}; first: {bad.first[path]}")
-        print(f"note: skipped {count} malformed row(s) of {path}", file=sys.stderr)
-    return rows, cells, notes
+            kept = rows[:args.limit] if args.limit else rows
+            why = "bundled" if bundled else "limit" if len(kept) < len(rows) else ""
+            cells[(task, lang)] = Cell("ok", path, kept, not_comparable=why)
+    for cell in cells.values():
+        cell.skipped = bad.count(cell.path)
+    for path, found in bad.found.items():
+        notes.append(f"--skip-bad: skipped {len(found)} malformed row(s) of {path}; first: "
+                     f"{next(iter(found.values()))}")
+        print(f"note: skipped {len(found)} malformed row(s) of {path}", file=sys.stderr)
+    return cells, notes
 
 
 def run_benchmarks(args) -> Path:
-    rows_by_cell, cells, notes = plan_cells(args)
-    if not rows_by_cell:
-        raise SystemExit(f"error: nothing to evaluate: no benchmark file for tasks {args.tasks} and languages "
-                         f"{args.langs} under {args.data_dir}")
+    cells, notes = plan_cells(args)
+    if all(cell.state != "ok" for cell in cells.values()):
+        raise SystemExit(f"error: nothing to evaluate: no benchmark file for tasks {args.tasks} and "
+                         f"languages {args.langs} under {args.data_dir}")
+    out = output_dir(args, "predictions")
     model, tok, dtype = load_model(args.model, args.device, args.dtype)
-    out = Path(args.out) if args.out else Path(args.model) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
+    protocol = Protocol(args.qa_max_new_tokens, args.qa_stop, args.mc_ties)
     counters, results = Counter(), []
-    for (task, lang), cell_rows in rows_by_cell.items():
+    for (task, lang), cell in cells.items():
+        if cell.state != "ok":
+            continue
         bench = BENCHMARKS[task]
-        metrics = evaluate_cell(model, tok, bench, lang, cell_rows, args.batch_size, args.max_new_tokens, counters,
-                                out / "predictions" / f"{task}.{lang}.jsonl" if bench.kind == "qa" else None)
+        metrics, records = evaluate_cell(model, tok, bench, lang, cell.rows, protocol,
+                                         args.batch_size, counters)
+        write_text_atomic(out / "predictions" / f"{task}.{lang}.jsonl",
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        label = caveat([cell])
         for metric in bench.metrics:
-            results.append(dict(task=task, lang=lang, metric=metric, value=round(metrics[metric], 4),
-                                n=len(cell_rows), prompt=bench.prompt))
-        print(f"{task}/{lang}: " + ", ".join(f"{m} {metrics[m]:.2f}" for m in bench.metrics) + f" (n={len(cell_rows)})")
+            results.append(dict(task=task, lang=lang, metric=metric,
+                                value=round(metrics[metric], 4), n=len(cell.rows),
+                                prompt=protocol.describe(bench), file=str(cell.path),
+                                comparable=not label, caveat=label))
+        print(f"{task}/{lang}: " + ", ".join(f"{m} {metrics[m]:.2f}" for m in bench.metrics)
+              + f" (n={len(cell.rows)})" + (f" — {label}" if label else ""))
+    notes += [f"protocol: {protocol.legend()}"]
     notes += [f"{name}: {count}" for name, count in counters.items() if count]
-    for (task, lang), state in cells.items():
-        if state == NO_LANGUAGE:
-            notes.append(f"{task}/{lang}: the benchmark has no {lang} release ({NO_LANGUAGE} in the table)")
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    for (task, lang), cell in cells.items():
+        if cell.state == NO_LANGUAGE:
+            notes.append(f"{task}/{lang}: the benchmark has no {lang} release ({NO_LANGUAGE} in the "
+                         "table)")
+    write_text_atomic(out / "results.json",
+                      json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     family = model.args.family
-    header = [f"Model `{args.model}` (family {family}; paper rows: {PAPER_MODEL.get(family, '-')}), "
-              f"device {args.device}, dtype {str(dtype).replace('torch.', '')}, data `{args.data_dir}`, "
-              f"batch size {args.batch_size}, max new tokens {args.max_new_tokens}. Zero-shot; values in %."]
-    if args.limit:
-        header.append(f"**--limit {args.limit}: only the first {args.limit} examples per cell; "
-                      "not comparable to the paper.**")
-    md = results_markdown(results, cells, args.tasks, args.langs, family, Path(args.model).name or "model",
-                          header, notes)
-    (out / "results.md").write_text(md, encoding="utf-8")
-    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    header = [f"Model `{args.model}` (family {family}; paper rows: "
+              f"{PAPER_MODEL.get(family, '-')}), device {args.device}, dtype "
+              f"{str(dtype).replace('torch.', '')}, data `{args.data_dir}`, batch size "
+              f"{args.batch_size}" + (f", --limit {args.limit}" if args.limit else "")
+              + ". Zero-shot; values in %. Per-example outputs: `predictions/`."]
+    label = caveat(cells.values())
+    fix = "; ".join(NOT_COMPARABLE[why][1] for why in {c.not_comparable for c in cells.values()}
+                    if why)
+    if label:
+        header.append(f"**{label}: {fix}.**")
+    md = results_markdown(results, cells, args.tasks, args.langs, family,
+                          Path(args.model).name or "model", header, notes)
+    write_text_atomic(out / "results.md", md)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'predictions'}/")
+    if label:
+        print(f"note: all numbers above: {label}; {fix}")
     return out
 
 

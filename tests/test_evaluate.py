@@ -3,8 +3,14 @@ MKQA scripts' rules, the fixture files' contents as written, log-likelihoods fro
 of one unpadded sequence at a time, naive argmax decoding without a cache, and a scripted fake model for the
 stopping rules."""
 
+import contextlib
+import dataclasses
+import gzip
+import importlib.util
+import io
 import json
 import math
+import re
 import shutil
 import sys
 from collections import Counter
@@ -18,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 import evaluate as ev  # noqa: E402
 import prepare_data  # noqa: E402
-from model import Tokenizer, Transformer  # noqa: E402
+from model import Tokenizer, Transformer, default_layers  # noqa: E402
 
 BENCH = REPO / "data" / "bench_sample"
 
@@ -125,10 +131,15 @@ def test_unknown_language_and_empty_answers_are_errors():
         ev.qa_f1("a", [], "vi")
 
 
-def test_tie_is_never_correct():
-    assert ev.strictly_best([-1.0, -2.0, -3.0], 0)
-    assert not ev.strictly_best([-1.0, -1.0, -3.0], 0)             # argmax would pick 0
-    assert not ev.strictly_best([-2.0, -1.0], 0)
+def test_ties_pick_nothing_or_the_first_best():
+    assert ev.pick_choice([-1.0, -2.0, -3.0]) == 0
+    assert ev.pick_choice([-2.0, -1.0]) == 1
+    assert ev.pick_choice([-1.0, -1.0, -3.0]) is None              # argmax would pick 0
+    assert ev.pick_choice([-3.0, -1.0, -1.0]) is None
+    # lm-evaluation-harness's rule: the first of the tied best, never a later one, never a worse one
+    assert ev.pick_choice([-1.0, -1.0, -3.0], "first") == 0
+    assert ev.pick_choice([-3.0, -1.0, -2.0, -1.0], "first") == 1
+    assert ev.pick_choice([-3.0, -1.0, -2.0], "first") == 1
     assert ev.mc2_score([0.0, 0.0, 0.0, 0.0], [True, True, False, False]) == pytest.approx(0.5)
     assert ev.mc2_score([0.0, -100.0], [True, False]) == pytest.approx(1.0)
 
@@ -145,7 +156,7 @@ def test_readers_on_the_fixtures():
                  **{("mkqa", l): 5 for l in ev.LANGS}, **{("truthfulqa", l): 3 for l in ev.LANGS},
                  **{("mmlu", l): 4 for l in ev.LANGS}, **{("xnli", l): 4 for l in ev.LANGS},
                  ("xcopa", "vi"): 4, ("xcopa", "zh"): 4, ("xstorycloze", "ar"): 3, ("xstorycloze", "zh"): 3}
-    assert not bad.counts
+    assert not bad.found
     assert "ar" not in ev.BENCHMARKS["xcopa"].langs and "vi" not in ev.BENCHMARKS["xstorycloze"].langs
 
     xquad = ev.read_squad(BENCH / "xquad" / "xquad.zh.json", "zh", bad)
@@ -182,6 +193,17 @@ def test_prompts_follow_the_reference_formats():
     assert ("### Instruction:\nHãy trả lời các câu hỏi theo đoạn văn sau\n\n### Input:\nđoạn văn: Sông Mê Kông"
             in qa.prompt)
     assert qa.prompt.endswith("\ncâu hỏi: Sông Mê Kông chảy qua bao nhiêu quốc gia?\nTrả lời: \n\n### Response:")
+
+
+def test_truthfulqa_question_is_cleaned_up_as_lm_eval_okapi_does():
+    # strip, " [title]" -> ". ", [bracketed] spans dropped, then one pass of "  " -> " "
+    assert ev.okapi_question("  Is  it [x] true?  ") == "Is it true?"
+    assert ev.okapi_question("Lincoln [title] Abraham") == "Lincoln. Abraham"
+    assert ev.okapi_question("a   b") == "a  b"               # one pass: three spaces become two, as there
+    row = dict(id="t", question=" Có  thật [1] không? ", mc1_choices=["a", "b"], mc1_labels=[1, 0],
+               mc2_choices=["a", "b"], mc2_labels=[1, 0])
+    mc1, mc2 = ev.truthfulqa_items(row, "vi")
+    assert mc1.context.endswith("Barcelona, Spain.\n\nQ: Có thật không?\nA:") and mc2.context == mc1.context
 
 
 def _line_of_nth_object(text: str, n: int) -> int:
@@ -248,11 +270,10 @@ def test_malformed_rows_name_file_and_line(tmp_path, rel, reader, lang, edit, n_
     if rel.endswith(".json") and "xquad" not in rel:     # JSON arrays: the line where the bad element starts
         assert f"line {_line_of_nth_object(path.read_text(encoding='utf-8'), 1 if 'mmlu' in rel else 2)}:" in message
     bad = ev.BadRows(skip=True)
-    assert len(reader(path, lang, bad)) == n_left and bad.counts[str(path)] == 1
+    assert len(reader(path, lang, bad)) == n_left and bad.count(path) == 1
 
 
 def test_mkqa_gzip_release_is_preferred_and_read_the_same(tmp_path):
-    import gzip
     (tmp_path / "mkqa").mkdir()
     shutil.copy(BENCH / "mkqa" / "mkqa.jsonl", tmp_path / "mkqa" / "mkqa.jsonl")
     with gzip.open(tmp_path / "mkqa" / "mkqa.jsonl.gz", "wt", encoding="utf-8") as f:
@@ -264,13 +285,13 @@ def test_mkqa_gzip_release_is_preferred_and_read_the_same(tmp_path):
 
 def test_json_array_and_jsonl_line_numbers(tmp_path):
     path = tmp_path / "rows.json"
-    path.write_text('\n[\n  {"a": 1},\n\n  {"a": 2,\n   "b": 3}, {"a": 4}\n]\n', encoding="utf-8")
-    assert list(ev._rows_with_lines(path)) == [(3, {"a": 1}), (5, {"a": 2, "b": 3}), (6, {"a": 4})]
-    path.write_text('{"a": 1}\n\n{"a": 2}\n', encoding="utf-8")
-    assert list(ev._rows_with_lines(path)) == [(1, {"a": 1}), (3, {"a": 2})]
+    path.write_text('\n[\n  {"a": 1},\n\n  {"a": [2,\n   3]}, {"a": 4}\n]\n', encoding="utf-8")
+    assert list(ev.json_rows(path)) == [("line 3", {"a": 1}), ("line 5", {"a": [2, 3]}), ("line 6", {"a": 4})]
+    path.write_text('{"a": 1}\n\n{"a": "x\u2028y"}\n', encoding="utf-8")      # U+2028 is no line break in JSON
+    assert list(ev.json_rows(path)) == [("line 1", {"a": 1}), ("line 3", {"a": "x\u2028y"})]
     path.write_text('[\n  {"a": 1}\n  {"a": 2}\n]', encoding="utf-8")
-    with pytest.raises(ValueError, match="line 3: expected ',' or ']'"):
-        list(ev._rows_with_lines(path))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: line 3: not valid JSON"):
+        list(ev.json_rows(path))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -305,16 +326,26 @@ def test_mc_scores_equal_brute_force(tiny):
     assert ev.split_continuation(tok, ctx, "Answer:", " A") == (tok.encode("Answer: A", bos=True)[len(ctx):], False)
 
 
-def test_tied_choices_score_zero(tiny):
+def test_tied_choices_score_zero_or_go_to_the_first(tiny):
     model, tok, _ = tiny
     # Identical choices have identical likelihoods; with the true answer first, an argmax would score 100.
-    row = dict(question="Q?", mc1_choices=["same answer", "same answer"], mc1_labels=[1, 0],
+    row = dict(id="t", question="Q?", mc1_choices=["same answer", "same answer"], mc1_labels=[1, 0],
                mc2_choices=["same answer", "same answer"], mc2_labels=[1, 0])
-    got = ev.evaluate_cell(model, tok, ev.BENCHMARKS["truthfulqa"], "vi", [row], 4, 8, Counter())
-    assert got == {"mc1": 0.0, "mc2": pytest.approx(50.0)}
-    copa = dict(premise="Trời mưa.", choice1="Đi.", choice2="Đi.", question="effect", label=0)
-    got = ev.evaluate_cell(model, tok, ev.BENCHMARKS["xcopa"], "vi", [copa], 4, 8, Counter())
-    assert got == {"acc": 0.0, "acc_norm": 0.0}
+    copa = dict(id="c", premise="Trời mưa.", choice1="Đi.", choice2="Đi.", question="effect", label=0)
+    tqa, xcopa = ev.BENCHMARKS["truthfulqa"], ev.BENCHMARKS["xcopa"]
+    got, records = ev.evaluate_cell(model, tok, tqa, "vi", [row], ev.Protocol(), 4, Counter())
+    assert got == {"mc1": 0.0, "mc2": pytest.approx(50.0)} and records[0]["mc1"]["pick"] is None
+    got, records = ev.evaluate_cell(model, tok, xcopa, "vi", [copa], ev.Protocol(), 4, Counter())
+    assert got == {"acc": 0.0, "acc_norm": 0.0} and records[0]["pick"] is None
+
+    # --mc-ties first: the first of the tied choices is picked, so gold first scores and gold second does not
+    first = ev.Protocol(mc_ties="first")
+    got, records = ev.evaluate_cell(model, tok, tqa, "vi", [row], first, 4, Counter())
+    assert got == {"mc1": 100.0, "mc2": pytest.approx(50.0)} and records[0]["mc1"]["pick"] == 0
+    got, _ = ev.evaluate_cell(model, tok, xcopa, "vi", [copa], first, 4, Counter())
+    assert got == {"acc": 100.0, "acc_norm": 100.0}
+    got, records = ev.evaluate_cell(model, tok, xcopa, "vi", [dict(copa, label=1)], first, 4, Counter())
+    assert got == {"acc": 0.0, "acc_norm": 0.0} and records[0]["pick"] == records[0]["pick_norm"] == 0
 
 
 def naive_greedy(model, tok, ids, max_new_tokens):
@@ -347,7 +378,7 @@ class ScriptedModel:
     def __init__(self, scripts, vocab_size):
         self.scripts, self.vocab_size = scripts, vocab_size
         self.tok_embeddings = torch.nn.Embedding(1, 1)
-        self.args = type("Args", (), {"max_seq_len": 64})()
+        self.args = type("Args", (), {"max_seq_len": 4096})()
 
     def init_cache(self, batch_size, max_len):
         return {"step": 0, "rows": None}
@@ -373,8 +404,31 @@ def test_stop_at_eos_and_at_a_newline_after_the_answer_began(tiny_llama):
     got = ev.greedy_generate(model, tok, prompts, max_new_tokens=5, batch_size=4)
     assert got == [[nl, a, b, nl], [a], [a, b, a, b, a], [nl, nl]]
     # pieces "▁a" "b": the leading newline is dropped, "▁" is a space except at the start
-    assert [ev.answer_text(tok, g) for g in got] == ["ab", "a", "ab ab a", ""]
+    assert [ev.answer_text(tok.decode(g), "newline") for g in got] == ["ab", "a", "ab ab a", ""]
     assert ev.greedy_generate(model, tok, prompts[:1], max_new_tokens=5, stop_at_newline=False) == [[nl, a, b, nl, a]]
+
+
+def test_qa_stop_protocols_on_a_scripted_model(tiny_llama):
+    tok = Tokenizer(tiny_llama)
+    a, nl, b = tok.encode("a\nb", bos=False)
+    row = dict(id="q", context="c", question="q?", answers=["a b"])
+    last = tok.encode(ev.squad_item(row, "vi").prompt, bos=True)[-1]     # how the scripted model knows the row
+    model = ScriptedModel({last: [nl, a, nl, b, tok.eos_id, a, a]}, tok.vocab_size)
+
+    def run(protocol):
+        metrics, (record,) = ev.evaluate_cell(model, tok, ev.BENCHMARKS["xquad"], "vi", [row], protocol, 4, Counter())
+        return metrics, record
+    # newline: stop at the newline after "a"; the answer is its first line. {a} vs {a, b}: P = 1, R = 1/2, F1 = 2/3
+    metrics, record = run(ev.Protocol())
+    assert record["generation"] == tok.decode([nl, a, nl]) and record["answer"] == "a"
+    assert metrics == {"f1": pytest.approx(100 * 2 / 3), "em": 0.0} and record["f1"] == pytest.approx(2 / 3)
+    # eos: through the newlines up to EOS; the whole generation is the answer and matches "a b" after normalisation
+    metrics, record = run(ev.Protocol(qa_stop="eos"))
+    assert record["generation"] == tok.decode([nl, a, nl, b]) and record["answer"] == "a\nb" and metrics == {"f1": 100.0, "em": 100.0}
+    # the token budget still ends it
+    metrics, record = run(ev.Protocol(qa_max_new_tokens=3, qa_stop="eos"))
+    assert record["generation"] == tok.decode([nl, a, nl]) and record["answer"] == "a"
+    assert record["prompt"] == ev.squad_item(row, "vi").prompt and record["gold"] == ["a b"] and record["id"] == "q"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -384,14 +438,17 @@ def test_stop_at_eos_and_at_a_newline_after_the_answer_began(tiny_llama):
 def test_cli_end_to_end_on_the_fixtures(tiny_llama, tmp_path):
     out = tmp_path / "eval"
     ev.main(["--model", str(tiny_llama), "--data-dir", str(BENCH), "--out", str(out), "--limit", "2",
-             "--batch-size", "4", "--max-new-tokens", "6", "--device", "cpu"])
+             "--batch-size", "4", "--qa-max-new-tokens", "6", "--qa-stop", "eos", "--mc-ties", "first",
+             "--device", "cpu"])
     rows = json.loads((out / "results.json").read_text(encoding="utf-8"))
     cells = {(r["task"], r["lang"]) for r in rows}
     want = {(name, lang) for name, b in ev.BENCHMARKS.items() for lang in b.langs}
     assert cells == want and ("xcopa", "ar") not in cells and ("xstorycloze", "vi") not in cells
     for r in rows:
-        assert set(r) == {"task", "lang", "metric", "value", "n", "prompt"}
+        assert {"task", "lang", "metric", "value", "n", "prompt"} <= set(r)
         assert 0.0 <= r["value"] <= 100.0 and r["n"] == 2
+        kind = ev.BENCHMARKS[r["task"]].kind
+        assert r["prompt"].endswith("max 6 new tokens, stop eos" if kind == "qa" else "log-likelihood, ties first")
     assert {r["metric"] for r in rows if r["task"] == "truthfulqa"} == {"mc1", "mc2"}
     assert {r["metric"] for r in rows if r["task"] == "mlqa"} == {"f1", "em"}
     md = (out / "results.md").read_text(encoding="utf-8")
@@ -402,8 +459,94 @@ def test_cli_end_to_end_on_the_fixtures(tiny_llama, tmp_path):
     written = (out / "predictions" / "xquad.zh.jsonl").read_text(encoding="utf-8")
     preds = [json.loads(line) for line in written.splitlines()]
     assert len(preds) == 2
-    for p in preds:   # the written scores are the metric applied to the written prediction
-        assert p["f1"] == ev.qa_f1(p["prediction"], p["answers"], "zh")
+    for p in preds:   # the written scores are the metric applied to the written answer, all of the generation
+        assert p["answer"] == p["generation"].strip() and p["f1"] == ev.qa_f1(p["answer"], p["gold"], "zh")
+
+
+@pytest.fixture(scope="module")
+def bundled_run(tiny_llama, tmp_path_factory):
+    """evaluate.py without --data-dir (the bundled sample), every task and language, as the demo runs it; the
+    output dir and what it printed."""
+    out = tmp_path_factory.mktemp("bundled") / "eval"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        ev.main(["--model", str(tiny_llama), "--out", str(out), "--batch-size", "4", "--max-new-tokens", "6",
+                 "--device", "cpu"])
+    return out, printed.getvalue()
+
+
+def test_the_bundled_sample_is_labelled_not_comparable_everywhere(bundled_run):
+    out, printed = bundled_run
+    label = re.compile(r"bundled sample \(([345]|[345]–[345]) rows\) — not comparable")
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results and all(r["comparable"] is False and label.fullmatch(r["caveat"]) for r in results)
+    assert {r["caveat"] for r in results if r["task"] == "mkqa"} == {"bundled sample (5 rows) — not comparable"}
+    md = (out / "results.md").read_text(encoding="utf-8")
+    titles = [line for line in md.splitlines() if line.startswith("## Table")]
+    ours = [line for line in md.splitlines() if line.startswith("| ours |")]
+    metric_rows = md.split("## All metrics")[1].split("## What was read")[0].splitlines()[4:-1]
+    read_rows = md.split("## What was read")[1].split("## Notes")[0].splitlines()[4:-1]
+    assert len(titles) == len(ours) == 2 and len(metric_rows) == len(results) and len(read_rows) == 22
+    for line, rows in zip(titles + ours, ["3–5", "3–4"] * 2):   # Table 1's cells have 3-5 rows, Table 2's 3-4
+        assert line.count(f"bundled sample ({rows} rows) — not comparable") == 1, line
+    for line in metric_rows + read_rows:
+        assert label.search(line), line
+    assert "**bundled sample (3–5 rows) — not comparable: " in md and "--data-dir BENCH_DIR" in md
+    cell_lines = [line for line in printed.splitlines() if re.match(r"\w+/\w\w: ", line)]
+    assert len(cell_lines) == 22 and all(label.search(line) for line in cell_lines)
+    assert "note: all numbers above: bundled sample (3–5 rows) — not comparable; " in printed
+
+
+def strictly_best(scores, gold):
+    return all(scores[gold] > s for i, s in enumerate(scores) if i != gold)
+
+
+def recompute(task, lines):
+    """A cell's metrics from its predictions file alone, with no code of evaluate.py (ties count as wrong)."""
+    mean = lambda values: 100 * sum(values) / len(values)  # noqa: E731
+    if task in ("xquad", "mlqa", "mkqa"):
+        return {"f1": mean([x["f1"] for x in lines]), "em": mean([x["em"] for x in lines])}
+    if task == "truthfulqa":
+        mc2 = []
+        for x in lines:
+            top = max(x["mc2"]["ll"])
+            p = [math.exp(ll - top) for ll in x["mc2"]["ll"]]
+            mc2.append(sum(q for q, true in zip(p, x["mc2"]["true"]) if true) / sum(p))
+        return {"mc1": mean([strictly_best(x["mc1"]["ll"], x["mc1"]["gold"]) for x in lines]), "mc2": mean(mc2)}
+    return {"acc": mean([strictly_best(x["ll"], x["gold"]) for x in lines]),
+            "acc_norm": mean([strictly_best([ll / len(c) for ll, c in zip(x["ll"], x["choices"])], x["gold"])
+                              for x in lines])}
+
+
+def test_results_json_is_recomputed_from_the_predictions_files(bundled_run, tiny_llama):
+    out, _ = bundled_run
+    model, tok = Transformer.from_pretrained(tiny_llama).eval(), Tokenizer(tiny_llama)
+    cells = {}
+    for r in json.loads((out / "results.json").read_text(encoding="utf-8")):
+        cells.setdefault((r["task"], r["lang"]), {})[r["metric"]] = r
+    assert len(cells) == sum(len(b.langs) for b in ev.BENCHMARKS.values())
+    for (task, lang), rows in cells.items():
+        text = (out / "predictions" / f"{task}.{lang}.jsonl").read_text(encoding="utf-8")
+        lines = [json.loads(line) for line in text.splitlines()]
+        want = recompute(task, lines)
+        assert set(rows) == set(want)
+        for metric, row in rows.items():
+            assert row["n"] == len(lines)
+            assert row["value"] == pytest.approx(want[metric], abs=1e-4), (task, lang, metric)
+        first = lines[0]
+        if "f1" in want:
+            # the answer is the generation's first line (the default protocol), scored by the official metric
+            for x in lines:
+                assert x["answer"] == x["generation"].strip().split("\n")[0].strip()
+                f1 = (ev.mkqa_f1 if task == "mkqa" else ev.qa_f1)(x["answer"], x["gold"], lang)
+                assert x["f1"] == f1 and x["em"] == ev.qa_em(x["answer"], x["gold"], lang)
+        else:
+            # the written prompt and choices are what was scored: the log-likelihoods are brute-forced from them
+            scored = first["mc1"] if task == "truthfulqa" else first
+            want_ll = [brute_force_loglikelihood(model, tok, first["prompt"], " " + c) for c in scored["choices"]]
+            assert scored["ll"] == pytest.approx(want_ll, rel=1e-5, abs=1e-4)
+            if task != "truthfulqa":
+                assert first["length"] == [len(c) for c in first["choices"]]
 
 
 def test_cli_missing_files_and_bad_rows(tiny_llama, tmp_path):
@@ -424,6 +567,13 @@ def test_cli_missing_files_and_bad_rows(tiny_llama, tmp_path):
     assert {(r["task"], r["lang"]) for r in rows} == {("xcopa", "vi")}
     md = (out / "results.md").read_text(encoding="utf-8")
     assert "| missing |" in md and str(data / "mmlu" / "vi_test.json") in md
+    # the release file cut by --limit is labelled; not as the bundled sample, whose path this is not
+    assert all(r["caveat"] == "--limit subset (1 row) — not comparable" and not r["comparable"] for r in rows)
+    assert "bundled" not in md and f"| ours | {tiny_llama.name} — --limit subset (1 row) — not comparable |" in md
+    ev.main(base[:-2] + ["--out", str(out), "--limit", "4"])          # the whole file: comparable
+    rows = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert all(r["comparable"] and r["caveat"] == "" for r in rows)
+    assert "not comparable" not in (out / "results.md").read_text(encoding="utf-8")
 
     # a malformed row: one line naming file and line, before any model is loaded; --skip-bad counts it
     bad_file = data / "xcopa" / "test.vi.jsonl"
@@ -436,7 +586,37 @@ def test_cli_missing_files_and_bad_rows(tiny_llama, tmp_path):
     assert f"{bad_file}: line 1: field 'question' is 'why'; expected one of cause/effect" in message
     assert "\n" not in message
     ev.main(base + ["--tasks", "xcopa", "--langs", "vi", "--skip-bad", "--out", str(out)])
-    assert "skipped 1 malformed row(s)" in (out / "results.md").read_text(encoding="utf-8")
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert "skipped 1 malformed row(s)" in md
+    # per cell: the file read, its split, the rows scored (--limit 1) and the malformed rows skipped
+    assert (f"| xcopa | vi | `{bad_file}` | test (not val) | --limit subset (1 row) — not comparable | 1 | "
+            "lm-eval-xcopa; log-likelihood, ties wrong |") in md
+
+
+def test_an_unwritable_out_is_one_line_naming_it(tiny_llama, tmp_path):
+    a_file = tmp_path / "results"
+    a_file.write_text("not a directory", encoding="utf-8")
+    base = ["--model", str(tiny_llama), "--device", "cpu", "--tasks", "xcopa", "--langs", "vi"]
+    for out in (a_file, a_file / "eval"):                 # --out is a file; --out lies under a file
+        for mode in ([], ["--logit-lens"]):
+            with pytest.raises(SystemExit) as info:
+                ev.main(base + mode + ["--out", str(out)])
+            message = str(info.value)
+            assert message.startswith(f"error: --out {out}: cannot write there (") and "\n" not in message
+    assert a_file.read_text(encoding="utf-8") == "not a directory"
+
+
+def test_help_shows_every_default_and_no_developer_notes():
+    parser = ev.build_parser()
+    for action in parser._actions:
+        if action.dest != "help":
+            assert "(default: " in action.help or "no default" in action.help, action.option_strings
+    (qa_tokens,) = [a for a in parser._actions if "--max-new-tokens" in a.option_strings]
+    assert qa_tokens.option_strings == ["--qa-max-new-tokens", "--max-new-tokens"]
+    assert "(default: 64; 256 with --prompt)" in qa_tokens.help
+    source = (REPO / "evaluate.py").read_text(encoding="utf-8")
+    for name in ("METHOD", "DESIGN", "STYLE"):
+        assert f"{name}.md" not in source and f"{name} §" not in source
 
 
 def test_prompt_mode_prints_the_greedy_response(tiny_llama, capsys):
@@ -461,9 +641,7 @@ def sample_records(n):
 
 def training_ids(tok, record):
     """BOS + the Alpaca prompt as one text, then the response on its own: prepare_data.py's training sequence."""
-    from prepare_data import format_prompt
-
-    prompt = tok.encode(format_prompt(record["instruction"], record["input"]), bos=True)
+    prompt = tok.encode(prepare_data.format_prompt(record["instruction"], record["input"]), bos=True)
     return prompt + tok.encode(record["output"], bos=False), len(prompt)
 
 
@@ -488,8 +666,6 @@ def lens_reference(logits_of, tok, records):
 
 def shallow_copy(model, k):
     """A model of the first k blocks (and the same embedding, final norm and head): its forward is layer k's lens."""
-    import dataclasses
-
     args = dataclasses.replace(model.args, n_layers=k, sliding_layers=model.args.sliding_layers[:k])
     shallow = Transformer(args)
     shallow.load_state_dict({name: t for name, t in model.state_dict().items()
@@ -568,8 +744,6 @@ def drop_curve(n_layers, drops, start=10.0, slope=0.02):
 
 
 def test_suggested_layers_on_curves_with_known_drops():
-    from model import default_layers
-
     assert ev.lens_windows(32) == (range(2, 11), range(11, 22))
     assert ev.lens_windows(26) == (range(2, 9), range(9, 18))
     assert ev.lens_windows(4) == (range(2, 3), range(3, 4))
@@ -601,13 +775,10 @@ def test_suggested_layers_on_curves_with_known_drops():
 
 
 def block_matplotlib(monkeypatch):
-    for name in ("matplotlib", "matplotlib.figure", "matplotlib.ticker"):
-        monkeypatch.setitem(sys.modules, name, None)        # `import matplotlib...` now raises ImportError
+    monkeypatch.setattr(ev, "Figure", None)                 # as evaluate.py's import leaves it without matplotlib
 
 
 def test_logit_lens_cli_end_to_end(tiny_llama, tmp_path, capsys, monkeypatch):
-    import importlib.util
-
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_llama, model_dir)       # the default output goes into MODEL/eval
     block_matplotlib(monkeypatch)
