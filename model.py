@@ -278,9 +278,9 @@ class KVCache:
 @dataclass
 class SharedPrefix:
     """The keys and values of a prompt that several sequences of an example begin with (DFT's x_tgt), as one pass
-    computed them: kv[l] = (k, v), each [B, K, Tp, E]; row b's prompt is its first lengths[b] positions. Sequences
-    that continue the prompt run only their own tokens and attend to these (differentiably, so their losses still
-    reach the prompt's states)."""
+    computed them: kv[l] = (k [B, K, Tp, E], v [B, Tp, K*E]) as block l returned them; row b's prompt is its first
+    lengths[b] positions. Sequences that continue the prompt run only their own tokens and attend to these
+    (differentiably, so their losses still reach the prompt's states)."""
     kv: list
     lengths: torch.Tensor    # [B]
 
@@ -297,16 +297,20 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, kv_slot=None, start=0, past=None):
-        """-> (output [B, T, D], this call's own keys and values [B, K, T, E]). kv_slot: a decoding cache written in
-        place at [start, start + T); past: keys and values to attend to before these tokens (differentiable)."""
+        """-> (output [B, T, D], this call's own keys [B, K, T, E] and values [B, T, K*E]). kv_slot: a decoding cache
+        written in place at [start, start + T); past: keys and values, as returned here, to attend to before these
+        tokens (differentiable)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)       # [B, H, T, E]
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # [B, K, T, E]
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # [B, K, T, E]
+        v = self.wv(x)                                                               # [B, T, K*E]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # The values leave the block as the projection wrote them, not as a view of it: FSDP2 hooks its
+        # pre-backward unshard on a block's outputs and warns about views (an in-place op on one drops the hook).
         own = (k, v)
         if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)               # [B, K, S, E]
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=1)
+        v = v.view(B, -1, self.n_kv_heads, self.head_dim).transpose(1, 2)           # [B, K, S, E]
         if kv_slot is not None:
             cache_k, cache_v = kv_slot
             cache_k[:, :, start:start + T] = k
@@ -519,7 +523,7 @@ class Transformer(nn.Module):
         n_rest = max(int((mask.sum(1) - P).max()), 1)
         at = P[:, None] + torch.arange(n_rest, device=tokens.device)                    # [B, n] positions of rest
         rest, rest_mask = tokens.gather(1, at.clamp(max=T - 1)), mask.gather(1, at.clamp(max=T - 1)) * (at < T)
-        prefix = SharedPrefix([(kk[:, :, :int(P.max())], vv[:, :, :int(P.max())]) for kk, vv in prompt_kv[:k]], P)
+        prefix = SharedPrefix([(kk[:, :, :int(P.max())], vv[:, :int(P.max())]) for kk, vv in prompt_kv[:k]], P)
         h_rest = self._run(rest, (k,), rest_mask, prefix=prefix)[0]                     # [B, n, D]
         h_seam = h_prompt.gather(1, (P - 1)[:, None, None].expand(-1, 1, h_prompt.shape[-1]))  # [B, 1, D]
         at = torch.cat([P[:, None] - 1, at], dim=1)                                     # [B, 1 + n]

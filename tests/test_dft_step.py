@@ -1,12 +1,15 @@
 """model.dft_step against independent references: transformers' hidden states + its own norm and head with
 materialised logits (logits losses), separate passes per sequence (feature losses), and training behaviour."""
 import gc
+import warnings
 import weakref
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+import train
 from model import DFTConfig, Transformer, count_targets, default_layers
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test-only reference")
@@ -317,3 +320,29 @@ def test_english_only_batch_runs_the_plain_loss(setup, mode):
         logits = ref(batch["tft_tokens"], attention_mask=batch["tft_mask"]).logits
     n = (batch["tft_labels"] != IGNORE).sum()
     torch.testing.assert_close(out["loss"].detach(), ce_sum(logits, batch["tft_labels"]) / n, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("activation_checkpointing", [False, True])
+def test_fsdp2_blocks_return_no_view_and_gradients_unchanged(tiny_llama, activation_checkpointing):
+    """Every block returns its keys and values (the shared prefix reads them, and the suffix passes' gradients
+    reach wk/wv through them). FSDP2 hooks its pre-backward unshard on a block's outputs and warns about views (an
+    in-place op on one would drop the hook): a DFT step under train.py's fully_shard (a world of one, gloo) must
+    not warn, and its gradients equal those of the unwrapped model."""
+    model = Transformer.from_pretrained(tiny_llama)
+    g = torch.Generator().manual_seed(0)
+    batch = make_batch([make_example(g, model.args.vocab_size, 2) for _ in range(3)])
+    cfg = DFTConfig(lc_layer=1, et_layer=2)
+    counts = count_targets(batch, "dft-logits", cfg)
+    model.dft_step(batch, "dft-logits", cfg, counts)["loss"].backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        train.apply_fsdp(model, bf16=False, activation_checkpointing=activation_checkpointing, compile=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*view tensor")
+            model.dft_step(batch, "dft-logits", cfg, counts)["loss"].backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad.full_tensor(), expected[name], atol=1e-6, rtol=1e-5, msg=name)
+    finally:
+        dist.destroy_process_group()
