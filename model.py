@@ -15,6 +15,7 @@ stream after k blocks (1-based), before the final norm; k = n_layers is the last
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from dsft_loss import feature_cosine_loss, logit_lens_ce
 
@@ -235,16 +237,37 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else cap * torch.tanh(x / cap)
 
 
-def attention_mask_4d(q_index, q_pos, k_pos, k_valid, window: int | None) -> torch.Tensor:
-    """Boolean [B, 1, T, S]: may query t see key s? Causal in sequence order, real keys only, and for sliding layers
-    only keys fewer than `window` positions back. Every query also sees itself, so a padding row never softmaxes
-    an empty set into NaN (its output is never read)."""
-    k_index = torch.arange(k_pos.shape[1], device=k_pos.device)
-    allowed = (k_index[None, None, :] <= q_index[None, :, None]) & k_valid[:, None, :].bool()
-    if window is not None:
-        allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
-    allowed |= k_index[None, None, :] == q_index[None, :, None]
-    return allowed[:, None]
+def attention_rule(start: int, q_pos, k_pos, k_valid, window: int | None):
+    """may_attend(b, h, q, s): may query q (the q-th of this call's T queries, sequence index start + q) see key s
+    (of all S keys)? Causal in sequence order, real keys only (k_valid [B, S]), and for sliding layers only keys
+    fewer than `window` positions back (q_pos [B, T], k_pos [B, S]). Every query also sees itself, so a padding row
+    never softmaxes an empty set into NaN (its output is never read). One rule for both attentions: flex_attention
+    calls it per index as its mask_mod (h unused), attention_mask_4d evaluates it on broadcast index grids."""
+    def may_attend(b, h, q, s):
+        allowed = (s <= start + q) & k_valid[b, s]
+        if window is not None:
+            allowed = allowed & (q_pos[b, q] - k_pos[b, s] < window)
+        return allowed | (s == start + q)
+    return may_attend
+
+
+def attention_mask_4d(may_attend, B: int, H: int | None, T: int, S: int, device) -> torch.Tensor:
+    """The rule as a boolean mask [B, 1, T, S] for the reference attention; called as create_block_mask is."""
+    b = torch.arange(B, device=device)[:, None, None, None]
+    q = torch.arange(T, device=device)[:, None]
+    return may_attend(b, H, q, torch.arange(S, device=device))
+
+
+def is_right_padded(*masks: torch.Tensor) -> bool:
+    """Is every row of every [B, T] mask its real tokens followed by padding? One host-device sync for all."""
+    return bool(torch.stack([(m[:, 1:] <= m[:, :-1]).all() for m in masks]).all())
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention's fused kernels exist only under torch.compile: one compiled copy per process, made on first
+    use (compiling at import would add seconds to every start-up)."""
+    return torch.compile(flex_attention)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -297,9 +320,10 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, kv_slot=None, start=0, past=None):
-        """-> (output [B, T, D], this call's own keys [B, K, T, E] and values [B, T, K*E]). kv_slot: a decoding cache
-        written in place at [start, start + T); past: keys and values, as returned here, to attend to before these
-        tokens (differentiable)."""
+        """-> (output [B, T, D], this call's own keys [B, K, T, E] and values [B, T, K*E]). mask: None (causal:
+        SDPA's fused kernels), a flex_attention BlockMask, or a boolean [B, 1, T, S] (the reference attention).
+        kv_slot: a decoding cache written in place at [start, start + T); past: keys and values, as returned here,
+        to attend to before these tokens (differentiable)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)       # [B, H, T, E]
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # [B, K, T, E]
@@ -317,7 +341,13 @@ class Attention(nn.Module):
             cache_v[:, :, start:start + T] = v
             k, v = cache_k[:, :, :start + T], cache_v[:, :, :start + T]               # [B, K, S, E]
 
-        if self.softcap is None:
+        if isinstance(mask, BlockMask):
+            # Inside a compiled block dynamo compiles flex_attention itself; on CPU it runs unfused (tests).
+            flex = compiled_flex_attention() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
+            # fp32: flex's scores, its score_mod (Gemma-2's softcap, before the mask) and softmax.
+            out = flex(q, k, v, score_mod=self.capped_score if self.softcap is not None else None,
+                       block_mask=mask, scale=self.scale, enable_gqa=True)
+        elif self.softcap is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                  scale=self.scale, enable_gqa=True)
         else:
@@ -331,6 +361,10 @@ class Attention(nn.Module):
             scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
             out = (scores.softmax(-1).type_as(v) @ v[:, :, None]).view(B, self.n_heads, T, self.head_dim)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1)), own
+
+    def capped_score(self, score, b, h, q, s):
+        """flex_attention's score_mod for Gemma-2 (the indices are unused)."""
+        return softcap(score, self.softcap)
 
 
 class MLP(nn.Module):
@@ -379,6 +413,10 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, args.norm_offset)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        # Attention where a mask is needed (padding other than on the right, Gemma-2's softcap and window, prefix
+        # sharing): True flex_attention, False the reference (SDPA with a boolean mask, by hand under a softcap);
+        # None: flex on CUDA, the reference elsewhere. Decoding with a cache always takes the reference.
+        self.use_flex: bool | None = None
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
@@ -419,15 +457,22 @@ class Transformer(nn.Module):
             k_pos = torch.cat([prompt_pos, prefix.lengths[:, None] + k_pos], dim=1)
             k_valid = torch.cat([prompt_pos < prefix.lengths[:, None], mask], dim=1)
             start = Tp
-        q_index = torch.arange(start, start + T, device=device)
         q_pos = k_pos[:, start:]
+        window = self.args.sliding_window
 
-        if attention_mask is None and cache is None and self.args.attn_softcap is None and not self.args.sliding_window:
-            masks = (None, None)                     # plain causal: SDPA's fast path
+        if (cache is None and prefix is None and self.args.attn_softcap is None and not window
+                and (attention_mask is None or is_right_padded(mask))):
+            # Causal alone will do: a right-padded row's pads come after its real tokens, so no real token sees
+            # them, and nothing reads the pads' own outputs. Without a mask SDPA can take its flash kernel. (The
+            # padding check costs one host-device sync per pass, not per block.)
+            masks = (None, None)
         else:
-            full = attention_mask_4d(q_index, q_pos, k_pos, k_valid, None)
-            masks = (full, attention_mask_4d(q_index, q_pos, k_pos, k_valid, self.args.sliding_window)
-                     if self.args.sliding_window else full)
+            flex = cache is None and (self.use_flex if self.use_flex is not None else device.type == "cuda")
+            build = create_block_mask if flex else attention_mask_4d
+            rule = functools.partial(attention_rule, start, q_pos, k_pos, k_valid)
+            S = k_pos.shape[1]
+            full = build(rule(None), B, None, T, S, device=device)
+            masks = (full, build(rule(window), B, None, T, S, device=device) if window else full)
         cos, sin = rope_cos_sin(q_pos, self.args.head_dim, self.args.rope_theta)
 
         h = self.tok_embeddings(tokens)                                               # [B, T, D]
