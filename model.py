@@ -517,16 +517,26 @@ class Transformer(nn.Module):
         lc_type, et_type = cfg.types(mode)
         i, j = cfg.layers(self.args)
         N = self.args.n_layers
-        ce = lambda h, labels, frozen: logit_lens_ce(h, self.norm, self.head_weight, labels, cfg.chunk_size,  # noqa: E731
-                                                     self.args.final_softcap, "sum", freeze_head=frozen)
-        cos = lambda student, teacher, teacher_mask: feature_cosine_loss(  # noqa: E731
-            student, teacher, batch["tgt_content"], teacher_mask, cfg.pooling, cfg.detach_teacher, "sum")
-        per = lambda part, total: total / max(counts[part], 1)  # noqa: E731
         zero = torch.zeros((), device=batch["tft_tokens"].device)
+
+        def ce(h, labels, frozen_head):
+            return logit_lens_ce(h, self.norm, self.head_weight, labels, cfg.chunk_size, self.args.final_softcap,
+                                 "sum", freeze_head=frozen_head)
+
+        def cosine(student, teacher, teacher_content):
+            return feature_cosine_loss(student, teacher, batch["tgt_content"], teacher_content, cfg.pooling,
+                                       cfg.detach_teacher, "sum")
+
+        def per(part, total):
+            return total / max(counts[part], 1)
 
         # L_TFT: the ordinary next-token loss on [x_tgt ; y_tgt]; head and final norm train. By causality the same
         # pass holds h_i(x_tgt) and h_j(x_tgt) at the prompt positions: the feature losses' students, for free.
         share = cfg.prefix_share and "logits" in (lc_type, et_type)
+        if share and not is_right_padded(batch["tft_mask"], batch["lc_mask"], batch["et_mask"]):
+            raise ValueError("dft_step: prefix sharing (prefix_share, train.py --prefix-share) reads x_tgt at the "
+                             "start of each row: pad the batch on the right, as prepare_data.collate does, or turn "
+                             "it off")
         tft_kv = [] if share else None
         h_i, h_j, h_N = self._run(batch["tft_tokens"], (i, j, N), batch["tft_mask"], record_kv=tft_kv)
         parts = {"tft": per("tft", ce(h_N, batch["tft_labels"], False)), "lc": zero, "et": zero}
@@ -552,9 +562,9 @@ class Transformer(nn.Module):
                 if et_type == "feature" and cfg.teacher_norm:
                     en[N] = self.norm(en[N])
             if lc_type == "feature":
-                parts["lc"] = per("lc", cos(h_i, en[i], batch["en_content"]))
+                parts["lc"] = per("lc", cosine(h_i, en[i], batch["en_content"]))
             if et_type == "feature":
-                parts["et"] = per("et", cos(h_j, en[N], batch["en_content"]))
+                parts["et"] = per("et", cosine(h_j, en[N], batch["en_content"]))
 
         parts["loss"] = parts["tft"] + cfg.lc_weight * parts["lc"] + cfg.et_weight * parts["et"]
         return parts

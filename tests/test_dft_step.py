@@ -373,3 +373,34 @@ def test_right_padded_causal_path_leaves_the_dft_step_unchanged(tiny_llama, monk
         == {"causal"}
     monkeypatch.setattr(model_module, "is_right_padded", lambda *masks: False)
     assert_same_results(fast, step_results(model, batch, mode, cfg))
+
+
+def left_padded(batch):
+    """The same batch padded on the left: every per-position row of a sequence rolled by its padding."""
+    kinds = {"tft": ("tft_tokens", "tft_labels", "tgt_content"), "lc": ("lc_tokens", "lc_labels", "lc_content"),
+             "et": ("et_tokens", "et_labels"), "en": ("en_tokens", "en_content")}
+    out = dict(batch)
+    for kind, keys in kinds.items():
+        mask = batch[f"{kind}_mask"]
+        pads = (mask.shape[1] - mask.sum(1)).tolist()
+        for key in keys + (f"{kind}_mask",):
+            out[key] = torch.stack([row.roll(n) for row, n in zip(batch[key], pads)])
+    return out
+
+
+def test_prefix_sharing_refuses_left_padding(setup):
+    """The shared path reads x_tgt at the start of each row: a left-padded batch is refused in one line; the
+    separate passes take it and give the right-padded batch's parts."""
+    _, ours, batch = setup
+    left = left_padded(batch)
+    assert (left["tft_mask"][:, 0] == 0).any()
+    cfg = DFTConfig(lc_layer=1, et_layer=3)
+    with pytest.raises(ValueError, match="pad the batch on the right") as info:
+        ours.dft_step(left, "dft-logits", cfg, count_targets(left, "dft-logits", cfg))
+    assert "\n" not in str(info.value)
+    separate = DFTConfig(lc_layer=1, et_layer=3, prefix_share=False)
+    with torch.no_grad():
+        got = ours.dft_step(left, "dft-logits", separate, count_targets(left, "dft-logits", separate))
+        expected = ours.dft_step(batch, "dft-logits", cfg, count_targets(batch, "dft-logits", cfg))
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=0, msg=k)
