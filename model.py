@@ -15,6 +15,7 @@ stream after k blocks (1-based), before the final norm; k = n_layers is the last
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from dsft_loss import feature_cosine_loss, logit_lens_ce
 
@@ -235,16 +237,37 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else cap * torch.tanh(x / cap)
 
 
-def attention_mask_4d(q_index, q_pos, k_pos, k_valid, window: int | None) -> torch.Tensor:
-    """Boolean [B, 1, T, S]: may query t see key s? Causal in sequence order, real keys only, and for sliding layers
-    only keys fewer than `window` positions back. Every query also sees itself, so a padding row never softmaxes
-    an empty set into NaN (its output is never read)."""
-    k_index = torch.arange(k_pos.shape[1], device=k_pos.device)
-    allowed = (k_index[None, None, :] <= q_index[None, :, None]) & k_valid[:, None, :].bool()
-    if window is not None:
-        allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
-    allowed |= k_index[None, None, :] == q_index[None, :, None]
-    return allowed[:, None]
+def attention_rule(start: int, q_pos, k_pos, k_valid, window: int | None):
+    """may_attend(b, h, q, s): may query q (the q-th of this call's T queries, sequence index start + q) see key s
+    (of all S keys)? Causal in sequence order, real keys only (k_valid [B, S]), and for sliding layers only keys
+    fewer than `window` positions back (q_pos [B, T], k_pos [B, S]). Every query also sees itself, so a padding row
+    never softmaxes an empty set into NaN (its output is never read). One rule for both attentions: flex_attention
+    calls it per index as its mask_mod (h unused), attention_mask_4d evaluates it on broadcast index grids."""
+    def may_attend(b, h, q, s):
+        allowed = (s <= start + q) & k_valid[b, s]
+        if window is not None:
+            allowed = allowed & (q_pos[b, q] - k_pos[b, s] < window)
+        return allowed | (s == start + q)
+    return may_attend
+
+
+def attention_mask_4d(may_attend, B: int, H: int | None, T: int, S: int, device) -> torch.Tensor:
+    """The rule as a boolean mask [B, 1, T, S] for the reference attention; called as create_block_mask is."""
+    b = torch.arange(B, device=device)[:, None, None, None]
+    q = torch.arange(T, device=device)[:, None]
+    return may_attend(b, H, q, torch.arange(S, device=device))
+
+
+def is_right_padded(*masks: torch.Tensor) -> bool:
+    """Is every row of every [B, T] mask its real tokens followed by padding? One host-device sync for all."""
+    return bool(torch.stack([(m[:, 1:] <= m[:, :-1]).all() for m in masks]).all())
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention's fused kernels exist only under torch.compile: one compiled copy per process, made on first
+    use (compiling at import would add seconds to every start-up)."""
+    return torch.compile(flex_attention)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -278,9 +301,9 @@ class KVCache:
 @dataclass
 class SharedPrefix:
     """The keys and values of a prompt that several sequences of an example begin with (DFT's x_tgt), as one pass
-    computed them: kv[l] = (k, v), each [B, K, Tp, E]; row b's prompt is its first lengths[b] positions. Sequences
-    that continue the prompt run only their own tokens and attend to these (differentiably, so their losses still
-    reach the prompt's states)."""
+    computed them: kv[l] = (k [B, K, Tp, E], v [B, Tp, K*E]) as block l returned them; row b's prompt is its first
+    lengths[b] positions. Sequences that continue the prompt run only their own tokens and attend to these
+    (differentiably, so their losses still reach the prompt's states)."""
     kv: list
     lengths: torch.Tensor    # [B]
 
@@ -297,23 +320,34 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, kv_slot=None, start=0, past=None):
-        """-> (output [B, T, D], this call's own keys and values [B, K, T, E]). kv_slot: a decoding cache written in
-        place at [start, start + T); past: keys and values to attend to before these tokens (differentiable)."""
+        """-> (output [B, T, D], this call's own keys [B, K, T, E] and values [B, T, K*E]). mask: None (causal:
+        SDPA's fused kernels), a flex_attention BlockMask, or a boolean [B, 1, T, S] (the reference attention).
+        kv_slot: a decoding cache written in place at [start, start + T); past: keys and values, as returned here,
+        to attend to before these tokens (differentiable)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)       # [B, H, T, E]
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # [B, K, T, E]
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # [B, K, T, E]
+        v = self.wv(x)                                                               # [B, T, K*E]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # The values leave the block as the projection wrote them, not as a view of it: FSDP2 hooks its
+        # pre-backward unshard on a block's outputs and warns about views (an in-place op on one drops the hook).
         own = (k, v)
         if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)               # [B, K, S, E]
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=1)
+        v = v.view(B, -1, self.n_kv_heads, self.head_dim).transpose(1, 2)           # [B, K, S, E]
         if kv_slot is not None:
             cache_k, cache_v = kv_slot
             cache_k[:, :, start:start + T] = k
             cache_v[:, :, start:start + T] = v
             k, v = cache_k[:, :, :start + T], cache_v[:, :, :start + T]               # [B, K, S, E]
 
-        if self.softcap is None:
+        if isinstance(mask, BlockMask):
+            # Inside a compiled block dynamo compiles flex_attention itself; on CPU it runs unfused (tests).
+            flex = compiled_flex_attention() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
+            # fp32: flex's scores, its score_mod (Gemma-2's softcap, before the mask) and softmax.
+            out = flex(q, k, v, score_mod=self.capped_score if self.softcap is not None else None,
+                       block_mask=mask, scale=self.scale, enable_gqa=True)
+        elif self.softcap is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                  scale=self.scale, enable_gqa=True)
         else:
@@ -327,6 +361,10 @@ class Attention(nn.Module):
             scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
             out = (scores.softmax(-1).type_as(v) @ v[:, :, None]).view(B, self.n_heads, T, self.head_dim)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1)), own
+
+    def capped_score(self, score, b, h, q, s):
+        """flex_attention's score_mod for Gemma-2 (the indices are unused)."""
+        return softcap(score, self.softcap)
 
 
 class MLP(nn.Module):
@@ -375,6 +413,10 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, args.norm_offset)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        # Attention where a mask is needed (padding other than on the right, Gemma-2's softcap and window, prefix
+        # sharing): True flex_attention, False the reference (SDPA with a boolean mask, by hand under a softcap);
+        # None: flex on CUDA, the reference elsewhere. Decoding with a cache always takes the reference.
+        self.use_flex: bool | None = None
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
@@ -415,15 +457,22 @@ class Transformer(nn.Module):
             k_pos = torch.cat([prompt_pos, prefix.lengths[:, None] + k_pos], dim=1)
             k_valid = torch.cat([prompt_pos < prefix.lengths[:, None], mask], dim=1)
             start = Tp
-        q_index = torch.arange(start, start + T, device=device)
         q_pos = k_pos[:, start:]
+        window = self.args.sliding_window
 
-        if attention_mask is None and cache is None and self.args.attn_softcap is None and not self.args.sliding_window:
-            masks = (None, None)                     # plain causal: SDPA's fast path
+        if (cache is None and prefix is None and self.args.attn_softcap is None and not window
+                and (attention_mask is None or is_right_padded(mask))):
+            # Causal alone will do: a right-padded row's pads come after its real tokens, so no real token sees
+            # them, and nothing reads the pads' own outputs. Without a mask SDPA can take its flash kernel. (The
+            # padding check costs one host-device sync per pass, not per block.)
+            masks = (None, None)
         else:
-            full = attention_mask_4d(q_index, q_pos, k_pos, k_valid, None)
-            masks = (full, attention_mask_4d(q_index, q_pos, k_pos, k_valid, self.args.sliding_window)
-                     if self.args.sliding_window else full)
+            flex = cache is None and (self.use_flex if self.use_flex is not None else device.type == "cuda")
+            build = create_block_mask if flex else attention_mask_4d
+            rule = functools.partial(attention_rule, start, q_pos, k_pos, k_valid)
+            S = k_pos.shape[1]
+            full = build(rule(None), B, None, T, S, device=device)
+            masks = (full, build(rule(window), B, None, T, S, device=device) if window else full)
         cos, sin = rope_cos_sin(q_pos, self.args.head_dim, self.args.rope_theta)
 
         h = self.tok_embeddings(tokens)                                               # [B, T, D]
@@ -468,16 +517,26 @@ class Transformer(nn.Module):
         lc_type, et_type = cfg.types(mode)
         i, j = cfg.layers(self.args)
         N = self.args.n_layers
-        ce = lambda h, labels, frozen: logit_lens_ce(h, self.norm, self.head_weight, labels, cfg.chunk_size,  # noqa: E731
-                                                     self.args.final_softcap, "sum", freeze_head=frozen)
-        cos = lambda student, teacher, teacher_mask: feature_cosine_loss(  # noqa: E731
-            student, teacher, batch["tgt_content"], teacher_mask, cfg.pooling, cfg.detach_teacher, "sum")
-        per = lambda part, total: total / max(counts[part], 1)  # noqa: E731
         zero = torch.zeros((), device=batch["tft_tokens"].device)
+
+        def ce(h, labels, frozen_head):
+            return logit_lens_ce(h, self.norm, self.head_weight, labels, cfg.chunk_size, self.args.final_softcap,
+                                 "sum", freeze_head=frozen_head)
+
+        def cosine(student, teacher, teacher_content):
+            return feature_cosine_loss(student, teacher, batch["tgt_content"], teacher_content, cfg.pooling,
+                                       cfg.detach_teacher, "sum")
+
+        def per(part, total):
+            return total / max(counts[part], 1)
 
         # L_TFT: the ordinary next-token loss on [x_tgt ; y_tgt]; head and final norm train. By causality the same
         # pass holds h_i(x_tgt) and h_j(x_tgt) at the prompt positions: the feature losses' students, for free.
         share = cfg.prefix_share and "logits" in (lc_type, et_type)
+        if share and not is_right_padded(batch["tft_mask"], batch["lc_mask"], batch["et_mask"]):
+            raise ValueError("dft_step: prefix sharing (prefix_share, train.py --prefix-share) reads x_tgt at the "
+                             "start of each row: pad the batch on the right, as prepare_data.collate does, or turn "
+                             "it off")
         tft_kv = [] if share else None
         h_i, h_j, h_N = self._run(batch["tft_tokens"], (i, j, N), batch["tft_mask"], record_kv=tft_kv)
         parts = {"tft": per("tft", ce(h_N, batch["tft_labels"], False)), "lc": zero, "et": zero}
@@ -503,9 +562,9 @@ class Transformer(nn.Module):
                 if et_type == "feature" and cfg.teacher_norm:
                     en[N] = self.norm(en[N])
             if lc_type == "feature":
-                parts["lc"] = per("lc", cos(h_i, en[i], batch["en_content"]))
+                parts["lc"] = per("lc", cosine(h_i, en[i], batch["en_content"]))
             if et_type == "feature":
-                parts["et"] = per("et", cos(h_j, en[N], batch["en_content"]))
+                parts["et"] = per("et", cosine(h_j, en[N], batch["en_content"]))
 
         parts["loss"] = parts["tft"] + cfg.lc_weight * parts["lc"] + cfg.et_weight * parts["et"]
         return parts
@@ -519,7 +578,7 @@ class Transformer(nn.Module):
         n_rest = max(int((mask.sum(1) - P).max()), 1)
         at = P[:, None] + torch.arange(n_rest, device=tokens.device)                    # [B, n] positions of rest
         rest, rest_mask = tokens.gather(1, at.clamp(max=T - 1)), mask.gather(1, at.clamp(max=T - 1)) * (at < T)
-        prefix = SharedPrefix([(kk[:, :, :int(P.max())], vv[:, :, :int(P.max())]) for kk, vv in prompt_kv[:k]], P)
+        prefix = SharedPrefix([(kk[:, :, :int(P.max())], vv[:, :int(P.max())]) for kk, vv in prompt_kv[:k]], P)
         h_rest = self._run(rest, (k,), rest_mask, prefix=prefix)[0]                     # [B, n, D]
         h_seam = h_prompt.gather(1, (P - 1)[:, None, None].expand(-1, 1, h_prompt.shape[-1]))  # [B, 1, D]
         at = torch.cat([P[:, None] - 1, at], dim=1)                                     # [B, 1 + n]

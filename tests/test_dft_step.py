@@ -1,16 +1,20 @@
 """model.dft_step against independent references: transformers' hidden states + its own norm and head with
 materialised logits (logits losses), separate passes per sequence (feature losses), and training behaviour."""
 import gc
+import warnings
 import weakref
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+import model as model_module
+import train
 from model import DFTConfig, Transformer, count_targets, default_layers
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test-only reference")
-from test_model import hf_tiny  # noqa: E402
+from test_model import assert_same_results, flex_on_cpu, hf_tiny, masks_seen  # noqa: E402,F401 (a fixture)
 
 IGNORE = -100
 
@@ -71,6 +75,16 @@ def hf_logit_lens(ref, hidden):
     logits = ref.lm_head(ref.model.norm(hidden)).float()
     cap = getattr(ref.config, "final_logit_softcapping", None)
     return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
+def step_results(model, batch, mode, cfg):
+    """(parts, gradients) of one dft_step and its backward."""
+    model.zero_grad()
+    out = model.dft_step(batch, mode, cfg, count_targets(batch, mode, cfg))
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return {k: v.detach() for k, v in out.items()}, grads
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma2"])
@@ -272,21 +286,9 @@ def test_shared_prompt_path_equals_separate_passes(setup, mode, overrides):
     sliding window shorter than the sequences)."""
     _, ours, batch = setup
     assert len(set(batch["tgt_prompt_len"].tolist())) > 1
-    results = {}
-    for share in (True, False):
-        cfg = DFTConfig(lc_layer=1, et_layer=3, prefix_share=share, **overrides)
-        ours.zero_grad()
-        out = ours.dft_step(batch, mode, cfg, count_targets(batch, mode, cfg))
-        out["loss"].backward()
-        results[share] = ({k: v.detach() for k, v in out.items()},
-                          {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None})
-    ours.zero_grad()
-    (parts_s, grads_s), (parts_p, grads_p) = results[True], results[False]
-    for k in parts_p:
-        torch.testing.assert_close(parts_s[k], parts_p[k], atol=1e-5, rtol=0)
-    assert grads_s.keys() == grads_p.keys()
-    for n in grads_p:
-        torch.testing.assert_close(grads_s[n], grads_p[n], atol=1e-5, rtol=1e-4, msg=n)
+    shared, separate = (step_results(ours, batch, mode, DFTConfig(lc_layer=1, et_layer=3, prefix_share=share,
+                                                                  **overrides)) for share in (True, False))
+    assert_same_results(shared, separate)
 
 
 def test_shared_prompt_path_runs_only_the_english_tokens(tiny_llama):
@@ -317,3 +319,88 @@ def test_english_only_batch_runs_the_plain_loss(setup, mode):
         logits = ref(batch["tft_tokens"], attention_mask=batch["tft_mask"]).logits
     n = (batch["tft_labels"] != IGNORE).sum()
     torch.testing.assert_close(out["loss"].detach(), ce_sum(logits, batch["tft_labels"]) / n, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("activation_checkpointing", [False, True])
+def test_fsdp2_blocks_return_no_view_and_gradients_unchanged(tiny_llama, activation_checkpointing):
+    """Every block returns its keys and values (the shared prefix reads them, and the suffix passes' gradients
+    reach wk/wv through them). FSDP2 hooks its pre-backward unshard on a block's outputs and warns about views (an
+    in-place op on one would drop the hook): a DFT step under train.py's fully_shard (a world of one, gloo) must
+    not warn, and its gradients equal those of the unwrapped model."""
+    model = Transformer.from_pretrained(tiny_llama)
+    g = torch.Generator().manual_seed(0)
+    batch = make_batch([make_example(g, model.args.vocab_size, 2) for _ in range(3)])
+    cfg = DFTConfig(lc_layer=1, et_layer=2)
+    counts = count_targets(batch, "dft-logits", cfg)
+    model.dft_step(batch, "dft-logits", cfg, counts)["loss"].backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        train.apply_fsdp(model, bf16=False, activation_checkpointing=activation_checkpointing, compile=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*view tensor")
+            model.dft_step(batch, "dft-logits", cfg, counts)["loss"].backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad.full_tensor(), expected[name], atol=1e-6, rtol=1e-5, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode,share", [("dft-logits", True), ("dft-logits", False), ("dft-feature", False)])
+def test_flex_attention_leaves_the_dft_step_unchanged(setup, flex_on_cpu, monkeypatch, mode, share):
+    """With flex_attention for every pass that needs a mask (the prefix-shared suffix passes with their per-row
+    prompt lengths; Gemma-2's every pass, past its window) the parts and every gradient equal the reference's."""
+    _, ours, batch = setup
+    cfg = DFTConfig(lc_layer=1, et_layer=3, prefix_share=share)
+    expected = step_results(ours, batch, mode, cfg)
+    monkeypatch.setattr(ours, "use_flex", True)
+    got = step_results(ours, batch, mode, cfg)
+    assert bool(flex_on_cpu) == (share or ours.args.attn_softcap is not None)   # LLaMA's own passes: no mask
+    assert_same_results(got, expected)
+
+
+@pytest.mark.parametrize("mode", ["tft", "dft-logits", "dft-feature"])
+def test_right_padded_causal_path_leaves_the_dft_step_unchanged(tiny_llama, monkeypatch, mode):
+    """Training batches are right-padded: every pass that needs no other mask runs SDPA's causal path with no mask,
+    and the parts and every gradient equal those of the explicitly masked path."""
+    model = Transformer.from_pretrained(tiny_llama)
+    g = torch.Generator().manual_seed(0)
+    batch = make_batch([make_example(g, model.args.vocab_size, 2) for _ in range(3)])
+    cfg = DFTConfig(lc_layer=1, et_layer=2, prefix_share=False)
+    fast = step_results(model, batch, mode, cfg)
+    assert set(masks_seen(model, lambda: model.dft_step(batch, mode, cfg, count_targets(batch, mode, cfg)))) \
+        == {"causal"}
+    monkeypatch.setattr(model_module, "is_right_padded", lambda *masks: False)
+    assert_same_results(fast, step_results(model, batch, mode, cfg))
+
+
+def left_padded(batch):
+    """The same batch padded on the left: every per-position row of a sequence rolled by its padding."""
+    kinds = {"tft": ("tft_tokens", "tft_labels", "tgt_content"), "lc": ("lc_tokens", "lc_labels", "lc_content"),
+             "et": ("et_tokens", "et_labels"), "en": ("en_tokens", "en_content")}
+    out = dict(batch)
+    for kind, keys in kinds.items():
+        mask = batch[f"{kind}_mask"]
+        pads = (mask.shape[1] - mask.sum(1)).tolist()
+        for key in keys + (f"{kind}_mask",):
+            out[key] = torch.stack([row.roll(n) for row, n in zip(batch[key], pads)])
+    return out
+
+
+def test_prefix_sharing_refuses_left_padding(setup):
+    """The shared path reads x_tgt at the start of each row: a left-padded batch is refused in one line; the
+    separate passes take it and give the right-padded batch's parts."""
+    _, ours, batch = setup
+    left = left_padded(batch)
+    assert (left["tft_mask"][:, 0] == 0).any()
+    cfg = DFTConfig(lc_layer=1, et_layer=3)
+    with pytest.raises(ValueError, match="pad the batch on the right") as info:
+        ours.dft_step(left, "dft-logits", cfg, count_targets(left, "dft-logits", cfg))
+    assert "\n" not in str(info.value)
+    separate = DFTConfig(lc_layer=1, et_layer=3, prefix_share=False)
+    with torch.no_grad():
+        got = ours.dft_step(left, "dft-logits", separate, count_targets(left, "dft-logits", separate))
+        expected = ours.dft_step(batch, "dft-logits", cfg, count_targets(batch, "dft-logits", cfg))
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=0, msg=k)

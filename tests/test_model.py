@@ -4,11 +4,14 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.attention.flex_attention as flex_module
 
+import model as model_module
 from conftest import ROOT
 from model import (CheckpointError, ModelArgs, Tokenizer, Transformer, load_weights, read_args,
                    write_tiny_checkpoint)
@@ -105,6 +108,122 @@ def test_padded_batch_equals_unpadded_rows(pair, side):
             out = ref(r[None], output_hidden_states=True)
             torch.testing.assert_close(got[b, sl], out.logits[0], atol=TOL, rtol=0)
             torch.testing.assert_close(hidden[b, sl], out.hidden_states[2][0], atol=TOL, rtol=0)
+
+
+def padded_batch(lengths, sides, T):
+    """Random rows of the given lengths, each padded on its own side ("right" or "left") to T."""
+    tokens = torch.zeros(len(lengths), T, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, (n, side) in enumerate(zip(lengths, sides)):
+        sl = slice(0, n) if side == "right" else slice(T - n, T)
+        tokens[b, sl], mask[b, sl] = torch.randint(1, 97, (n,)), 1
+    return tokens, mask
+
+
+@pytest.fixture
+def flex_on_cpu(monkeypatch):
+    """flex_attention on CPU runs eagerly and unfused (it materialises the scores), and torch refuses its backward
+    there only for want of a fused CPU kernel: lift that refusal so gradients can be compared. Returns the list of
+    flex calls, so a test cannot pass without flex having run."""
+    calls = []
+
+    def counted_flex(*args, **kwargs):
+        calls.append(kwargs["block_mask"])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            return flex_module.flex_attention(*args, **kwargs)
+
+    monkeypatch.setattr(flex_module, "_validate_device", lambda query, key, value: None)
+    monkeypatch.setattr(model_module, "flex_attention", counted_flex)
+    return calls
+
+
+def masks_seen(model, fn):
+    """The kind of mask block 1's attention got in each call fn makes: "causal" (None: SDPA's causal kernels),
+    "flex" (a BlockMask) or "dense" (a boolean tensor: the reference attention)."""
+    seen = []
+
+    def record(module, args):
+        mask = args[3]
+        seen.append("causal" if mask is None else "flex" if isinstance(mask, flex_module.BlockMask) else "dense")
+
+    hook = model.layers[0].attention.register_forward_pre_hook(record)
+    try:
+        with torch.no_grad():
+            fn()
+    finally:
+        hook.remove()
+    return seen
+
+
+def real_logits_and_grads(model, tokens, mask):
+    """The real tokens' logits and the gradients of a loss on them."""
+    model.zero_grad()
+    logits = model(tokens, attention_mask=mask)[mask.bool()]
+    logits.logsumexp(-1).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return logits.detach(), grads
+
+
+def assert_same_results(got, expected):
+    """(values, gradients) equal to fp32 round-off; values a tensor or a dict of tensors (a DFT step's parts)."""
+    (values, grads), (values_ref, grads_ref) = got, expected
+    if isinstance(values_ref, dict):
+        for k in values_ref:
+            torch.testing.assert_close(values[k], values_ref[k], atol=1e-5, rtol=0, msg=k)
+    else:
+        torch.testing.assert_close(values, values_ref, atol=1e-5, rtol=0)
+    assert grads.keys() == grads_ref.keys()
+    for n in grads_ref:
+        torch.testing.assert_close(grads[n], grads_ref[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_attention_dispatch(pair, flex_on_cpu, monkeypatch):
+    """Right-padded (or unpadded) LLaMA batches take SDPA's causal path with no mask; whatever needs a mask (left
+    padding, Gemma-2's softcap and window) takes flex when use_flex is set, the reference otherwise (the default on
+    CPU); decoding with a cache always takes the reference."""
+    _, _, ours = pair
+    gemma = ours.args.attn_softcap is not None
+    right = padded_batch([20, 9], ["right", "right"], 20)
+    left = padded_batch([20, 9], ["right", "left"], 20)
+
+    def seen(use_flex):
+        monkeypatch.setattr(ours, "use_flex", use_flex)
+        cache = ours.init_cache(2, 24)
+        return masks_seen(ours, lambda: [ours(right[0]), ours(*right), ours(*left),
+                                         ours(*right, cache=cache), ours(right[0][:, :1], cache=cache)])
+
+    masked = "dense"
+    assert seen(None) == ([masked] * 3 if gemma else ["causal", "causal", masked]) + ["dense", "dense"]
+    masked = "flex"
+    assert seen(True) == ([masked] * 3 if gemma else ["causal", "causal", masked]) + ["dense", "dense"]
+    assert len(flex_on_cpu) == ours.args.n_layers * (3 if gemma else 1)
+
+
+def test_right_padded_causal_path_equals_the_masked_path(pair, monkeypatch):
+    """The causal path of a right-padded batch leaves every real token's logits and the gradients of a loss on them
+    as the explicitly masked path gives them (forced here by denying the batch is right-padded)."""
+    _, _, ours = pair
+    tokens, mask = padded_batch([23, 9, 16], ["right"] * 3, 23)
+    gemma = ours.args.attn_softcap is not None           # its softcap and window always need the mask
+    assert masks_seen(ours, lambda: ours(tokens, attention_mask=mask)) == ["dense" if gemma else "causal"]
+    fast = real_logits_and_grads(ours, tokens, mask)
+    monkeypatch.setattr(model_module, "is_right_padded", lambda *masks: False)
+    assert_same_results(fast, real_logits_and_grads(ours, tokens, mask))
+
+
+def test_flex_attention_equals_the_reference(pair, flex_on_cpu, monkeypatch):
+    """flex_attention (a block mask from the same rule, Gemma-2's softcap as a score_mod) gives the reference's
+    logits and gradients in fp32: rows padded on the right and on the left, 40 tokens (Gemma-2: past its window
+    of 8; not a multiple of flex's 128-token blocks)."""
+    _, _, ours = pair
+    tokens, mask = padded_batch([40, 13, 27], ["right", "right", "left"], 40)
+    expected = real_logits_and_grads(ours, tokens, mask)
+    monkeypatch.setattr(ours, "use_flex", True)
+    got = real_logits_and_grads(ours, tokens, mask)
+    assert len(flex_on_cpu) == ours.args.n_layers
+    assert_same_results(got, expected)
 
 
 def test_sharded_checkpoint_loads(tmp_path):
