@@ -6,7 +6,6 @@ or by encoding the source texts here and laying out the expected label lists by 
 """
 
 import json
-import pickle
 import shutil
 
 import numpy as np
@@ -81,7 +80,7 @@ def prepared_vi(tmp_path, tokenizer_dir):
     en, vi = write_json(tmp_path / "alpaca_en.json", EN), write_json(tmp_path / "alpaca_vi.json", VI)
     out = tmp_path / "prepared"
     report = pd.main(["--lang", "vi", "--en", str(en), "--tgt", str(vi), "--tokenizer", str(tokenizer_dir),
-                      "--out", str(out), "--workers", "1"])
+                      "--out", str(out)])
     return report, out, Tokenizer(tokenizer_dir)
 
 
@@ -344,11 +343,9 @@ def test_collate_round_trip(prepared_vi):
         assert tok.decode(labels[labels != -100]) == vi["output"]
 
 
-def test_dataloader_with_workers_and_pickle(prepared_vi):
+def test_dataloader(prepared_vi):
     _, out, tok = prepared_vi
     ds = pd.load_prepared(out)
-    clone = pickle.loads(pickle.dumps(ds))
-    assert len(clone) == len(ds) and torch.equal(clone[2]["lc_tokens"], ds[2]["lc_tokens"])
     loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=lambda b: pd.collate(b, tok.pad_id))
     assert sum(len(b["tft_tokens"]) for b in loader) == len(ds)
 
@@ -414,18 +411,6 @@ def test_load_prepared_damaged_directories(prepared_vi, tmp_path):
         with pytest.raises(SystemExit) as stop:
             pd.load_prepared(copy)
         assert expected in str(stop.value) and "\n" not in str(stop.value)
-
-
-def test_worker_processes_give_the_same_encoding(tiny_llama):
-    tok = Tokenizer(tiny_llama)
-    pairs = [(en, vi) for en, vi in zip(EN, VI)] * 3
-    serial = pd.encode_pairs(pairs, tok, workers=1)
-    pooled = pd.encode_pairs(pairs, tok, workers=2, min_pairs_for_pool=1, chunk_size=4)
-    assert len(serial) == len(pooled) == len(pairs)
-    for (en_a, vi_a), (en_b, vi_b) in zip(serial, pooled):
-        for a, b in ((en_a, en_b), (vi_a, vi_b)):
-            assert a.prompt.tolist() == b.prompt.tolist() and a.response.tolist() == b.response.tolist()
-            assert a.spans == b.spans
 
 
 # ---------------------------------------------------------------------------------------------------------------------
