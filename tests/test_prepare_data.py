@@ -110,7 +110,7 @@ def test_broken_files_each_defect_reported_with_file_and_index(tmp_path, tiny_ll
     out = tmp_path / "out"
 
     report = pd.main(["--lang", "vi", "--en", str(en_file), "--tgt", str(vi_file), "--tokenizer", str(tiny_llama),
-                      "--out", str(out), "--max-len", "400"])
+                      "--out", str(out), "--max-len", "400", "--overlong", "drop"])
 
     expected = [("missing_field", vi_file, 1), ("not_a_string", en_file, 2), ("empty_output", vi_file, 3),
                 ("not_an_object", vi_file, 4), ("length_ratio", vi_file, 5), ("too_long", vi_file, 6),
@@ -148,10 +148,10 @@ def test_length_mismatch_stops_with_both_counts(tmp_path, tiny_llama):
         pd.main(args)
     message = str(stop.value)
     assert f"{en_file} has 3 examples" in message and f"{vi_file} has 2" in message
-    assert "--allow-truncate" in message and "\n" not in message
+    assert "--allow-length-mismatch" in message and "\n" not in message
     assert not (tmp_path / "out").exists()
 
-    report = pd.main(args + ["--allow-truncate"])
+    report = pd.main(args + ["--allow-length-mismatch"])
     assert report["kept"] == 2 and report["dropped"] == {"unpaired": 1}
     assert [(d["file"], d["index"]) for d in report["drops"]] == [(str(en_file), 2)]
 
@@ -306,6 +306,138 @@ def test_alpaca_prompt_ids_match_training_prompts(prepared_vi):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Over-long sequences: cut at --max-len (default) or dropped
+
+
+LONG_EN = " ".join(["The quick brown fox jumps over the lazy dog and runs far away."] * 5)
+LONG_VI = " ".join(["Con cáo nâu nhanh nhẹn nhảy qua con chó lười rồi chạy đi xa."] * 5)
+# 0 and 4 fit or nearly; 1 long outputs (tft, et cut); 2 a long English input and target output (lc,
+# en, tft cut); 3 a target prompt longer than the limit (nothing left to supervise).
+OVERLONG_EN = [EN[1], dict(EN[0], output=LONG_EN), dict(EN[1], input=LONG_EN), EN[2], EN[3]]
+OVERLONG_VI = [VI[1], dict(VI[0], output=LONG_VI), dict(VI[1], output=LONG_VI),
+               dict(VI[2], input=LONG_VI), VI[3]]
+OVERLONG_MAX_LEN = 200
+KINDS = ("tft", "lc", "et", "en")
+
+
+def overlong_runs(tmp_path, tokenizer_dir, *flags):
+    """The over-long files prepared with `flags`, and with a limit nothing reaches (the reference)."""
+    en, vi = write_json(tmp_path / "en.json", OVERLONG_EN), write_json(tmp_path / "vi.json", OVERLONG_VI)
+    args = ["--lang", "vi", "--en", str(en), "--tgt", str(vi), "--tokenizer", str(tokenizer_dir)]
+    whole = pd.main(args + ["--out", str(tmp_path / "whole"), "--max-len", "4096"])
+    assert whole["kept"] == len(OVERLONG_EN) and not whole["dropped"]
+    report = pd.main(args + ["--out", str(tmp_path / "cut"), "--max-len", str(OVERLONG_MAX_LEN), *flags])
+    return report, pd.load_prepared(tmp_path / "cut"), pd.load_prepared(tmp_path / "whole")
+
+
+def test_truncate_keeps_every_pair_with_a_supervised_token_and_cuts_at_max_len(tmp_path, tokenizer_dir):
+    L = OVERLONG_MAX_LEN
+    report, ds, whole = overlong_runs(tmp_path, tokenizer_dir)
+    tok = Tokenizer(tokenizer_dir)
+    prompt_lens = [whole[i]["tgt_prompt_len"] for i in range(len(whole))]
+    assert prompt_lens[3] >= L > max(prompt_lens[:3] + prompt_lens[4:])
+    assert [ds.source_index(i) for i in range(len(ds))] == [0, 1, 2, 4]
+    assert [(d["reason"], d["index"]) for d in report["drops"]] == [("prompt_too_long", 3)]
+
+    expected = {kind: {"truncated": 0, "supervised_tokens": 0, "cut_tokens": 0} for kind in KINDS}
+    for i in range(len(ds)):
+        ex, full = ds[i], whole[ds.source_index(i)]
+        en, vi = OVERLONG_EN[ds.source_index(i)], OVERLONG_VI[ds.source_index(i)]
+        P = full["tgt_prompt_len"]
+        assert ex["tgt_prompt_len"] == P
+        # By hand: the sequences from the source texts, cut after L tokens; the label of the last token
+        # left pointed past the cut.
+        x_tgt = tok.encode(pd.format_prompt(vi["instruction"], vi["input"]))
+        x_en = tok.encode(pd.format_prompt(en["instruction"], en["input"]))
+        y_tgt, y_en = (tok.encode(r["output"], bos=False) + [tok.eos_id] for r in (vi, en))
+        for kind, rest in (("tft", y_tgt), ("lc", x_en[1:]), ("et", y_en)):
+            tokens, labels = x_tgt + rest, [-100] * (P - 1) + rest + [-100]
+            if len(tokens) > L:
+                tokens, labels = tokens[:L], labels[:L - 1] + [-100]
+            assert ex[f"{kind}_tokens"].tolist() == tokens, kind
+            assert ex[f"{kind}_labels"].tolist() == labels, kind
+            assert ex[f"{kind}_mask"].tolist() == [1] * len(tokens)
+            expected[kind]["truncated"] += len(x_tgt + rest) > L
+            expected[kind]["supervised_tokens"] += len(rest)
+            expected[kind]["cut_tokens"] += max(0, len(x_tgt + rest) - L)
+        assert ex["en_tokens"].tolist() == x_en[:L]
+        # The content masks are the untruncated example's, cut at the same place; lc_content (label
+        # space) marks no label lost to the cut.
+        for key in ("tgt_content", "en_content"):
+            assert ex[key].tolist() == full[key].tolist()[:L], key
+        lc_content = full["lc_content"].tolist()[:L]
+        if len(full["lc_tokens"]) > L:
+            lc_content[-1] = 0
+        assert ex["lc_content"].tolist() == lc_content
+        assert ex["en_content"].sum() > 0
+        expected["en"]["truncated"] += len(x_en) > L
+        expected["en"]["supervised_tokens"] += int(full["en_content"].sum())
+        expected["en"]["cut_tokens"] += int(full["en_content"][L:].sum())
+    for kind, counts in expected.items():
+        assert 0 < counts["truncated"] < len(ds), kind      # every kind has cut and whole sequences here
+        stats = report["sequences"][kind]
+        assert {k: stats[k] for k in counts} == counts, kind
+        assert stats["cut_share"] == round(counts["cut_tokens"] / counts["supervised_tokens"], 5)
+    assert ds.meta["counts"]["truncated"]["lc"]["sequences"] == expected["lc"]["truncated"]
+    assert ds.meta["overlong"] == "truncate" and ds.meta["max_len"] == L
+
+
+def test_overlong_drop_leaves_out_every_pair_with_a_long_sequence(tmp_path, tiny_llama):
+    """--overlong drop, the behaviour before truncation: pairs with any sequence over the limit are
+    dropped, the others are the untruncated examples, unchanged."""
+    L = OVERLONG_MAX_LEN
+    report, ds, whole = overlong_runs(tmp_path, tiny_llama, "--overlong", "drop")
+    lengths = [{kind: len(whole[k][f"{kind}_tokens"]) for kind in KINDS} for k in range(len(whole))]
+    long = [k for k, n in enumerate(lengths) if max(n.values()) > L]
+    assert long and any(lengths[k]["tft"] <= L for k in long)  # lc, two prompts long, drops tft that fits
+    assert [(d["reason"], d["index"]) for d in report["drops"]] == [("too_long", k) for k in long]
+    kept = [ds.source_index(i) for i in range(len(ds))]
+    assert kept == [k for k in range(len(whole)) if k not in long] and kept
+    for i in range(len(ds)):
+        ex, full = ds[i], whole[ds.source_index(i)]
+        assert ex.keys() == full.keys() and ex["tgt_prompt_len"] == full["tgt_prompt_len"]
+        assert all(torch.equal(ex[key], full[key]) for key in ex if key != "tgt_prompt_len")
+    assert all(s["truncated"] == 0 == s["cut_tokens"] for s in report["sequences"].values())
+
+
+def test_sft_truncates_the_english_sequence(tmp_path, tiny_llama):
+    L = 60
+    en_file = write_json(tmp_path / "en.json", OVERLONG_EN)
+    report = pd.main(["--sft", "--en", str(en_file), "--tokenizer", str(tiny_llama),
+                      "--out", str(tmp_path / "sft"), "--max-len", str(L)])
+    tok, ds = Tokenizer(tiny_llama), pd.load_prepared(tmp_path / "sft")
+    assert len(ds) == report["kept"] >= 1 and report["sequences"]["tft"]["truncated"] >= 1
+    prompts = [tok.encode(pd.format_prompt(r["instruction"], r["input"])) for r in OVERLONG_EN]
+    kept = [ds.source_index(i) for i in range(len(ds))]
+    assert kept == [k for k, x in enumerate(prompts) if len(x) < L]   # prompts filling L are left out
+    assert report["dropped"] == ({"prompt_too_long": len(OVERLONG_EN) - len(kept)}
+                                 if len(kept) < len(OVERLONG_EN) else {})
+    for i, k in enumerate(kept):
+        x, y = prompts[k], tok.encode(OVERLONG_EN[k]["output"], bos=False) + [tok.eos_id]
+        tokens, labels = x + y, [-100] * (len(x) - 1) + y + [-100]
+        if len(tokens) > L:
+            tokens, labels = tokens[:L], labels[:L - 1] + [-100]
+        assert ds[i]["tft_tokens"].tolist() == tokens and ds[i]["tft_labels"].tolist() == labels
+
+
+def test_english_prompt_cut_before_its_instruction_is_dropped_and_counted(tmp_path, tiny_llama):
+    """The feature losses pool x_en's instruction and input tokens; an x_en cut before them would leave
+    nothing to pool. It happens when only the English side has an input (a longer template preamble)."""
+    tok = Tokenizer(tiny_llama)
+    en = [dict(EN[1], instruction="Name a colour.", input="Red"), EN[0]]
+    vi = [dict(VI[1], instruction="Đỏ.", input=""), VI[0]]
+    L = len(tok.encode(pd.format_prompt(vi[0]["instruction"], ""))) + 1
+    preamble = pd.PROMPT_WITH_INPUT[:pd.PROMPT_WITH_INPUT.index("{instruction}")]
+    assert len(tok.encode(preamble)) > L + 1                    # x_en's instruction starts after the cut
+    en_file, vi_file = write_json(tmp_path / "en.json", en), write_json(tmp_path / "vi.json", vi)
+    report = pd.main(["--lang", "vi", "--en", str(en_file), "--tgt", str(vi_file),
+                      "--tokenizer", str(tiny_llama), "--out", str(tmp_path / "out"), "--max-len", str(L)])
+    assert (report["drops"][0]["reason"], report["drops"][0]["index"]) == ("en_content_cut", 0)
+    ds = pd.load_prepared(tmp_path / "out")
+    assert all(ds[i]["en_content"].sum() > 0 for i in range(len(ds)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # collate, SFT, meta and loading
 
 
@@ -371,7 +503,7 @@ def test_check_meta_refuses_other_lang_mode_or_tokenizer(prepared_vi, tiny_llama
     _, out, tok = prepared_vi
     meta = pd.load_prepared(out).meta
     assert meta["lang"] == "vi" and meta["mode"] == "parallel" and meta["tokenizer_sha256"] == tok.sha256
-    assert meta["max_len"] == 512 and meta["template"] == pd.TEMPLATE_ID and meta["format_version"] == 1
+    assert meta["max_len"] == 512 and meta["template"] == pd.TEMPLATE_ID and meta["format_version"] == 2
     pd.check_meta(meta, "vi", "parallel", tok.sha256, out)  # fits: no error
     other_sha = "0" * 64
     for args, expected in [(("zh", "parallel", tok.sha256), "lang='vi'"),
@@ -393,14 +525,17 @@ def test_load_prepared_damaged_directories(prepared_vi, tmp_path):
         edit(copy)
         return copy
 
-    def set_version(d):
-        meta = json.loads((d / "meta.json").read_text())
-        meta["format_version"] = 99
-        (d / "meta.json").write_text(json.dumps(meta))
+    def set_meta(key, value):
+        def edit(d):
+            meta = json.loads((d / "meta.json").read_text())
+            meta[key] = value
+            (d / "meta.json").write_text(json.dumps(meta))
+        return edit
 
     cases = [
         (lambda d: (d / "y_tgt.ids.npy").unlink(), "y_tgt.ids.npy: missing"),
-        (set_version, "format_version=99"),
+        (set_meta("format_version", 99), "format_version=99"),
+        (set_meta("max_len", None), "max_len=None"),
         (lambda d: (d / "meta.json").write_text("{not json"), "not valid JSON"),
         (lambda d: np.save(d / "x_en.offsets.npy", np.load(d / "x_en.offsets.npy")[:-1]), "damaged"),
         (lambda d: np.save(d / "x_tgt.ids.npy", np.load(d / "x_tgt.ids.npy")[:-3]), "damaged"),
