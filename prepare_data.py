@@ -87,6 +87,8 @@ DEFAULT_RATIO_BOUNDS = (0.2, 8.0)
 RATIO_SMOOTHING = 8
 
 OVERLONG_POLICIES = ("truncate", "drop")
+# SentencePiece writes a space as this character: a text holding it does not come back from its tokens.
+WORD_MARKER = "\u2581"
 EXAMPLES_PER_REASON = 3  # drops printed per reason; report.json lists all
 
 DROP_REASONS = {
@@ -95,6 +97,7 @@ DROP_REASONS = {
     "not_a_string": "a field is not a string",
     "empty_instruction": "empty instruction",
     "empty_output": "empty output",
+    "word_marker": "a field holds '\u2581' (U+2581), the tokenizer's own space mark",
     "length_ratio": "implausible tgt/en token-length ratio",
     "too_long": "a sequence is longer than --max-len (--overlong drop)",
     "prompt_too_long": "the prompt fills --max-len: no response token left to supervise",
@@ -151,6 +154,10 @@ def record_defect(record) -> tuple[str, str] | None:
         return "empty_instruction", "field 'instruction' is empty"
     if not record["output"].strip():
         return "empty_output", "field 'output' is empty"
+    for field in FIELDS:
+        if WORD_MARKER in record[field]:
+            return "word_marker", (f"field {field!r} holds '{WORD_MARKER}' (U+2581), which the tokenizer "
+                                   f"reads as a space; replace it (e.g. by '_') to keep the record")
     return None
 
 
@@ -267,6 +274,7 @@ class PrepareConfig:
     overlong: str = "truncate"     # one of OVERLONG_POLICIES
     allow_length_mismatch: bool = False
     sft: bool = False
+    overwrite: bool = False
     ratio_bounds: tuple[float, float] | None = None  # None -> RATIO_BOUNDS[lang] or DEFAULT_RATIO_BOUNDS
 
 
@@ -321,10 +329,30 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_output_dir(out: Path) -> None:
-    """Refuse to replace a directory this script did not write."""
+def staging_dir(out: Path) -> Path:
+    """Where the output is written before it is renamed into place."""
+    return out.with_name(out.name + ".tmp")
+
+
+def cannot_write(out: Path, err: OSError) -> SystemExit:
+    return SystemExit(f"--out {out}: cannot write there ({err}); choose a writable --out directory")
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Before any work: refuse a directory this script did not write, or prepared data without
+    --overwrite, and make sure the staging directory beside `out` can be created (a stale one is a crashed
+    run's: removed)."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_prepared_dir(out))):
         raise SystemExit(f"{out}: exists and is not a prepared-data directory; choose another --out or remove it")
+    if is_prepared_dir(out) and not overwrite:
+        raise SystemExit(f"{out}: already holds prepared data; pass --overwrite to replace it, "
+                         f"or choose another --out")
+    try:
+        shutil.rmtree(staging_dir(out), ignore_errors=True)
+        staging_dir(out).mkdir(parents=True)
+        staging_dir(out).rmdir()
+    except OSError as err:
+        raise cannot_write(out, err) from None
 
 
 def is_prepared_dir(path: Path) -> bool:
@@ -354,7 +382,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     """Validate, tokenise and write one prepared directory; returns the report (also in OUT/report.json)."""
     started = time.perf_counter()
     cfg = resolve_config(cfg)
-    check_output_dir(cfg.out)
+    check_output_dir(cfg.out, cfg.overwrite)
     tokenizer = load_tokenizer(cfg.tokenizer)
 
     en_records = read_records(cfg.en)
@@ -450,21 +478,26 @@ def prepare(cfg: PrepareConfig) -> dict:
 
 
 def write_prepared(cfg: PrepareConfig, tokenizer, kept: list, report: dict) -> None:
-    """Write arrays, meta.json and report.json into a temporary directory, then swap it in: never a half directory."""
-    tmp = cfg.out.with_name(cfg.out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write_arrays(tmp, cfg, tokenizer, kept, report)
-    if cfg.out.exists():
-        old = cfg.out.with_name(cfg.out.name + ".old")
-        if old.exists():
+    """Write arrays, meta.json and report.json into a staging directory, then swap it in: never a half
+    directory, and one line when the disk refuses."""
+    tmp = staging_dir(cfg.out)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        write_arrays(tmp, cfg, tokenizer, kept, report)
+        if cfg.out.exists():
+            old = cfg.out.with_name(cfg.out.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            cfg.out.rename(old)
+            tmp.rename(cfg.out)
             shutil.rmtree(old)
-        cfg.out.rename(old)
-        tmp.rename(cfg.out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(cfg.out)
+        else:
+            tmp.rename(cfg.out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise cannot_write(cfg.out, err) from None
 
 
 def write_arrays(tmp: Path, cfg: PrepareConfig, tokenizer, kept: list, report: dict) -> None:
@@ -755,6 +788,8 @@ def parse_args(argv: list[str] | None = None) -> PrepareConfig:
                         help="model dir holding tokenizer.model, or the file itself (default: %(default)s)")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="output dir (default: data/prepared/LANG, or data/prepared/sft-en with --sft)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the prepared data already in --out (default: refuse)")
     parser.add_argument("--max-len", type=int, default=PrepareConfig.max_len, metavar="N",
                         help="max tokens per training sequence (default: %(default)s)")
     parser.add_argument("--overlong", choices=OVERLONG_POLICIES, default=PrepareConfig.overlong,
@@ -776,6 +811,7 @@ def parse_args(argv: list[str] | None = None) -> PrepareConfig:
     return PrepareConfig(lang=args.lang, en=args.en, tgt=args.tgt, tokenizer=args.tokenizer,
                          out=args.out, max_len=args.max_len, overlong=args.overlong,
                          allow_length_mismatch=args.allow_length_mismatch, sft=args.sft,
+                         overwrite=args.overwrite,
                          ratio_bounds=tuple(args.ratio_bounds) if args.ratio_bounds else None)
 
 

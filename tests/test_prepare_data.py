@@ -5,8 +5,11 @@ Expected values are built independently of prepare_data's own assembly: by decod
 or by encoding the source texts here and laying out the expected label lists by hand.
 """
 
+import errno
 import json
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,8 +95,8 @@ def test_broken_files_each_defect_reported_with_file_and_index(tmp_path, tiny_ll
     long_en = " ".join(["The quick brown fox jumps over the lazy dog and runs far away."] * 6)
     very_long_en = " ".join(["The quick brown fox jumps over the lazy dog."] * 30)
     very_long_vi = " ".join(["Con cáo nâu nhanh nhẹn nhảy qua con chó lười."] * 30)
-    en = [dict(EN[0], instruction=f"{EN[0]['instruction']} Case {i}.") for i in range(13)]
-    vi = [dict(VI[0], instruction=f"{VI[0]['instruction']} Trường hợp {i}.") for i in range(13)]
+    en = [dict(EN[0], instruction=f"{EN[0]['instruction']} Case {i}.") for i in range(14)]
+    vi = [dict(VI[0], instruction=f"{VI[0]['instruction']} Trường hợp {i}.") for i in range(14)]
     del vi[1]["output"]                                          # missing_field, tgt
     en[2]["instruction"] = 42                                    # not_a_string, en
     vi[3]["output"] = "   "                                      # empty_output, tgt
@@ -106,6 +109,7 @@ def test_broken_files_each_defect_reported_with_file_and_index(tmp_path, tiny_ll
     del en[10]["input"]                                          # missing_field, en
     en[11], vi[11] = dict(EN[1]), dict(VI[1])                    # duplicate of 8 in both files: kept
     en[12]["output"], vi[12]["output"] = ["a list"], ""          # both sides broken: one drop, the English defect
+    vi[13]["input"] = "Xin chào\u2581thế giới"                   # word_marker (U+2581), tgt
     en_file, vi_file = write_json(tmp_path / "alpaca_en.json", en), write_json(tmp_path / "alpaca_vi.json", vi)
     out = tmp_path / "out"
 
@@ -114,14 +118,16 @@ def test_broken_files_each_defect_reported_with_file_and_index(tmp_path, tiny_ll
 
     expected = [("missing_field", vi_file, 1), ("not_a_string", en_file, 2), ("empty_output", vi_file, 3),
                 ("not_an_object", vi_file, 4), ("length_ratio", vi_file, 5), ("too_long", vi_file, 6),
-                ("empty_instruction", en_file, 7), ("missing_field", en_file, 10), ("not_a_string", en_file, 12)]
+                ("empty_instruction", en_file, 7), ("missing_field", en_file, 10), ("not_a_string", en_file, 12),
+                ("word_marker", vi_file, 13)]
     assert [(d["reason"], d["file"], d["index"]) for d in report["drops"]] == [(r, str(f), i) for r, f, i in expected]
     assert report["dropped"] == {"missing_field": 2, "not_a_string": 2, "empty_output": 1, "not_an_object": 1,
-                                 "length_ratio": 1, "too_long": 1, "empty_instruction": 1}
-    assert report["kept"] == 4 and report["records"] == {"en": 13, "tgt": 13}
+                                 "word_marker": 1, "length_ratio": 1, "too_long": 1, "empty_instruction": 1}
+    assert report["kept"] == 4 and report["records"] == {"en": 14, "tgt": 14}
     details = {d["index"]: d["detail"] for d in report["drops"]}
     assert "'output'" in details[1] and "'instruction'" in details[2] and "number" in details[2]
     assert "'input'" in details[10] and "array" in details[12] and "tft has" in details[6]
+    assert "'input'" in details[13] and "U+2581" in details[13]
     for path in (en_file, vi_file):
         assert report["duplicates_kept"][str(path)] == {"count": 1, "examples": [{"index": 11, "same_as": 8}]}
 
@@ -189,7 +195,7 @@ def test_bad_flag_combinations(tmp_path, tiny_llama):
             pd.main(args + ["--tokenizer", str(tiny_llama), "--out", str(tmp_path / "out")])
 
 
-def test_refuses_to_overwrite_a_foreign_directory_but_replaces_its_own(tmp_path, tiny_llama):
+def test_refuses_a_foreign_directory_and_replaces_its_own_only_with_overwrite(tmp_path, tiny_llama):
     en_file, vi_file = write_json(tmp_path / "en.json", EN), write_json(tmp_path / "vi.json", VI)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -200,12 +206,55 @@ def test_refuses_to_overwrite_a_foreign_directory_but_replaces_its_own(tmp_path,
     assert (foreign / "notes.txt").read_text() == "mine"
 
     out = tmp_path / "out"
+    (tmp_path / "out.tmp").mkdir()                              # a crashed run's staging dir
+    (tmp_path / "out.tmp" / "x_en.ids.npy").write_text("half")
     pd.main(args + ["--out", str(out)])
     write_json(vi_file, VI[:3])
     write_json(en_file, EN[:3])
-    pd.main(args + ["--out", str(out)])
+    with pytest.raises(SystemExit) as stop:
+        pd.main(args + ["--out", str(out)])
+    message = str(stop.value)
+    assert str(out) in message and "--overwrite" in message and "\n" not in message
+    assert len(pd.load_prepared(out)) == len(EN)
+    pd.main(args + ["--out", str(out), "--overwrite"])
     assert len(pd.load_prepared(out)) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["en.json", "foreign", "out", "vi.json"]
+
+
+def test_unwritable_out_one_line_and_no_half_directory(tmp_path, tiny_llama, monkeypatch):
+    en_file, vi_file = write_json(tmp_path / "en.json", EN), write_json(tmp_path / "vi.json", VI)
+    args = ["--lang", "vi", "--en", str(en_file), "--tgt", str(vi_file), "--tokenizer", str(tiny_llama)]
+    blocker = write_json(tmp_path / "a-file", [])
+    with pytest.raises(SystemExit) as stop:                     # a dir under a file: refused at once
+        pd.main(args + ["--out", str(blocker / "out")])
+    message = str(stop.value)
+    assert f"--out {blocker / 'out'}" in message and "cannot write" in message and "\n" not in message
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "x_tgt.ids.npy")
+
+    monkeypatch.setattr(pd.np, "save", disk_full)               # a failure half-way through writing
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        pd.main(args + ["--out", str(out)])
+    message = str(stop.value)
+    assert f"--out {out}" in message and "No space left on device" in message and "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "en.json", "vi.json"]
+
+
+def test_help_gives_every_default_and_no_developer_notes(capsys):
+    with pytest.raises(SystemExit):
+        pd.parse_args(["--help"])
+    text = capsys.readouterr().out
+    # One block per option: its line starts with two spaces and a dash, its wrapped help indented deeper.
+    blocks = re.split(r"\n(?=  -)", text.split("options:\n")[1].split("\n\n")[0])
+    helps = {re.findall(r"--[a-z-]+", block)[0]: " ".join(block.split()) for block in blocks}
+    assert {"--overlong", "--overwrite", "--allow-length-mismatch", "--max-len"} <= helps.keys()
+    assert not {"--workers", "--allow-truncate"} & helps.keys()
+    for option, help_text in helps.items():
+        assert option == "--help" or "default" in help_text, option
+    source = Path(pd.__file__).read_text(encoding="utf-8")
+    assert not [name for name in ("METHOD.md", "DESIGN.md", "STYLE.md") if name in source]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
