@@ -685,17 +685,17 @@ def load_prepared(path) -> PreparedDataset:
     """Open a prepared directory (memory-mapped); one-line errors for a missing, old or damaged one."""
     path = Path(path)
     meta_file = path / "meta.json"
+    rewrite = f"rerun prepare_data.py with --overwrite --out {path}"
     if not meta_file.is_file():
         raise SystemExit(f"{meta_file}: not found; make the data with: python prepare_data.py --lang LANG "
                          f"--tokenizer MODEL_DIR --out {path}  (or --sft for English-only data)")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise SystemExit(f"{meta_file}: not valid JSON ({err}); rerun prepare_data.py to rewrite {path}")
+        raise SystemExit(f"{meta_file}: not valid JSON ({err}); remove {path} and rerun prepare_data.py")
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         found = meta.get("format_version") if isinstance(meta, dict) else None
-        raise SystemExit(f"{meta_file}: format_version={found!r}, this code reads {FORMAT_VERSION}; "
-                         f"rerun prepare_data.py to rewrite {path}")
+        raise SystemExit(f"{meta_file}: format_version={found!r}, this code reads {FORMAT_VERSION}; {rewrite}")
     if meta.get("mode") not in ("parallel", "sft"):
         raise SystemExit(f"{meta_file}: mode={meta.get('mode')!r}; expected 'parallel' or 'sft'")
     sides = ("en",) if meta["mode"] == "sft" else ("en", "tgt")
@@ -707,9 +707,9 @@ def load_prepared(path) -> PreparedDataset:
         try:
             arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
         except FileNotFoundError:
-            raise SystemExit(f"{file}: missing; rerun prepare_data.py to rewrite {path}")
+            raise SystemExit(f"{file}: missing; {rewrite}")
         except (ValueError, OSError) as err:
-            raise SystemExit(f"{file}: unreadable ({err}); rerun prepare_data.py to rewrite {path}")
+            raise SystemExit(f"{file}: unreadable ({err}); {rewrite}")
 
     n = len(arrays["source_index"])
     problems = []
@@ -726,7 +726,7 @@ def load_prepared(path) -> PreparedDataset:
                 problems.append(f"{part}_{side}: offsets do not match ids ({offsets.shape[0]} offsets for {n} "
                                 f"examples, last {offsets[-1] if len(offsets) else None} vs {len(ids)} ids)")
     if problems:
-        raise SystemExit(f"{path}: damaged prepared data: {'; '.join(problems)}; rerun prepare_data.py")
+        raise SystemExit(f"{path}: damaged prepared data: {'; '.join(problems)}; {rewrite}")
     return PreparedDataset(path, meta, arrays)
 
 

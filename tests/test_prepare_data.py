@@ -595,6 +595,7 @@ def test_load_prepared_damaged_directories(prepared_vi, tmp_path):
         with pytest.raises(SystemExit) as stop:
             pd.load_prepared(copy)
         assert expected in str(stop.value) and "\n" not in str(stop.value)
+        assert expected == "not valid JSON" or f"--overwrite --out {copy}" in str(stop.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
