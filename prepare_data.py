@@ -1,11 +1,12 @@
 """Parallel Alpaca instruction data (English + vi/zh/ar) -> validated, tokenised, memory-mapped arrays for DFT.
 
-    python prepare_data.py --lang vi --en alpaca_data.json --tgt alpaca_vi.json --tokenizer models/Llama-2-7b-hf
-    python prepare_data.py --sft --en alpaca_data.json                 # English-only data for the SFT baseline
+    python prepare_data.py --lang vi --en alpaca_en.json --tgt alpaca_vi.json --tokenizer models/Llama-2-7b-hf
+    python prepare_data.py --sft --en alpaca_en.json                   # English-only data for the SFT baseline
 
-Inputs are two JSON lists of {instruction, input, output} records (the English Stanford Alpaca file and x-LLM's
-translation of it), paired by index (METHOD.md §2). Every pair is checked; a pair that cannot be used is dropped and
-counted by reason with its file and index, in a report printed and written as report.json in the output directory.
+Inputs are two JSON lists of {instruction, input, output} records (English Alpaca and x-LLM's translation of
+it), paired by index: record k of the target file is the translation of English record k. Every pair is
+checked; a pair that cannot be used is dropped and counted by reason with its file and index, in a report
+printed and written as report.json in the output directory.
 
 Each example is formatted with the Alpaca template (English words for every language). The prompt is encoded as one
 text, exactly as a user's prompt is at inference, and the instruction/input token spans are read off the pieces'
@@ -15,17 +16,23 @@ followed by EOS. Each text is encoded once and reused for the four training sequ
     tft = x_tgt ; y_tgt        lc = x_tgt ; x_en        et = x_tgt ; y_en        en = x_en
 
 x = BOS + prompt (template with instruction and input, ending in "### Response:"), y = output ids + EOS; in lc the
-x_en part carries no BOS of its own. Over-length policy: a pair any of whose sequences is longer than --max-len
-tokens is dropped (reason "too_long"), never truncated, so no response loses its end and no label points past a cut.
+x_en part carries no BOS of its own.
 
-Output directory (FORMAT_VERSION 1), everything memory-mapped on load:
-    meta.json, report.json
+Over-long sequences (--overlong): "truncate" (default) cuts every sequence after --max-len tokens, as
+Stanford Alpaca's training code does; the labels of the tokens cut are lost. A pair is kept only when x_tgt
+is shorter than --max-len (else TFT has nothing left to supervise), so x_tgt is never cut and stays the same
+prefix of tft, lc and et; and only when x_en keeps an instruction token (the feature losses pool over them).
+"drop" leaves out every pair with a sequence longer than --max-len. report.json counts, per sequence kind,
+the sequences cut and the share of their supervised tokens lost.
+
+Output directory (FORMAT_VERSION 2), everything memory-mapped on load:
+    meta.json (max_len: where load_prepared cuts every sequence), report.json
     {part}.ids.npy (int32, flat) + {part}.offsets.npy (int64, N+1) for part in x_tgt, y_tgt, x_en, y_en (sft: x_en,
-        y_en): the token ids of every kept example, example n being ids[offsets[n]:offsets[n+1]]
+        y_en): the uncut token ids of every kept example, example n being ids[offsets[n]:offsets[n+1]]
     {side}_spans.npy (int32 [N, 4]) for side in tgt, en: [instruction start, end, input start, end) inside x_{side}
         (token positions, BOS = 0); an example without input has an empty input span (0, 0)
     source_index.npy (int64 [N]): the index of each kept pair in the source files
-load_prepared() assembles the sequences, shifted labels and masks of DESIGN.md §3 from these on the fly.
+load_prepared() assembles from these, on the fly, the sequences cut at max_len, their labels and masks.
 
 Label convention (all *_labels): labels[t] is the token at t+1 when that token is supervised, else -100; the last
 position is always -100. Content masks:
@@ -33,6 +40,7 @@ position is always -100. Content masks:
     en_content[t]  = 1 when en_tokens[t] is one of x_en's instruction or input tokens        (token space)
     lc_content[t]  = 1 when lc_labels[t] is one of x_en's instruction or input tokens, i.e.  (label space)
                      lc_tokens[t+1] is; so lc_labels[lc_content == 1] == en_tokens[en_content == 1]
+                     (when nothing is cut)
 """
 
 from __future__ import annotations
@@ -40,19 +48,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
-from multiprocessing import Pool
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-FORMAT_VERSION = 1
+from model import IGNORE, Tokenizer
+
+FORMAT_VERSION = 2  # 2: parts stored whole, every sequence cut at meta's max_len on load (--overlong)
 TEMPLATE_ID = "alpaca-en/joint-v2"  # the template below; prompt encoded as one text, output on its own (docstring)
 SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "sample"
 DEFAULT_TOKENIZER = Path("models/Llama-2-7b-hf")  # train.py's default --model
@@ -78,10 +86,9 @@ RATIO_BOUNDS = {"vi": (0.33, 8.0), "zh": (0.2, 6.0), "ar": (0.33, 8.0)}
 DEFAULT_RATIO_BOUNDS = (0.2, 8.0)
 RATIO_SMOOTHING = 8
 
-# Below this many pairs the start-up of worker processes costs more than it saves.
-MIN_PAIRS_FOR_POOL = 4096
-CHUNK_SIZE = 512
-
+OVERLONG_POLICIES = ("truncate", "drop")
+# SentencePiece writes a space as this character: a text holding it does not come back from its tokens.
+WORD_MARKER = "\u2581"
 EXAMPLES_PER_REASON = 3  # drops printed per reason; report.json lists all
 
 DROP_REASONS = {
@@ -90,9 +97,12 @@ DROP_REASONS = {
     "not_a_string": "a field is not a string",
     "empty_instruction": "empty instruction",
     "empty_output": "empty output",
+    "word_marker": "a field holds '\u2581' (U+2581), the tokenizer's own space mark",
     "length_ratio": "implausible tgt/en token-length ratio",
-    "too_long": "a sequence is longer than --max-len",
-    "unpaired": "no partner in the other file (--allow-truncate)",
+    "too_long": "a sequence is longer than --max-len (--overlong drop)",
+    "prompt_too_long": "the prompt fills --max-len: no response token left to supervise",
+    "en_content_cut": "--max-len cuts x_en before its instruction: nothing for feature losses to pool",
+    "unpaired": "no partner in the other file (--allow-length-mismatch)",
 }
 
 
@@ -144,6 +154,10 @@ def record_defect(record) -> tuple[str, str] | None:
         return "empty_instruction", "field 'instruction' is empty"
     if not record["output"].strip():
         return "empty_output", "field 'output' is empty"
+    for field in FIELDS:
+        if WORD_MARKER in record[field]:
+            return "word_marker", (f"field {field!r} holds '{WORD_MARKER}' (U+2581), which the tokenizer "
+                                   f"reads as a space; replace it (e.g. by '_') to keep the record")
     return None
 
 
@@ -218,51 +232,27 @@ def encode_pair(tokenizer, en: dict, tgt: dict | None) -> tuple[EncodedSide, Enc
     return encode_side(tokenizer, en), None if tgt is None else encode_side(tokenizer, tgt)
 
 
-# One tokenizer per pool process, built by the pool's initializer: a SentencePiece processor is not sent between
-# processes, so each worker loads the model file itself.
-_worker_tokenizer = None
+def encode_pairs(pairs: list[tuple[dict, dict | None]], tokenizer) -> list:
+    """encode_pair over all pairs, in order, with a progress bar. One process: on 52k pairs, worker
+    processes measured no faster."""
+    bar = tqdm(pairs, desc="tokenising", unit="ex", dynamic_ncols=True, leave=False)
+    return [encode_pair(tokenizer, en, tgt) for en, tgt in bar]
 
 
-def _init_worker(tokenizer_path: str) -> None:
-    global _worker_tokenizer
-    from model import Tokenizer
-
-    _worker_tokenizer = Tokenizer(tokenizer_path)
-
-
-def _encode_chunk(chunk: list[tuple[dict, dict | None]]) -> list:
-    return [encode_pair(_worker_tokenizer, en, tgt) for en, tgt in chunk]
-
-
-def encode_pairs(pairs: list[tuple[dict, dict | None]], tokenizer, workers: int,
-                 min_pairs_for_pool: int = MIN_PAIRS_FOR_POOL, chunk_size: int = CHUNK_SIZE) -> list:
-    """encode_pair over all pairs, in order, with a progress bar; several processes for large inputs."""
-    bar = tqdm(total=len(pairs), desc="tokenising", unit="ex", dynamic_ncols=True, leave=False)
-    chunks = [pairs[start:start + chunk_size] for start in range(0, len(pairs), chunk_size)]
-    encoded = []
-    with bar:
-        if workers > 1 and len(pairs) >= min_pairs_for_pool:
-            with Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path),)) as pool:
-                for result in pool.imap(_encode_chunk, chunks):
-                    encoded.extend(result)
-                    bar.update(len(result))
-        else:
-            for chunk in chunks:
-                encoded.extend(encode_pair(tokenizer, en, tgt) for en, tgt in chunk)
-                bar.update(len(chunk))
-    return encoded
-
-
-def sequence_lengths(en: EncodedSide, tgt: EncodedSide | None) -> dict[str, int]:
-    """Lengths of the sequences built from a pair (sft: only tft, made of the English side)."""
+def supervised_ranges(en: EncodedSide, tgt: EncodedSide | None) -> dict[str, tuple[int, list]]:
+    """Per sequence kind built from a pair (sft: only tft, made of the English side): its length and the
+    [start, end) token ranges it supervises; for en, the instruction and input tokens the feature losses
+    pool over."""
     if tgt is None:
-        return {"tft": len(en.prompt) + len(en.response)}
-    return {
-        "tft": len(tgt.prompt) + len(tgt.response),
-        "lc": len(tgt.prompt) + len(en.prompt) - 1,  # x_en's BOS is not repeated
-        "et": len(tgt.prompt) + len(en.response),
-        "en": len(en.prompt),
-    }
+        prompt_len, length = len(en.prompt), len(en.prompt) + len(en.response)
+        return {"tft": (length, [(prompt_len, length)])}
+    prompt_len = len(tgt.prompt)
+    lengths = {"tft": prompt_len + len(tgt.response),
+               "lc": prompt_len + len(en.prompt) - 1,  # x_en's BOS is not repeated
+               "et": prompt_len + len(en.response)}
+    ranges = {kind: (length, [(prompt_len, length)]) for kind, length in lengths.items()}
+    ranges["en"] = (len(en.prompt), [en.spans[:2], en.spans[2:]])
+    return ranges
 
 
 def token_ratio(en: EncodedSide, tgt: EncodedSide) -> float:
@@ -281,14 +271,11 @@ class PrepareConfig:
     tokenizer: Path = DEFAULT_TOKENIZER
     out: Path | None = None        # None -> data/prepared/{lang} or data/prepared/sft-en
     max_len: int = 512
-    allow_truncate: bool = False
+    overlong: str = "truncate"     # one of OVERLONG_POLICIES
+    allow_length_mismatch: bool = False
     sft: bool = False
-    workers: int = 0               # 0 -> min(4, usable CPUs)
+    overwrite: bool = False
     ratio_bounds: tuple[float, float] | None = None  # None -> RATIO_BOUNDS[lang] or DEFAULT_RATIO_BOUNDS
-
-
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def resolve_config(cfg: PrepareConfig) -> PrepareConfig:
@@ -312,19 +299,17 @@ def resolve_config(cfg: PrepareConfig) -> PrepareConfig:
                 raise SystemExit(f"{tgt}: no bundled sample for --lang {lang}; pass --en and --tgt files")
     if cfg.max_len < 8:
         raise SystemExit(f"--max-len {cfg.max_len}: too small to hold the Alpaca template; the usual value is 512")
+    if cfg.overlong not in OVERLONG_POLICIES:
+        raise SystemExit(f"--overlong {cfg.overlong}: expected one of {', '.join(OVERLONG_POLICIES)}")
     bounds = cfg.ratio_bounds or RATIO_BOUNDS.get(lang, DEFAULT_RATIO_BOUNDS)
     if not 0 < bounds[0] < bounds[1]:
         raise SystemExit(f"--ratio-bounds {bounds[0]} {bounds[1]}: expected 0 < LOW < HIGH")
     out = cfg.out or Path("data/prepared") / ("sft-en" if cfg.sft else lang)
-    workers = cfg.workers or min(4, usable_cpus())
-    return PrepareConfig(lang=lang, en=Path(en), tgt=None if tgt is None else Path(tgt), tokenizer=Path(cfg.tokenizer),
-                         out=Path(out), max_len=cfg.max_len, allow_truncate=cfg.allow_truncate, sft=cfg.sft,
-                         workers=workers, ratio_bounds=tuple(bounds))
+    return replace(cfg, lang=lang, en=Path(en), tgt=None if tgt is None else Path(tgt), out=Path(out),
+                   tokenizer=Path(cfg.tokenizer), ratio_bounds=tuple(bounds))
 
 
-def load_tokenizer(path: Path):
-    from model import Tokenizer
-
+def load_tokenizer(path: Path) -> Tokenizer:
     model_file = path / "tokenizer.model" if path.is_dir() else path
     if not model_file.is_file():
         raise SystemExit(f"{model_file}: no tokenizer.model; point --tokenizer at a model dir (e.g. download "
@@ -344,10 +329,30 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_output_dir(out: Path) -> None:
-    """Refuse to replace a directory this script did not write."""
+def staging_dir(out: Path) -> Path:
+    """Where the output is written before it is renamed into place."""
+    return out.with_name(out.name + ".tmp")
+
+
+def cannot_write(out: Path, err: OSError) -> SystemExit:
+    return SystemExit(f"--out {out}: cannot write there ({err}); choose a writable --out directory")
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Before any work: refuse a directory this script did not write, or prepared data without
+    --overwrite, and make sure the staging directory beside `out` can be created (a stale one is a crashed
+    run's: removed)."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_prepared_dir(out))):
         raise SystemExit(f"{out}: exists and is not a prepared-data directory; choose another --out or remove it")
+    if is_prepared_dir(out) and not overwrite:
+        raise SystemExit(f"{out}: already holds prepared data; pass --overwrite to replace it, "
+                         f"or choose another --out")
+    try:
+        shutil.rmtree(staging_dir(out), ignore_errors=True)
+        staging_dir(out).mkdir(parents=True)
+        staging_dir(out).rmdir()
+    except OSError as err:
+        raise cannot_write(out, err) from None
 
 
 def is_prepared_dir(path: Path) -> bool:
@@ -357,11 +362,27 @@ def is_prepared_dir(path: Path) -> bool:
         return False
 
 
+def overlong_defect(en: EncodedSide, tgt: EncodedSide | None, ranges: dict,
+                    cfg: PrepareConfig) -> tuple[str, str] | None:
+    """(reason, detail) when the over-long policy leaves the pair out, None when it is kept."""
+    max_len = cfg.max_len
+    too_long = {kind: length for kind, (length, _) in ranges.items() if length > max_len}
+    if too_long and cfg.overlong == "drop":
+        return "too_long", (", ".join(f"{kind} has {n} tokens" for kind, n in too_long.items())
+                            + f" > --max-len {max_len}")
+    prompt_len = len((en if tgt is None else tgt).prompt)
+    if prompt_len >= max_len:
+        return "prompt_too_long", f"the prompt has {prompt_len} tokens >= --max-len {max_len}"
+    if tgt is not None and en.spans[0] >= max_len:
+        return "en_content_cut", f"x_en's instruction starts at token {en.spans[0]} >= --max-len {max_len}"
+    return None
+
+
 def prepare(cfg: PrepareConfig) -> dict:
     """Validate, tokenise and write one prepared directory; returns the report (also in OUT/report.json)."""
     started = time.perf_counter()
     cfg = resolve_config(cfg)
-    check_output_dir(cfg.out)
+    check_output_dir(cfg.out, cfg.overwrite)
     tokenizer = load_tokenizer(cfg.tokenizer)
 
     en_records = read_records(cfg.en)
@@ -370,11 +391,11 @@ def prepare(cfg: PrepareConfig) -> dict:
     drops = []  # one entry per dropped pair (its first defect)
 
     if not cfg.sft and len(en_records) != len(tgt_records):
-        if not cfg.allow_truncate:
+        if not cfg.allow_length_mismatch:
             raise SystemExit(f"{cfg.en} has {len(en_records)} examples but {cfg.tgt} has {len(tgt_records)}; the "
                              f"files pair by index, so a different count usually means entries were dropped or "
-                             f"reordered. Fix the files, or pass --allow-truncate to pair the first {n_pairs} and "
-                             f"drop the rest")
+                             f"reordered. Fix the files, or pass --allow-length-mismatch to pair the first "
+                             f"{n_pairs} and drop the rest")
         longer, extra = (cfg.en, en_records) if len(en_records) > n_pairs else (cfg.tgt, tgt_records)
         drops += [{"reason": "unpaired", "file": str(longer), "index": index,
                    "detail": f"beyond the {n_pairs} examples of the shorter file"}
@@ -391,31 +412,34 @@ def prepare(cfg: PrepareConfig) -> dict:
         candidates.append(index)
         pairs.append((en_records[index], None if cfg.sft else tgt_records[index]))
 
-    encoded = encode_pairs(pairs, tokenizer, cfg.workers)
+    encoded = encode_pairs(pairs, tokenizer)
 
-    kept, ratios, lengths, input_differs = [], [], {}, []
+    max_len, kept, ratios, input_differs = cfg.max_len, [], [], []
+    sequences = {}  # kind -> lengths, and counts of sequences truncated, tokens supervised and cut
     low, high = cfg.ratio_bounds
     for index, (en, tgt) in zip(candidates, encoded):
+        defect = None
         if tgt is not None:
             ratio = token_ratio(en, tgt)
             ratios.append(ratio)
             if not low <= ratio <= high:
-                drops.append({"reason": "length_ratio", "file": str(cfg.tgt), "index": index,
-                              "detail": f"{tgt.content_tokens} target tokens vs {en.content_tokens} English: "
-                                        f"smoothed ratio {ratio:.2f} outside [{low}, {high}]"})
-                continue
-            if (en.spans[3] > en.spans[2]) != (tgt.spans[3] > tgt.spans[2]):
+                defect = "length_ratio", (f"{tgt.content_tokens} target tokens vs {en.content_tokens} "
+                                          f"English: smoothed ratio {ratio:.2f} outside [{low}, {high}]")
+            elif (en.spans[3] > en.spans[2]) != (tgt.spans[3] > tgt.spans[2]):
                 input_differs.append(index)
-        seq_lengths = sequence_lengths(en, tgt)
-        too_long = {name: n for name, n in seq_lengths.items() if n > cfg.max_len}
-        if too_long:
-            drops.append({"reason": "too_long", "file": str(cfg.en if cfg.sft else cfg.tgt), "index": index,
-                          "detail": ", ".join(f"{name} has {n} tokens" for name, n in too_long.items())
-                                    + f" > --max-len {cfg.max_len}"})
+        ranges = supervised_ranges(en, tgt)
+        defect = defect or overlong_defect(en, tgt, ranges, cfg)
+        if defect:
+            reason, detail = defect
+            drops.append({"reason": reason, "file": str(cfg.tgt or cfg.en), "index": index, "detail": detail})
             continue
         kept.append((index, en, tgt))
-        for name, n in seq_lengths.items():
-            lengths.setdefault(name, []).append(n)
+        for kind, (length, supervised) in ranges.items():
+            stats = sequences.setdefault(kind, {"lengths": [], "truncated": 0, "supervised": 0, "cut": 0})
+            stats["lengths"].append(length)
+            stats["truncated"] += length > max_len
+            stats["supervised"] += sum(end - start for start, end in supervised)
+            stats["cut"] += sum(max(0, end - max(start, max_len)) for start, end in supervised)
 
     drops.sort(key=lambda drop: (drop["index"], drop["file"]))
     dropped = {reason: sum(drop["reason"] == reason for drop in drops) for reason in DROP_REASONS}
@@ -426,21 +450,27 @@ def prepare(cfg: PrepareConfig) -> dict:
         "records": {"en": len(en_records)} | ({} if cfg.sft else {"tgt": len(tgt_records)}),
         "kept": len(kept),
         "dropped": {reason: n for reason, n in dropped.items() if n},
-        "drops": drops,
+        "max_len": max_len,
+        "overlong": cfg.overlong,
+        # Per sequence kind, over the kept pairs: lengths before the cut, how many sequences the cut
+        # shortens, and how many of their supervised tokens it removes (en: the instruction and input tokens
+        # the feature losses pool over).
+        "sequences": {kind: {"max": max(s["lengths"]), "mean": round(float(np.mean(s["lengths"])), 1),
+                             "truncated": s["truncated"], "supervised_tokens": s["supervised"],
+                             "cut_tokens": s["cut"],
+                             "cut_share": round(s["cut"] / max(s["supervised"], 1), 5)}
+                      for kind, s in sequences.items()},
         "duplicates_kept": {str(cfg.en): find_duplicates(en_records)}
                            | ({} if cfg.sft else {str(cfg.tgt): find_duplicates(tgt_records)}),
-        "over_length_policy": f"pairs with any sequence longer than {cfg.max_len} tokens are dropped (too_long)",
-        "sequence_lengths": {name: {"max": int(max(ns)), "mean": round(float(np.mean(ns)), 1)}
-                             for name, ns in lengths.items()},
+        "drops": drops,
     }
     if not cfg.sft:
-        report["ratio"] = {"bounds": [low, high], "smoothing_tokens": RATIO_SMOOTHING}
+        report["ratio"] = {"bounds": [low, high]}
         if ratios:
             quantiles = np.quantile(ratios, [0, 0.01, 0.5, 0.99, 1])
-            report["ratio"] |= dict(zip(["min", "p01", "median", "p99", "max"], map(lambda q: round(float(q), 3),
-                                                                                      quantiles)))
-        report["input_presence_differs"] = {"count": len(input_differs), "indices": input_differs[:20],
-                                            "note": "one side has an input, the other not; kept"}
+            names = ["min", "p01", "median", "p99", "max"]
+            report["ratio"] |= {name: round(float(q), 3) for name, q in zip(names, quantiles)}
+        report["input_presence_differs"] = {"count": len(input_differs), "indices": input_differs[:20]}
     report["seconds"] = round(time.perf_counter() - started, 2)
     write_prepared(cfg, tokenizer, kept, report)
     print(format_report(report, cfg.out), file=sys.stderr)
@@ -448,11 +478,29 @@ def prepare(cfg: PrepareConfig) -> dict:
 
 
 def write_prepared(cfg: PrepareConfig, tokenizer, kept: list, report: dict) -> None:
-    """Write arrays, meta.json and report.json into a temporary directory, then swap it in: never a half directory."""
-    tmp = cfg.out.with_name(cfg.out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    """Write arrays, meta.json and report.json into a staging directory, then swap it in: never a half
+    directory, and one line when the disk refuses."""
+    tmp = staging_dir(cfg.out)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        write_arrays(tmp, cfg, tokenizer, kept, report)
+        if cfg.out.exists():
+            old = cfg.out.with_name(cfg.out.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            cfg.out.rename(old)
+            tmp.rename(cfg.out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(cfg.out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise cannot_write(cfg.out, err) from None
+
+
+def write_arrays(tmp: Path, cfg: PrepareConfig, tokenizer, kept: list, report: dict) -> None:
     sides = {"en": [en for _, en, _ in kept]} | ({} if cfg.sft else {"tgt": [tgt for _, _, tgt in kept]})
     for side, encoded in sides.items():
         for part, attr in (("x", "prompt"), ("y", "response")):
@@ -477,21 +525,15 @@ def write_prepared(cfg: PrepareConfig, tokenizer, kept: list, report: dict) -> N
         "eos_id": tokenizer.eos_id,
         "pad_id": tokenizer.pad_id,
         "max_len": cfg.max_len,
+        "overlong": cfg.overlong,
         "template": TEMPLATE_ID,
-        "counts": {"records": report["records"], "kept": report["kept"], "dropped": report["dropped"]},
+        "counts": {"records": report["records"], "kept": report["kept"], "dropped": report["dropped"],
+                   "truncated": {kind: {"sequences": s["truncated"], "cut_share": s["cut_share"]}
+                                 for kind, s in report["sequences"].items()}},
         "sources": {side: {"path": path, "sha256": file_sha256(Path(path))} for side, path in report["files"].items()},
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    if cfg.out.exists():
-        old = cfg.out.with_name(cfg.out.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        cfg.out.rename(old)
-        tmp.rename(cfg.out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(cfg.out)
 
 
 def format_report(report: dict, out: Path) -> str:
@@ -509,14 +551,18 @@ def format_report(report: dict, out: Path) -> str:
             shown = ", ".join(f"[{d['index']}]=[{d['same_as']}]" for d in dup["examples"][:EXAMPLES_PER_REASON])
             more = ", ..." if dup["count"] > EXAMPLES_PER_REASON else ""
             lines.append(f"  duplicates kept: {path}: {dup['count']} ({shown}{more})")
-    if "ratio" in report and "median" in report["ratio"]:
+    if "median" in report.get("ratio", {}):
         r = report["ratio"]
         lines.append(f"  tgt/en token ratio: min {r['min']} p1 {r['p01']} median {r['median']} p99 {r['p99']} "
                      f"max {r['max']} (bounds {r['bounds'][0]}..{r['bounds'][1]})")
     if report.get("input_presence_differs", {}).get("count"):
         lines.append(f"  input on one side only (kept): {report['input_presence_differs']['count']} pairs")
-    lengths = ", ".join(f"{name} max {s['max']} mean {s['mean']}" for name, s in report["sequence_lengths"].items())
-    lines.append(f"  sequence lengths: {lengths or 'none kept'}")
+    lines.append(f"  sequences (tokens before the cut; --overlong {report['overlong']} "
+                 f"at {report['max_len']}):")
+    for kind, s in report["sequences"].items():
+        what = "content tokens (feature pooling)" if kind == "en" else "supervised tokens"
+        lines.append(f"    {kind:<3} max {s['max']:>5} mean {s['mean']:>7}  {s['truncated']:>6} truncated, "
+                     f"{100 * s['cut_share']:.2f}% of {what} cut")
     lines.append(f"  wrote {out} (report.json, meta.json)")
     return "\n".join(lines)
 
@@ -549,24 +595,19 @@ def check_meta(meta: dict, lang: str, mode: str, tokenizer_sha256: str, path) ->
 
 
 class PreparedDataset:
-    """Examples of a prepared directory, as DESIGN.md §3 dicts of 1-D int64 tensors (+ tgt_prompt_len, an int).
-
-    The arrays are memory-mapped, so opening 52k examples is instant and DataLoader workers share the page cache;
-    pickling (DataLoader workers under spawn) sends only the path.
-    """
+    """Examples of a prepared directory as dicts of 1-D int64 tensors (+ tgt_prompt_len, an int): the keys
+    of collate's batch, every sequence cut after meta's max_len tokens. The arrays are memory-mapped, so
+    opening 52k examples is instant."""
 
     def __init__(self, path: Path, meta: dict, arrays: dict[str, np.ndarray]):
-        self.path, self.meta, self.arrays = path, meta, arrays
+        self.path = path
+        self.meta = meta
+        self.arrays = arrays
         self.sft = meta["mode"] == "sft"
+        self.max_len = meta["max_len"]
 
     def __len__(self) -> int:
         return len(self.arrays["source_index"])
-
-    def __getstate__(self):
-        return {"path": self.path}
-
-    def __setstate__(self, state):
-        self.__dict__.update(load_prepared(state["path"]).__dict__)
 
     def source_index(self, i: int) -> int:
         """Index of example i in the source files."""
@@ -582,18 +623,21 @@ class PreparedDataset:
         i %= len(self)
         x_en, y_en = self._part("x_en", i), self._part("y_en", i)
         if self.sft:
-            tokens, labels = supervise_continuation(x_en, y_en)
+            tokens, labels = supervise_continuation(x_en, y_en, self.max_len)
             return {"tft_tokens": tokens, "tft_labels": labels, "tft_mask": torch.ones_like(tokens),
                     "tgt_prompt_len": len(x_en)}
         x_tgt, y_tgt = self._part("x_tgt", i), self._part("y_tgt", i)
         tgt_spans, en_spans = self.arrays["tgt_spans"][i], self.arrays["en_spans"][i]
-        prompt_len = len(x_tgt)
+        prompt_len = len(x_tgt)  # < max_len in every kept pair: x_tgt is never cut
 
-        tft_tokens, tft_labels = supervise_continuation(x_tgt, y_tgt)
-        lc_tokens, lc_labels = supervise_continuation(x_tgt, x_en[1:])  # x_en without its BOS
-        et_tokens, et_labels = supervise_continuation(x_tgt, y_en)
-        # x_en token k (k >= 1, BOS = 0) sits at lc position prompt_len + k - 1 and is the label of the position before.
-        lc_content = span_mask(len(lc_tokens), en_spans, shift=prompt_len - 2)
+        tft_tokens, tft_labels = supervise_continuation(x_tgt, y_tgt, self.max_len)
+        # lc: x_en without its BOS
+        lc_tokens, lc_labels = supervise_continuation(x_tgt, x_en[1:], self.max_len)
+        et_tokens, et_labels = supervise_continuation(x_tgt, y_en, self.max_len)
+        x_en = x_en[:self.max_len]
+        # x_en token k (k >= 1, BOS = 0) sits at lc position prompt_len + k - 1 and is the label of the
+        # position before; a label lost to the cut is no content.
+        lc_content = span_mask(len(lc_tokens), en_spans, shift=prompt_len - 2) * (lc_labels != IGNORE)
         return {
             "tft_tokens": tft_tokens, "tft_labels": tft_labels, "tft_mask": torch.ones_like(tft_tokens),
             "tgt_prompt_len": prompt_len,
@@ -606,16 +650,19 @@ class PreparedDataset:
         }
 
 
-def supervise_continuation(prompt: np.ndarray, continuation: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """tokens = prompt ; continuation, and shifted labels supervising exactly the continuation's tokens."""
-    tokens = torch.from_numpy(np.concatenate([prompt, continuation]))
-    labels = torch.full_like(tokens, -100)
+def supervise_continuation(prompt: np.ndarray, continuation: np.ndarray,
+                           max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens = (prompt ; continuation) cut after max_len tokens (len(prompt) < max_len), and shifted
+    labels supervising exactly the continuation's tokens that are left."""
+    tokens = torch.from_numpy(np.concatenate([prompt, continuation])[:max_len])
+    labels = torch.full_like(tokens, IGNORE)
     labels[len(prompt) - 1:-1] = tokens[len(prompt):]
     return tokens, labels
 
 
 def span_mask(length: int, spans: np.ndarray, shift: int) -> torch.Tensor:
-    """1 on [start + shift, end + shift) for the instruction and input spans, 0 elsewhere."""
+    """1 on [start + shift, end + shift) for the instruction and input spans, cut at `length`; 0
+    elsewhere."""
     mask = torch.zeros(length, dtype=torch.long)
     for start, end in ((spans[0], spans[1]), (spans[2], spans[3])):
         if end > start:
@@ -638,17 +685,17 @@ def load_prepared(path) -> PreparedDataset:
     """Open a prepared directory (memory-mapped); one-line errors for a missing, old or damaged one."""
     path = Path(path)
     meta_file = path / "meta.json"
+    rewrite = f"rerun prepare_data.py with --overwrite --out {path}"
     if not meta_file.is_file():
         raise SystemExit(f"{meta_file}: not found; make the data with: python prepare_data.py --lang LANG "
                          f"--tokenizer MODEL_DIR --out {path}  (or --sft for English-only data)")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise SystemExit(f"{meta_file}: not valid JSON ({err}); rerun prepare_data.py to rewrite {path}")
+        raise SystemExit(f"{meta_file}: not valid JSON ({err}); remove {path} and rerun prepare_data.py")
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         found = meta.get("format_version") if isinstance(meta, dict) else None
-        raise SystemExit(f"{meta_file}: format_version={found!r}, this code reads {FORMAT_VERSION}; "
-                         f"rerun prepare_data.py to rewrite {path}")
+        raise SystemExit(f"{meta_file}: format_version={found!r}, this code reads {FORMAT_VERSION}; {rewrite}")
     if meta.get("mode") not in ("parallel", "sft"):
         raise SystemExit(f"{meta_file}: mode={meta.get('mode')!r}; expected 'parallel' or 'sft'")
     sides = ("en",) if meta["mode"] == "sft" else ("en", "tgt")
@@ -660,14 +707,16 @@ def load_prepared(path) -> PreparedDataset:
         try:
             arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
         except FileNotFoundError:
-            raise SystemExit(f"{file}: missing; rerun prepare_data.py to rewrite {path}")
+            raise SystemExit(f"{file}: missing; {rewrite}")
         except (ValueError, OSError) as err:
-            raise SystemExit(f"{file}: unreadable ({err}); rerun prepare_data.py to rewrite {path}")
+            raise SystemExit(f"{file}: unreadable ({err}); {rewrite}")
 
     n = len(arrays["source_index"])
     problems = []
     if n != meta.get("num_examples"):
         problems.append(f"source_index has {n} entries, meta.json says {meta.get('num_examples')}")
+    if not isinstance(meta.get("max_len"), int) or meta["max_len"] < 1:
+        problems.append(f"meta.json has max_len={meta.get('max_len')!r}, expected a number of tokens")
     for side in sides:
         if arrays[f"{side}_spans"].shape != (n, 4):
             problems.append(f"{side}_spans shape {arrays[f'{side}_spans'].shape} != ({n}, 4)")
@@ -677,7 +726,7 @@ def load_prepared(path) -> PreparedDataset:
                 problems.append(f"{part}_{side}: offsets do not match ids ({offsets.shape[0]} offsets for {n} "
                                 f"examples, last {offsets[-1] if len(offsets) else None} vs {len(ids)} ids)")
     if problems:
-        raise SystemExit(f"{path}: damaged prepared data: {'; '.join(problems)}; rerun prepare_data.py")
+        raise SystemExit(f"{path}: damaged prepared data: {'; '.join(problems)}; {rewrite}")
     return PreparedDataset(path, meta, arrays)
 
 
@@ -691,7 +740,7 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         if isinstance(values[0], int):
             batch[key] = torch.tensor(values, dtype=torch.long)
             continue
-        fill = -100 if key.endswith("_labels") else pad_id if key.endswith("_tokens") else 0
+        fill = IGNORE if key.endswith("_labels") else pad_id if key.endswith("_tokens") else 0
         padded = torch.full((len(values), max(len(v) for v in values)), fill, dtype=torch.long)
         for row, value in enumerate(values):
             padded[row, :len(value)] = value
@@ -703,20 +752,26 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 # CLI
 
 EPILOG = """\
-where the real files come from:
-  English  the Stanford Alpaca release, alpaca_data.json (52,002 examples):
-           https://github.com/tatsu-lab/stanford_alpaca
-  target   x-LLM's translations alpaca_{lang}.json (lang in ar el es hi ru tr vi zh), from the data archive linked in
-           the README of https://github.com/NJUNLP/x-LLM (data/alpaca/alpaca_{lang}.json in that archive)
-  Both are JSON lists of {"instruction", "input", "output"}, aligned by index.
+where the real files come from: x-LLM's data archive, linked in the README of
+https://github.com/NJUNLP/x-LLM
+  target   data/alpaca/alpaca_{lang}.json, x-LLM's translations (lang: ar el es hi ru tr vi zh)
+  English  data/alpaca/alpaca_en.json from the same archive, the English file x-LLM released
+           beside its translations (it comes from Stanford Alpaca's alpaca_data.json, 52,002
+           examples: https://github.com/tatsu-lab/stanford_alpaca)
+  Both are JSON lists of {"instruction", "input", "output"}, aligned by index. The tgt/en token-ratio
+  check drops pairs that do not look like translations of each other: many such drops mean the
+  files are misaligned.
 
-output: OUT/ holds memory-mapped token arrays, meta.json (lang, mode, tokenizer sha256, max_len, template, counts,
-format version) and report.json (every dropped pair with its file, index and reason); train.py --data OUT reads it.
+output: OUT/ holds memory-mapped token arrays, meta.json (lang, mode, tokenizer sha256, max_len,
+over-length policy, template, counts, format version) and report.json (every dropped pair with its
+file, index and reason; per sequence kind, the sequences cut at --max-len). train.py --data OUT
+reads it.
 
 examples:
-  python prepare_data.py --lang vi                            # bundled sample, models/Llama-2-7b-hf tokenizer
-  python prepare_data.py --lang zh --en alpaca_data.json --tgt alpaca_zh.json --tokenizer models/gemma-2-2b
-  python prepare_data.py --sft --en alpaca_data.json          # English-only data for the SFT baseline
+  python prepare_data.py --lang vi                   # bundled sample, models/Llama-2-7b-hf tokenizer
+  python prepare_data.py --lang zh --en alpaca_en.json --tgt alpaca_zh.json \\
+      --tokenizer models/gemma-2-2b
+  python prepare_data.py --sft --en alpaca_en.json   # English-only data for the SFT baseline
 """
 
 
@@ -724,7 +779,8 @@ def parse_args(argv: list[str] | None = None) -> PrepareConfig:
     parser = argparse.ArgumentParser(
         description="Validate, tokenise and memory-map parallel Alpaca data (English + target language) for DFT.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lang", help="target language code (vi, zh, ar; others with --en/--tgt)")
+    parser.add_argument("--lang", help="target language code: vi, zh, ar, or others with --en/--tgt "
+                                       "(no default: required unless --sft)")
     parser.add_argument("--en", type=Path, metavar="FILE", help="English Alpaca JSON (default: the bundled sample)")
     parser.add_argument("--tgt", type=Path, metavar="FILE",
                         help="target-language Alpaca JSON, same order (default: the bundled sample)")
@@ -732,21 +788,31 @@ def parse_args(argv: list[str] | None = None) -> PrepareConfig:
                         help="model dir holding tokenizer.model, or the file itself (default: %(default)s)")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="output dir (default: data/prepared/LANG, or data/prepared/sft-en with --sft)")
-    parser.add_argument("--max-len", type=int, default=512, metavar="N",
-                        help="max tokens per sequence; longer pairs are dropped and counted (default: %(default)s)")
-    parser.add_argument("--allow-truncate", action="store_true",
-                        help="files of different lengths: pair the first min(n) examples, drop the rest")
-    parser.add_argument("--sft", action="store_true", help="English-only data for the SFT baseline (only --en)")
-    parser.add_argument("--workers", type=int, default=0, metavar="N",
-                        help="tokenising processes (default: min(4, CPUs))")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the prepared data already in --out (default: refuse)")
+    parser.add_argument("--max-len", type=int, default=PrepareConfig.max_len, metavar="N",
+                        help="max tokens per training sequence (default: %(default)s)")
+    parser.add_argument("--overlong", choices=OVERLONG_POLICIES, default=PrepareConfig.overlong,
+                        help="sequences longer than --max-len: truncate = cut them there, losing the "
+                             "labels past the cut, as Stanford Alpaca does (a pair whose prompt fills "
+                             "--max-len is dropped); drop = leave out the whole pair "
+                             "(default: %(default)s)")
+    parser.add_argument("--allow-length-mismatch", action="store_true",
+                        help="files with different numbers of records: pair the first min(n) by index "
+                             "and drop the rest (default: refuse)")
+    parser.add_argument("--sft", action="store_true",
+                        help="English-only data for the SFT baseline, from --en alone "
+                             "(default: parallel data)")
     parser.add_argument("--ratio-bounds", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="allowed tgt/en token-length ratio (default per language: "
                              + ", ".join(f"{k} {lo}-{hi}" for k, (lo, hi) in RATIO_BOUNDS.items())
                              + f", others {DEFAULT_RATIO_BOUNDS[0]}-{DEFAULT_RATIO_BOUNDS[1]})")
     args = parser.parse_args(argv)
-    return PrepareConfig(lang=args.lang, en=args.en, tgt=args.tgt, tokenizer=args.tokenizer, out=args.out,
-                         max_len=args.max_len, allow_truncate=args.allow_truncate, sft=args.sft,
-                         workers=args.workers, ratio_bounds=tuple(args.ratio_bounds) if args.ratio_bounds else None)
+    return PrepareConfig(lang=args.lang, en=args.en, tgt=args.tgt, tokenizer=args.tokenizer,
+                         out=args.out, max_len=args.max_len, overlong=args.overlong,
+                         allow_length_mismatch=args.allow_length_mismatch, sft=args.sft,
+                         overwrite=args.overwrite,
+                         ratio_bounds=tuple(args.ratio_bounds) if args.ratio_bounds else None)
 
 
 def main(argv: list[str] | None = None) -> dict:

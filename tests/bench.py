@@ -148,7 +148,7 @@ def sample_batch(batch_size: int, workdir: Path) -> dict:
         write_tiny_checkpoint(model_dir, "llama", sample_texts())
     out = workdir / "prepared-vi"
     if not (out / "meta.json").is_file():
-        prepare(PrepareConfig(lang="vi", tokenizer=model_dir, out=out, workers=1))
+        prepare(PrepareConfig(lang="vi", tokenizer=model_dir, out=out))
     data = load_prepared(out)
     return collate([data[i] for i in range(batch_size)], 0)
 
@@ -343,10 +343,10 @@ def bench_prepare(quick):
     write_tiny_checkpoint(workdir / "tok", "llama", sample_texts())
     t0 = time.perf_counter()
     prepare(PrepareConfig(lang="vi", en=workdir / "en.json", tgt=workdir / "vi.json", tokenizer=workdir / "tok",
-                          out=workdir / "out", workers=min(2, os.cpu_count() or 1)))
+                          out=workdir / "out"))
     seconds = time.perf_counter() - t0
     table("prepare_data.py on synthetic parallel data", ["examples", "cores", "seconds", "goal"],
-          [(n, min(2, os.cpu_count() or 1), f"{seconds:.1f}", "< 60 s for 52k")])
+          [(n, 1, f"{seconds:.1f}", "< 60 s for 52k")])
     SUMMARY.append(("prepare", f"{n} examples", f"{seconds:.1f} s (goal < 60 s for 52k)"))
 
 

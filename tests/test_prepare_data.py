@@ -5,9 +5,11 @@ Expected values are built independently of prepare_data's own assembly: by decod
 or by encoding the source texts here and laying out the expected label lists by hand.
 """
 
+import errno
 import json
-import pickle
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,7 +83,7 @@ def prepared_vi(tmp_path, tokenizer_dir):
     en, vi = write_json(tmp_path / "alpaca_en.json", EN), write_json(tmp_path / "alpaca_vi.json", VI)
     out = tmp_path / "prepared"
     report = pd.main(["--lang", "vi", "--en", str(en), "--tgt", str(vi), "--tokenizer", str(tokenizer_dir),
-                      "--out", str(out), "--workers", "1"])
+                      "--out", str(out)])
     return report, out, Tokenizer(tokenizer_dir)
 
 
@@ -93,8 +95,8 @@ def test_broken_files_each_defect_reported_with_file_and_index(tmp_path, tiny_ll
     long_en = " ".join(["The quick brown fox jumps over the lazy dog and runs far away."] * 6)
     very_long_en = " ".join(["The quick brown fox jumps over the lazy dog."] * 30)
     very_long_vi = " ".join(["Con cáo nâu nhanh nhẹn nhảy qua con chó lười."] * 30)
-    en = [dict(EN[0], instruction=f"{EN[0]['instruction']} Case {i}.") for i in range(13)]
-    vi = [dict(VI[0], instruction=f"{VI[0]['instruction']} Trường hợp {i}.") for i in range(13)]
+    en = [dict(EN[0], instruction=f"{EN[0]['instruction']} Case {i}.") for i in range(14)]
+    vi = [dict(VI[0], instruction=f"{VI[0]['instruction']} Trường hợp {i}.") for i in range(14)]
     del vi[1]["output"]                                          # missing_field, tgt
     en[2]["instruction"] = 42                                    # not_a_string, en
     vi[3]["output"] = "   "                                      # empty_output, tgt
@@ -107,22 +109,25 @@ def test_broken_files_each_defect_reported_with_file_and_index(tmp_path, tiny_ll
     del en[10]["input"]                                          # missing_field, en
     en[11], vi[11] = dict(EN[1]), dict(VI[1])                    # duplicate of 8 in both files: kept
     en[12]["output"], vi[12]["output"] = ["a list"], ""          # both sides broken: one drop, the English defect
+    vi[13]["input"] = "Xin chào\u2581thế giới"                   # word_marker (U+2581), tgt
     en_file, vi_file = write_json(tmp_path / "alpaca_en.json", en), write_json(tmp_path / "alpaca_vi.json", vi)
     out = tmp_path / "out"
 
     report = pd.main(["--lang", "vi", "--en", str(en_file), "--tgt", str(vi_file), "--tokenizer", str(tiny_llama),
-                      "--out", str(out), "--max-len", "400"])
+                      "--out", str(out), "--max-len", "400", "--overlong", "drop"])
 
     expected = [("missing_field", vi_file, 1), ("not_a_string", en_file, 2), ("empty_output", vi_file, 3),
                 ("not_an_object", vi_file, 4), ("length_ratio", vi_file, 5), ("too_long", vi_file, 6),
-                ("empty_instruction", en_file, 7), ("missing_field", en_file, 10), ("not_a_string", en_file, 12)]
+                ("empty_instruction", en_file, 7), ("missing_field", en_file, 10), ("not_a_string", en_file, 12),
+                ("word_marker", vi_file, 13)]
     assert [(d["reason"], d["file"], d["index"]) for d in report["drops"]] == [(r, str(f), i) for r, f, i in expected]
     assert report["dropped"] == {"missing_field": 2, "not_a_string": 2, "empty_output": 1, "not_an_object": 1,
-                                 "length_ratio": 1, "too_long": 1, "empty_instruction": 1}
-    assert report["kept"] == 4 and report["records"] == {"en": 13, "tgt": 13}
+                                 "word_marker": 1, "length_ratio": 1, "too_long": 1, "empty_instruction": 1}
+    assert report["kept"] == 4 and report["records"] == {"en": 14, "tgt": 14}
     details = {d["index"]: d["detail"] for d in report["drops"]}
     assert "'output'" in details[1] and "'instruction'" in details[2] and "number" in details[2]
     assert "'input'" in details[10] and "array" in details[12] and "tft has" in details[6]
+    assert "'input'" in details[13] and "U+2581" in details[13]
     for path in (en_file, vi_file):
         assert report["duplicates_kept"][str(path)] == {"count": 1, "examples": [{"index": 11, "same_as": 8}]}
 
@@ -149,10 +154,10 @@ def test_length_mismatch_stops_with_both_counts(tmp_path, tiny_llama):
         pd.main(args)
     message = str(stop.value)
     assert f"{en_file} has 3 examples" in message and f"{vi_file} has 2" in message
-    assert "--allow-truncate" in message and "\n" not in message
+    assert "--allow-length-mismatch" in message and "\n" not in message
     assert not (tmp_path / "out").exists()
 
-    report = pd.main(args + ["--allow-truncate"])
+    report = pd.main(args + ["--allow-length-mismatch"])
     assert report["kept"] == 2 and report["dropped"] == {"unpaired": 1}
     assert [(d["file"], d["index"]) for d in report["drops"]] == [(str(en_file), 2)]
 
@@ -190,7 +195,7 @@ def test_bad_flag_combinations(tmp_path, tiny_llama):
             pd.main(args + ["--tokenizer", str(tiny_llama), "--out", str(tmp_path / "out")])
 
 
-def test_refuses_to_overwrite_a_foreign_directory_but_replaces_its_own(tmp_path, tiny_llama):
+def test_refuses_a_foreign_directory_and_replaces_its_own_only_with_overwrite(tmp_path, tiny_llama):
     en_file, vi_file = write_json(tmp_path / "en.json", EN), write_json(tmp_path / "vi.json", VI)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -201,12 +206,55 @@ def test_refuses_to_overwrite_a_foreign_directory_but_replaces_its_own(tmp_path,
     assert (foreign / "notes.txt").read_text() == "mine"
 
     out = tmp_path / "out"
+    (tmp_path / "out.tmp").mkdir()                              # a crashed run's staging dir
+    (tmp_path / "out.tmp" / "x_en.ids.npy").write_text("half")
     pd.main(args + ["--out", str(out)])
     write_json(vi_file, VI[:3])
     write_json(en_file, EN[:3])
-    pd.main(args + ["--out", str(out)])
+    with pytest.raises(SystemExit) as stop:
+        pd.main(args + ["--out", str(out)])
+    message = str(stop.value)
+    assert str(out) in message and "--overwrite" in message and "\n" not in message
+    assert len(pd.load_prepared(out)) == len(EN)
+    pd.main(args + ["--out", str(out), "--overwrite"])
     assert len(pd.load_prepared(out)) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["en.json", "foreign", "out", "vi.json"]
+
+
+def test_unwritable_out_one_line_and_no_half_directory(tmp_path, tiny_llama, monkeypatch):
+    en_file, vi_file = write_json(tmp_path / "en.json", EN), write_json(tmp_path / "vi.json", VI)
+    args = ["--lang", "vi", "--en", str(en_file), "--tgt", str(vi_file), "--tokenizer", str(tiny_llama)]
+    blocker = write_json(tmp_path / "a-file", [])
+    with pytest.raises(SystemExit) as stop:                     # a dir under a file: refused at once
+        pd.main(args + ["--out", str(blocker / "out")])
+    message = str(stop.value)
+    assert f"--out {blocker / 'out'}" in message and "cannot write" in message and "\n" not in message
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "x_tgt.ids.npy")
+
+    monkeypatch.setattr(pd.np, "save", disk_full)               # a failure half-way through writing
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        pd.main(args + ["--out", str(out)])
+    message = str(stop.value)
+    assert f"--out {out}" in message and "No space left on device" in message and "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "en.json", "vi.json"]
+
+
+def test_help_gives_every_default_and_no_developer_notes(capsys):
+    with pytest.raises(SystemExit):
+        pd.parse_args(["--help"])
+    text = capsys.readouterr().out
+    # One block per option: its line starts with two spaces and a dash, its wrapped help indented deeper.
+    blocks = re.split(r"\n(?=  -)", text.split("options:\n")[1].split("\n\n")[0])
+    helps = {re.findall(r"--[a-z-]+", block)[0]: " ".join(block.split()) for block in blocks}
+    assert {"--overlong", "--overwrite", "--allow-length-mismatch", "--max-len"} <= helps.keys()
+    assert not {"--workers", "--allow-truncate"} & helps.keys()
+    for option, help_text in helps.items():
+        assert option == "--help" or "default" in help_text, option
+    source = Path(pd.__file__).read_text(encoding="utf-8")
+    assert not [name for name in ("METHOD.md", "DESIGN.md", "STYLE.md") if name in source]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -307,6 +355,138 @@ def test_alpaca_prompt_ids_match_training_prompts(prepared_vi):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Over-long sequences: cut at --max-len (default) or dropped
+
+
+LONG_EN = " ".join(["The quick brown fox jumps over the lazy dog and runs far away."] * 5)
+LONG_VI = " ".join(["Con cáo nâu nhanh nhẹn nhảy qua con chó lười rồi chạy đi xa."] * 5)
+# 0 and 4 fit or nearly; 1 long outputs (tft, et cut); 2 a long English input and target output (lc,
+# en, tft cut); 3 a target prompt longer than the limit (nothing left to supervise).
+OVERLONG_EN = [EN[1], dict(EN[0], output=LONG_EN), dict(EN[1], input=LONG_EN), EN[2], EN[3]]
+OVERLONG_VI = [VI[1], dict(VI[0], output=LONG_VI), dict(VI[1], output=LONG_VI),
+               dict(VI[2], input=LONG_VI), VI[3]]
+OVERLONG_MAX_LEN = 200
+KINDS = ("tft", "lc", "et", "en")
+
+
+def overlong_runs(tmp_path, tokenizer_dir, *flags):
+    """The over-long files prepared with `flags`, and with a limit nothing reaches (the reference)."""
+    en, vi = write_json(tmp_path / "en.json", OVERLONG_EN), write_json(tmp_path / "vi.json", OVERLONG_VI)
+    args = ["--lang", "vi", "--en", str(en), "--tgt", str(vi), "--tokenizer", str(tokenizer_dir)]
+    whole = pd.main(args + ["--out", str(tmp_path / "whole"), "--max-len", "4096"])
+    assert whole["kept"] == len(OVERLONG_EN) and not whole["dropped"]
+    report = pd.main(args + ["--out", str(tmp_path / "cut"), "--max-len", str(OVERLONG_MAX_LEN), *flags])
+    return report, pd.load_prepared(tmp_path / "cut"), pd.load_prepared(tmp_path / "whole")
+
+
+def test_truncate_keeps_every_pair_with_a_supervised_token_and_cuts_at_max_len(tmp_path, tokenizer_dir):
+    L = OVERLONG_MAX_LEN
+    report, ds, whole = overlong_runs(tmp_path, tokenizer_dir)
+    tok = Tokenizer(tokenizer_dir)
+    prompt_lens = [whole[i]["tgt_prompt_len"] for i in range(len(whole))]
+    assert prompt_lens[3] >= L > max(prompt_lens[:3] + prompt_lens[4:])
+    assert [ds.source_index(i) for i in range(len(ds))] == [0, 1, 2, 4]
+    assert [(d["reason"], d["index"]) for d in report["drops"]] == [("prompt_too_long", 3)]
+
+    expected = {kind: {"truncated": 0, "supervised_tokens": 0, "cut_tokens": 0} for kind in KINDS}
+    for i in range(len(ds)):
+        ex, full = ds[i], whole[ds.source_index(i)]
+        en, vi = OVERLONG_EN[ds.source_index(i)], OVERLONG_VI[ds.source_index(i)]
+        P = full["tgt_prompt_len"]
+        assert ex["tgt_prompt_len"] == P
+        # By hand: the sequences from the source texts, cut after L tokens; the label of the last token
+        # left pointed past the cut.
+        x_tgt = tok.encode(pd.format_prompt(vi["instruction"], vi["input"]))
+        x_en = tok.encode(pd.format_prompt(en["instruction"], en["input"]))
+        y_tgt, y_en = (tok.encode(r["output"], bos=False) + [tok.eos_id] for r in (vi, en))
+        for kind, rest in (("tft", y_tgt), ("lc", x_en[1:]), ("et", y_en)):
+            tokens, labels = x_tgt + rest, [-100] * (P - 1) + rest + [-100]
+            if len(tokens) > L:
+                tokens, labels = tokens[:L], labels[:L - 1] + [-100]
+            assert ex[f"{kind}_tokens"].tolist() == tokens, kind
+            assert ex[f"{kind}_labels"].tolist() == labels, kind
+            assert ex[f"{kind}_mask"].tolist() == [1] * len(tokens)
+            expected[kind]["truncated"] += len(x_tgt + rest) > L
+            expected[kind]["supervised_tokens"] += len(rest)
+            expected[kind]["cut_tokens"] += max(0, len(x_tgt + rest) - L)
+        assert ex["en_tokens"].tolist() == x_en[:L]
+        # The content masks are the untruncated example's, cut at the same place; lc_content (label
+        # space) marks no label lost to the cut.
+        for key in ("tgt_content", "en_content"):
+            assert ex[key].tolist() == full[key].tolist()[:L], key
+        lc_content = full["lc_content"].tolist()[:L]
+        if len(full["lc_tokens"]) > L:
+            lc_content[-1] = 0
+        assert ex["lc_content"].tolist() == lc_content
+        assert ex["en_content"].sum() > 0
+        expected["en"]["truncated"] += len(x_en) > L
+        expected["en"]["supervised_tokens"] += int(full["en_content"].sum())
+        expected["en"]["cut_tokens"] += int(full["en_content"][L:].sum())
+    for kind, counts in expected.items():
+        assert 0 < counts["truncated"] < len(ds), kind      # every kind has cut and whole sequences here
+        stats = report["sequences"][kind]
+        assert {k: stats[k] for k in counts} == counts, kind
+        assert stats["cut_share"] == round(counts["cut_tokens"] / counts["supervised_tokens"], 5)
+    assert ds.meta["counts"]["truncated"]["lc"]["sequences"] == expected["lc"]["truncated"]
+    assert ds.meta["overlong"] == "truncate" and ds.meta["max_len"] == L
+
+
+def test_overlong_drop_leaves_out_every_pair_with_a_long_sequence(tmp_path, tiny_llama):
+    """--overlong drop, the behaviour before truncation: pairs with any sequence over the limit are
+    dropped, the others are the untruncated examples, unchanged."""
+    L = OVERLONG_MAX_LEN
+    report, ds, whole = overlong_runs(tmp_path, tiny_llama, "--overlong", "drop")
+    lengths = [{kind: len(whole[k][f"{kind}_tokens"]) for kind in KINDS} for k in range(len(whole))]
+    long = [k for k, n in enumerate(lengths) if max(n.values()) > L]
+    assert long and any(lengths[k]["tft"] <= L for k in long)  # lc, two prompts long, drops tft that fits
+    assert [(d["reason"], d["index"]) for d in report["drops"]] == [("too_long", k) for k in long]
+    kept = [ds.source_index(i) for i in range(len(ds))]
+    assert kept == [k for k in range(len(whole)) if k not in long] and kept
+    for i in range(len(ds)):
+        ex, full = ds[i], whole[ds.source_index(i)]
+        assert ex.keys() == full.keys() and ex["tgt_prompt_len"] == full["tgt_prompt_len"]
+        assert all(torch.equal(ex[key], full[key]) for key in ex if key != "tgt_prompt_len")
+    assert all(s["truncated"] == 0 == s["cut_tokens"] for s in report["sequences"].values())
+
+
+def test_sft_truncates_the_english_sequence(tmp_path, tiny_llama):
+    L = 60
+    en_file = write_json(tmp_path / "en.json", OVERLONG_EN)
+    report = pd.main(["--sft", "--en", str(en_file), "--tokenizer", str(tiny_llama),
+                      "--out", str(tmp_path / "sft"), "--max-len", str(L)])
+    tok, ds = Tokenizer(tiny_llama), pd.load_prepared(tmp_path / "sft")
+    assert len(ds) == report["kept"] >= 1 and report["sequences"]["tft"]["truncated"] >= 1
+    prompts = [tok.encode(pd.format_prompt(r["instruction"], r["input"])) for r in OVERLONG_EN]
+    kept = [ds.source_index(i) for i in range(len(ds))]
+    assert kept == [k for k, x in enumerate(prompts) if len(x) < L]   # prompts filling L are left out
+    assert report["dropped"] == ({"prompt_too_long": len(OVERLONG_EN) - len(kept)}
+                                 if len(kept) < len(OVERLONG_EN) else {})
+    for i, k in enumerate(kept):
+        x, y = prompts[k], tok.encode(OVERLONG_EN[k]["output"], bos=False) + [tok.eos_id]
+        tokens, labels = x + y, [-100] * (len(x) - 1) + y + [-100]
+        if len(tokens) > L:
+            tokens, labels = tokens[:L], labels[:L - 1] + [-100]
+        assert ds[i]["tft_tokens"].tolist() == tokens and ds[i]["tft_labels"].tolist() == labels
+
+
+def test_english_prompt_cut_before_its_instruction_is_dropped_and_counted(tmp_path, tiny_llama):
+    """The feature losses pool x_en's instruction and input tokens; an x_en cut before them would leave
+    nothing to pool. It happens when only the English side has an input (a longer template preamble)."""
+    tok = Tokenizer(tiny_llama)
+    en = [dict(EN[1], instruction="Name a colour.", input="Red"), EN[0]]
+    vi = [dict(VI[1], instruction="Đỏ.", input=""), VI[0]]
+    L = len(tok.encode(pd.format_prompt(vi[0]["instruction"], ""))) + 1
+    preamble = pd.PROMPT_WITH_INPUT[:pd.PROMPT_WITH_INPUT.index("{instruction}")]
+    assert len(tok.encode(preamble)) > L + 1                    # x_en's instruction starts after the cut
+    en_file, vi_file = write_json(tmp_path / "en.json", en), write_json(tmp_path / "vi.json", vi)
+    report = pd.main(["--lang", "vi", "--en", str(en_file), "--tgt", str(vi_file),
+                      "--tokenizer", str(tiny_llama), "--out", str(tmp_path / "out"), "--max-len", str(L)])
+    assert (report["drops"][0]["reason"], report["drops"][0]["index"]) == ("en_content_cut", 0)
+    ds = pd.load_prepared(tmp_path / "out")
+    assert all(ds[i]["en_content"].sum() > 0 for i in range(len(ds)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # collate, SFT, meta and loading
 
 
@@ -344,11 +524,9 @@ def test_collate_round_trip(prepared_vi):
         assert tok.decode(labels[labels != -100]) == vi["output"]
 
 
-def test_dataloader_with_workers_and_pickle(prepared_vi):
+def test_dataloader(prepared_vi):
     _, out, tok = prepared_vi
     ds = pd.load_prepared(out)
-    clone = pickle.loads(pickle.dumps(ds))
-    assert len(clone) == len(ds) and torch.equal(clone[2]["lc_tokens"], ds[2]["lc_tokens"])
     loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=lambda b: pd.collate(b, tok.pad_id))
     assert sum(len(b["tft_tokens"]) for b in loader) == len(ds)
 
@@ -374,7 +552,7 @@ def test_check_meta_refuses_other_lang_mode_or_tokenizer(prepared_vi, tiny_llama
     _, out, tok = prepared_vi
     meta = pd.load_prepared(out).meta
     assert meta["lang"] == "vi" and meta["mode"] == "parallel" and meta["tokenizer_sha256"] == tok.sha256
-    assert meta["max_len"] == 512 and meta["template"] == pd.TEMPLATE_ID and meta["format_version"] == 1
+    assert meta["max_len"] == 512 and meta["template"] == pd.TEMPLATE_ID and meta["format_version"] == 2
     pd.check_meta(meta, "vi", "parallel", tok.sha256, out)  # fits: no error
     other_sha = "0" * 64
     for args, expected in [(("zh", "parallel", tok.sha256), "lang='vi'"),
@@ -396,14 +574,17 @@ def test_load_prepared_damaged_directories(prepared_vi, tmp_path):
         edit(copy)
         return copy
 
-    def set_version(d):
-        meta = json.loads((d / "meta.json").read_text())
-        meta["format_version"] = 99
-        (d / "meta.json").write_text(json.dumps(meta))
+    def set_meta(key, value):
+        def edit(d):
+            meta = json.loads((d / "meta.json").read_text())
+            meta[key] = value
+            (d / "meta.json").write_text(json.dumps(meta))
+        return edit
 
     cases = [
         (lambda d: (d / "y_tgt.ids.npy").unlink(), "y_tgt.ids.npy: missing"),
-        (set_version, "format_version=99"),
+        (set_meta("format_version", 99), "format_version=99"),
+        (set_meta("max_len", None), "max_len=None"),
         (lambda d: (d / "meta.json").write_text("{not json"), "not valid JSON"),
         (lambda d: np.save(d / "x_en.offsets.npy", np.load(d / "x_en.offsets.npy")[:-1]), "damaged"),
         (lambda d: np.save(d / "x_tgt.ids.npy", np.load(d / "x_tgt.ids.npy")[:-3]), "damaged"),
@@ -414,18 +595,7 @@ def test_load_prepared_damaged_directories(prepared_vi, tmp_path):
         with pytest.raises(SystemExit) as stop:
             pd.load_prepared(copy)
         assert expected in str(stop.value) and "\n" not in str(stop.value)
-
-
-def test_worker_processes_give_the_same_encoding(tiny_llama):
-    tok = Tokenizer(tiny_llama)
-    pairs = [(en, vi) for en, vi in zip(EN, VI)] * 3
-    serial = pd.encode_pairs(pairs, tok, workers=1)
-    pooled = pd.encode_pairs(pairs, tok, workers=2, min_pairs_for_pool=1, chunk_size=4)
-    assert len(serial) == len(pooled) == len(pairs)
-    for (en_a, vi_a), (en_b, vi_b) in zip(serial, pooled):
-        for a, b in ((en_a, en_b), (vi_a, vi_b)):
-            assert a.prompt.tolist() == b.prompt.tolist() and a.response.tolist() == b.response.tolist()
-            assert a.spans == b.spans
+        assert expected == "not valid JSON" or f"--overwrite --out {copy}" in str(stop.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
