@@ -253,13 +253,14 @@ def encode_pairs(pairs: list[tuple[dict, dict | None]], tokenizer, workers: int,
     return encoded
 
 
-def sequence_lengths(en: EncodedSide, tgt: EncodedSide | None) -> dict[str, int]:
-    """Lengths of the sequences built from a pair (sft: only tft, made of the English side)."""
+def sequence_lengths(en: EncodedSide, tgt: EncodedSide | None, bos: bool) -> dict[str, int]:
+    """Lengths of the sequences built from a pair (sft: only tft, made of the English side); bos: whether the
+    prompts start with a BOS (Qwen2's do not)."""
     if tgt is None:
         return {"tft": len(en.prompt) + len(en.response)}
     return {
         "tft": len(tgt.prompt) + len(tgt.response),
-        "lc": len(tgt.prompt) + len(en.prompt) - 1,  # x_en's BOS is not repeated
+        "lc": len(tgt.prompt) + len(en.prompt) - bos,  # x_en's BOS is not repeated
         "et": len(tgt.prompt) + len(en.response),
         "en": len(en.prompt),
     }
@@ -325,14 +326,9 @@ def resolve_config(cfg: PrepareConfig) -> PrepareConfig:
 def load_tokenizer(path: Path):
     from model import Tokenizer
 
-    model_file = path / "tokenizer.model" if path.is_dir() else path
-    if not model_file.is_file():
-        raise SystemExit(f"{model_file}: no tokenizer.model; point --tokenizer at a model dir (e.g. download "
-                         f"meta-llama/Llama-2-7b-hf into models/Llama-2-7b-hf) or its tokenizer.model, or make a tiny "
-                         f"demo one with: python model.py --make-tiny models/tiny-llama --family llama")
     try:
         return Tokenizer(path)
-    except ValueError as err:  # model.py's one-line CheckpointError, e.g. a file that is not a SentencePiece model
+    except ValueError as err:  # model.py's one-line CheckpointError: no tokenizer file, or not a readable one
         raise SystemExit(str(err)) from None
 
 
@@ -406,7 +402,7 @@ def prepare(cfg: PrepareConfig) -> dict:
                 continue
             if (en.spans[3] > en.spans[2]) != (tgt.spans[3] > tgt.spans[2]):
                 input_differs.append(index)
-        seq_lengths = sequence_lengths(en, tgt)
+        seq_lengths = sequence_lengths(en, tgt, tokenizer.bos_id is not None)
         too_long = {name: n for name, n in seq_lengths.items() if n > cfg.max_len}
         if too_long:
             drops.append({"reason": "too_long", "file": str(cfg.en if cfg.sft else cfg.tgt), "index": index,
@@ -590,10 +586,11 @@ class PreparedDataset:
         prompt_len = len(x_tgt)
 
         tft_tokens, tft_labels = supervise_continuation(x_tgt, y_tgt)
-        lc_tokens, lc_labels = supervise_continuation(x_tgt, x_en[1:])  # x_en without its BOS
+        bos = int(self.meta["bos_id"] is not None)                    # Qwen2's prompts have no BOS
+        lc_tokens, lc_labels = supervise_continuation(x_tgt, x_en[bos:])  # x_en without its BOS
         et_tokens, et_labels = supervise_continuation(x_tgt, y_en)
-        # x_en token k (k >= 1, BOS = 0) sits at lc position prompt_len + k - 1 and is the label of the position before.
-        lc_content = span_mask(len(lc_tokens), en_spans, shift=prompt_len - 2)
+        # x_en token k (k >= bos) sits at lc position prompt_len + k - bos and is the label of the position before.
+        lc_content = span_mask(len(lc_tokens), en_spans, shift=prompt_len - bos - 1)
         return {
             "tft_tokens": tft_tokens, "tft_labels": tft_labels, "tft_mask": torch.ones_like(tft_tokens),
             "tgt_prompt_len": prompt_len,
