@@ -922,12 +922,6 @@ class Tokenizer:
             raise CheckpointError(f"{self.path}: its post_processor turns the ids {plain} of a text into {full}; "
                                   "expected at most one BOS in front and nothing after")
         self.bos_id = before[0] if before else None
-        if config.get("add_eos_token"):
-            raise CheckpointError(f"{config_file}: add_eos_token=true is not supported; EOS is added to responses "
-                                  "only (set it false)")
-        if "add_bos_token" in config:     # transformers then rebuilds the post-processor from the flag
-            bos = special_token(config, "bos_token")
-            self.bos_id = self._token_id(bos, config_file) if config["add_bos_token"] and bos else None
         eos = special_token(config, "eos_token")
         self.eos_id = self._token_id(eos, config_file) if eos is not None else model_eos_id(self.path.parent)
         pad = special_token(config, "pad_token")
