@@ -107,7 +107,7 @@ class ModelArgs:
     # Sliding-window attention on the layers marked in sliding_layers (Gemma-2: every other layer; Mistral: all).
     sliding_window: int | None = None
     sliding_layers: tuple[bool, ...] = ()
-    bos_id: int | None = 1                # None: the model's tokenizer adds no BOS (Qwen2)
+    bos_id: int | None = 1                # config.json's bos_token_id; whether a BOS is added is the Tokenizer's
     eos_id: int = 2
     torch_dtype: str | None = None        # the checkpoint's storage dtype, used when we export
     hf_config: dict = field(default_factory=dict, repr=False)   # config.json as read, written back unchanged
@@ -150,7 +150,7 @@ class ModelArgs:
         n = args["n_layers"]
         if model_type != "gemma2":
             if act != "silu":
-                raise CheckpointError(f"{source}: hidden_act={act!r}; {FAMILIES[model_type]} use(s) 'silu'")
+                raise CheckpointError(f"{source}: hidden_act={act!r}; model_type {model_type!r} uses 'silu'")
             args.update(tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=model_type == "qwen2")
             if model_type == "mistral" and cfg.get("sliding_window"):
                 args.update(sliding_window=cfg["sliding_window"], sliding_layers=(True,) * n)
