@@ -14,12 +14,13 @@ import torch
 
 import prepare_data
 import test_train
-from conftest import ROOT, TOKENIZER_TEXTS
+from conftest import ROOT
 from model import (CheckpointError, DFTConfig, ModelArgs, Tokenizer, Transformer, count_targets, default_layers,
                    read_args, rope_inv_freq, sample_texts, write_tiny_checkpoint)
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test-only reference")
 from test_dft_step import ce_sum, hf_logit_lens  # noqa: E402
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
 TOL = 1e-4
 NEW_FAMILIES = ("llama3", "mistral", "qwen2")
@@ -113,8 +114,6 @@ def test_hub_config_files_in_both_spellings(name):
 
 @pytest.mark.parametrize("cfg", [LLAMA31_8B, LLAMA32_1B], ids=["3.1-8B", "3.2-1B"])
 def test_llama3_frequencies_equal_transformers(cfg):
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
     args = ModelArgs.from_hf_config(cfg)
     expected, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](transformers.AutoConfig.for_model(**cfg), "cpu")
     assert attention_factor == 1.0
