@@ -329,7 +329,8 @@ def test_tokenizer_json_bos_from_its_post_processor_and_eos_fallback(tiny, tmp_p
 def prepared(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("prepared")
     for family, path in tiny.items():
-        prepare_data.main(["--lang", "vi", "--tokenizer", str(path), "--out", str(root / family), "--workers", "1"])
+        # --max-len beyond the longest pair: nothing cut, so every sequence can be compared whole
+        prepare_data.main(["--lang", "vi", "--tokenizer", str(path), "--out", str(root / family), "--max-len", "2048"])
     return {family: prepare_data.load_prepared(root / family) for family in tiny}
 
 
