@@ -673,7 +673,8 @@ def loglikelihoods(model, tok, requests: list[tuple[str, str]], batch_size: int 
             if keep < 1:
                 raise ValueError(f"a continuation of {len(cont)} tokens does not fit max_seq_len={max_len}: "
                                  f"{continuation[:60]!r}")
-            ctx = ctx[:1] + ctx[-keep:]         # BOS and the end of the context, as lm-evaluation-harness keeps
+            lead = int(tok.bos_id is not None)  # BOS (if the model has one) and the end of the context,
+            ctx = ctx[:lead] + ctx[lead - keep - 1:]    # as lm-evaluation-harness keeps
             notes["contexts truncated on the left"] += 1
         unique[(context, continuation)] = (ctx, cont)
 
@@ -797,12 +798,13 @@ def prompt_room(model, max_new_tokens: int) -> int:
     return room
 
 
-def fit_prompt(ids: list[int], room: int, notes: Counter) -> list[int]:
-    """Left-truncate a prompt (keeping BOS) so that it plus the new tokens fit the model's context."""
+def fit_prompt(ids: list[int], room: int, notes: Counter, bos: bool) -> list[int]:
+    """Left-truncate a prompt (keeping its BOS, if the model has one) so that it plus the new tokens fit
+    the model's context."""
     if len(ids) <= room:
         return ids
     notes["prompts truncated on the left"] += 1
-    return ids[:1] + ids[len(ids) - room + 1:]
+    return ids[:bos] + ids[len(ids) - room + bos:]
 
 
 def percent(values) -> float:
@@ -823,7 +825,8 @@ def evaluate_cell(model, tok, bench: Benchmark, lang: str, rows: list[dict], pro
     if bench.kind == "qa":
         items = [bench.build(r, lang) for r in rows]
         room = prompt_room(model, protocol.qa_max_new_tokens)
-        prompts = [fit_prompt(tok.encode(it.prompt, bos=True), room, notes) for it in items]
+        prompts = [fit_prompt(tok.encode(it.prompt, bos=True), room, notes, tok.bos_id is not None)
+                   for it in items]
         generated = greedy_generate(model, tok, prompts, protocol.qa_max_new_tokens, batch_size,
                                     stop_at_newline=protocol.qa_stop == "newline", desc=desc)
         f1_of = mkqa_f1 if bench.name == "mkqa" else qa_f1
@@ -1147,8 +1150,8 @@ def suggest_layers(entropy: list[float], family: str) -> tuple[int, int, list[st
 
 
 def token_piece(tok, token_id: int) -> str:
-    """A token as its SentencePiece piece ("▁Paris", "<0x0A>"): word starts and bytes stay visible."""
-    return tok.sp.id_to_piece(token_id) if 0 <= token_id < tok.vocab_size else f"<id {token_id}>"
+    """A token as its vocabulary piece ("▁Paris", "<0x0A>", "ĠParis"): word starts and bytes stay visible."""
+    return tok.piece(token_id) if 0 <= token_id < tok.vocab_size else f"<id {token_id}>"
 
 
 def _cell(text: str) -> str:
@@ -1366,7 +1369,7 @@ def output_dir(args, *subdirs: str) -> Path:
 def run_prompt(args) -> None:
     model, tok, _ = load_model(args.model, args.device, args.dtype)
     ids = alpaca_prompt_ids(tok, args.prompt)
-    ids = fit_prompt(ids, prompt_room(model, args.qa_max_new_tokens), Counter())
+    ids = fit_prompt(ids, prompt_room(model, args.qa_max_new_tokens), Counter(), tok.bos_id is not None)
     generated = greedy_generate(model, tok, [ids], args.qa_max_new_tokens, stop_at_newline=False)
     print(tok.decode(generated[0]).strip())
 

@@ -1,8 +1,9 @@
-"""LLaMA-2 and Gemma-2 in plain PyTorch, with the deep supervision of DFT next to the forward pass.
+"""LLaMA-2/3, Mistral, Qwen2 and Gemma-2 in plain PyTorch, with the deep supervision of DFT next to the forward pass.
 
-Loads and writes the official Hugging Face layout (config.json + safetensors, sharded or not) and the
-SentencePiece `tokenizer.model` both families ship. One module serves inference (`forward`, KV cache), training
-(`hidden_at` + the chunked losses of dsft_loss.py, driven by `dft_step`) and the logit lens (`head_logits`).
+Loads and writes the official Hugging Face layout (config.json + safetensors, sharded or not) and the tokenizer the
+checkpoint ships: SentencePiece `tokenizer.model` (LLaMA-2, Mistral, Gemma-2) or byte-level BPE `tokenizer.json`
+(LLaMA-3, Qwen2). One module serves inference (`forward`, KV cache), training (`hidden_at` + the chunked losses of
+dsft_loss.py, driven by `dft_step`) and the logit lens (`head_logits`). The families differ only in config fields.
 
 Shape legend: B batch, T time (new tokens), S time of the keys (cache + new), D model dim, H query heads,
 K key/value heads, G = H // K, E head dim, F MLP hidden dim, V vocab.
@@ -26,6 +27,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import sentencepiece as spm
+import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -45,9 +48,43 @@ class CheckpointError(ValueError):
 # Config
 # ---------------------------------------------------------------------------------------------------------------------
 
+# model_type in config.json -> the checkpoints it covers.
+FAMILIES = {"llama": "LLaMA-2, LLaMA-3.x", "mistral": "Mistral", "qwen2": "Qwen2, Qwen2.5", "gemma2": "Gemma-2"}
+# LLaMA-3.x's RoPE frequency rescaling, as rope_type "llama3" names its parameters in config.json.
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rope_settings(cfg: dict, model_type: str, source: str) -> tuple[float, dict | None]:
+    """(theta, LLaMA-3 scaling or None) from either spelling the Hub's config.json files use: the older top-level
+    `rope_theta` + `rope_scaling` most released files have, or transformers' newer `rope_parameters`. A non-null
+    rope_scaling wins, as in transformers."""
+    where = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+    rope = cfg.get(where) or {}
+    theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise CheckpointError(f"{source}: partial_rotary_factor={partial!r} is not supported; RoPE here rotates "
+                              "the whole head (1.0)")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))      # files before transformers 4.45 say "type"
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3" or model_type != "llama":
+        raise CheckpointError(f"{source}: {where}.rope_type={rope_type!r} is not supported for model_type="
+                              f"{model_type!r}; implemented: 'default' (plain RoPE) and, for LLaMA-3.x, 'llama3'")
+    missing = [key for key in LLAMA3_ROPE_KEYS if key not in rope]
+    if missing:
+        raise CheckpointError(f"{source}: {where} has rope_type 'llama3' but no {', '.join(missing)}; "
+                              "re-download config.json")
+    scaling = {key: rope[key] for key in LLAMA3_ROPE_KEYS}
+    if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise CheckpointError(f"{source}: {where}.high_freq_factor={scaling['high_freq_factor']} must exceed "
+                              f"low_freq_factor={scaling['low_freq_factor']} (LLaMA-3.1: 4.0 and 1.0)")
+    return theta, scaling
+
+
 @dataclass
 class ModelArgs:
-    family: str = "llama"                 # "llama" | "gemma2"
+    family: str = "llama"                 # config.json's model_type, a key of FAMILIES
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
@@ -57,9 +94,11 @@ class ModelArgs:
     vocab_size: int = 32000
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None      # LLaMA-3.x: the LLAMA3_ROPE_KEYS of its rope_type "llama3"
     max_seq_len: int = 4096
-    tie_embeddings: bool = False          # Gemma-2: the head is the input embedding
+    tie_embeddings: bool = False          # Gemma-2, LLaMA-3.2-1B/3B, small Qwen2.5: the head is the input embedding
     # Family differences are fields, not subclasses (None = the part does not exist):
+    qkv_bias: bool = False                # Qwen2: biases on the query, key and value projections
     norm_offset: float = 0.0              # Gemma-2 norms scale by (1 + weight)
     mlp_act: str = "silu"                 # "silu" (SwiGLU) | "gelu_tanh" (GeGLU)
     embed_scale: float | None = None      # Gemma-2 multiplies embeddings by sqrt(dim)
@@ -67,9 +106,10 @@ class ModelArgs:
     query_scale: float | None = None      # None -> head_dim ** -0.5; Gemma-2: query_pre_attn_scalar ** -0.5
     attn_softcap: float | None = None     # Gemma-2: tanh cap on attention scores, before the mask
     final_softcap: float | None = None    # Gemma-2: tanh cap on the output logits
-    sliding_window: int | None = None     # Gemma-2: window of the layers marked in sliding_layers
+    # Sliding-window attention on the layers marked in sliding_layers (Gemma-2: every other layer; Mistral: all).
+    sliding_window: int | None = None
     sliding_layers: tuple[bool, ...] = ()
-    bos_id: int = 1
+    bos_id: int | None = 1                # config.json's bos_token_id; whether a BOS is added is the Tokenizer's
     eos_id: int = 2
     torch_dtype: str | None = None        # the checkpoint's storage dtype, used when we export
     hf_config: dict = field(default_factory=dict, repr=False)   # config.json as read, written back unchanged
@@ -81,19 +121,21 @@ class ModelArgs:
                 raise CheckpointError(f"{source}: field {key!r} is missing; this is not a complete HF config.json")
             return cfg[key]
 
+        def refuse(key, why):
+            raise CheckpointError(f"{source}: {key}={cfg[key]!r} is not supported; {why}")
+
         model_type = cfg.get("model_type")
-        if model_type not in ("llama", "gemma2"):
-            raise CheckpointError(f"{source}: model_type={model_type!r}; expected 'llama' (LLaMA-2) or 'gemma2' (Gemma-2)")
-        rope = cfg.get("rope_parameters") or {}
-        if cfg.get("rope_scaling"):
-            raise CheckpointError(f"{source}: rope_scaling={cfg['rope_scaling']!r} is not supported; LLaMA-2 and "
-                                  "Gemma-2 use plain RoPE (rope_scaling null)")
-        if rope.get("rope_type", "default") != "default":
-            raise CheckpointError(f"{source}: rope_parameters.rope_type={rope['rope_type']!r} is not supported; "
-                                  "only 'default' RoPE is implemented")
-        for key in ("attention_bias", "mlp_bias", "use_bidirectional_attention"):
+        if model_type not in FAMILIES:
+            known = ", ".join(f"{name!r} ({models})" for name, models in FAMILIES.items())
+            raise CheckpointError(f"{source}: model_type={model_type!r}; expected one of {known}")
+        # Qwen2 has its q/k/v biases whatever the file says; LLaMA's attention_bias would add one on o_proj too.
+        for key in ("mlp_bias", "use_bidirectional_attention") + (("attention_bias",) if model_type != "qwen2" else ()):
             if cfg.get(key):
-                raise CheckpointError(f"{source}: {key}={cfg[key]!r} is not supported; expected false or absent")
+                refuse(key, "expected false or absent")
+        if model_type == "qwen2" and cfg.get("use_sliding_window"):
+            refuse("use_sliding_window", "released Qwen2/Qwen2.5 checkpoints set it false; their sliding window "
+                                         "is not implemented here")
+        rope_theta, rope_scaling = rope_settings(cfg, model_type, source)
         n_heads = need("num_attention_heads")
         args = dict(
             family=model_type,
@@ -101,21 +143,22 @@ class ModelArgs:
             n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
             head_dim=cfg.get("head_dim") or need("hidden_size") // n_heads,
             hidden_dim=need("intermediate_size"), vocab_size=need("vocab_size"),
-            norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=rope_theta, rope_scaling=rope_scaling,
             max_seq_len=cfg.get("max_position_embeddings", 4096),
             bos_id=cfg.get("bos_token_id", 1), eos_id=cfg.get("eos_token_id", 2),
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"), hf_config=dict(cfg),
         )
         act = cfg.get("hidden_activation") or cfg.get("hidden_act")
-        if model_type == "llama":
+        n = args["n_layers"]
+        if model_type != "gemma2":
             if act != "silu":
-                raise CheckpointError(f"{source}: hidden_act={act!r}; LLaMA-2 uses 'silu'")
-            args.update(tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+                raise CheckpointError(f"{source}: hidden_act={act!r}; model_type {model_type!r} uses 'silu'")
+            args.update(tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=model_type == "qwen2")
+            if model_type == "mistral" and cfg.get("sliding_window"):
+                args.update(sliding_window=cfg["sliding_window"], sliding_layers=(True,) * n)
         else:
             if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
                 raise CheckpointError(f"{source}: hidden_activation={act!r}; Gemma-2 uses 'gelu_pytorch_tanh'")
-            n = args["n_layers"]
             # Gemma-2 alternates: layers 0, 2, 4, ... (0-based) use the sliding window, unless layer_types says otherwise.
             types = cfg.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
             if len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
@@ -129,7 +172,7 @@ class ModelArgs:
                 sliding_window=cfg.get("sliding_window"),
                 sliding_layers=tuple(t == "sliding_attention" for t in types),
             )
-        if isinstance(args["eos_id"], list):
+        if isinstance(args["eos_id"], list):        # LLaMA-3.1-Instruct, Qwen2.5-Instruct: every id that ends a turn
             args["eos_id"] = args["eos_id"][0]
         return cls(**args)
 
@@ -215,12 +258,28 @@ def lc_labels(batch: dict, cfg: DFTConfig) -> torch.Tensor:
 # Pure helpers
 # ---------------------------------------------------------------------------------------------------------------------
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
+    """RoPE's E/2 frequencies (radians per position). LLaMA-3.x's "llama3" scaling stretches the wavelengths that
+    are long against its pre-training context by `factor`, keeps the short ones, and blends the band between."""
+    # fp32: RoPE tables.
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim))
+    if args.rope_scaling is None:
+        return inv_freq
+    s = args.rope_scaling
+    wavelength = 2 * math.pi / inv_freq
+    # How far each wavelength fits into the original context, mapped to a weight: 1 at or below
+    # context / high_freq_factor (kept), 0 at or above context / low_freq_factor (divided by factor).
+    kept = (s["original_max_position_embeddings"] / wavelength - s["low_freq_factor"]) / (
+        s["high_freq_factor"] - s["low_freq_factor"])
+    kept = kept.clamp(0.0, 1.0)
+    return (1 - kept) * inv_freq / s["factor"] + kept * inv_freq
+
+
+def rope_cos_sin(positions: torch.Tensor, args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, T, E] for integer positions [B, T], in the HF half-split layout (no q/k permutation on load)."""
     # fp32: RoPE tables; computed on the fly, so there is no buffer for to_empty() to leave as garbage.
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    angles = positions.float()[..., None] * inv_freq                    # [B, T, E/2]
-    angles = torch.cat([angles, angles], dim=-1)                        # [B, T, E]
+    angles = positions.float()[..., None] * rope_inv_freq(args, positions.device)      # [B, T, E/2]
+    angles = torch.cat([angles, angles], dim=-1)                                        # [B, T, E]
     return angles.cos(), angles.sin()
 
 
@@ -314,9 +373,9 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.scale = args.query_scale if args.query_scale is not None else args.head_dim ** -0.5
         self.softcap = args.attn_softcap
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, kv_slot=None, start=0, past=None):
@@ -327,10 +386,11 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)       # [B, H, T, E]
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # [B, K, T, E]
-        v = self.wv(x)                                                               # [B, T, K*E]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # The values leave the block as the projection wrote them, not as a view of it: FSDP2 hooks its
         # pre-backward unshard on a block's outputs and warns about views (an in-place op on one drops the hook).
+        # A Linear with a bias (Qwen2) returns a view of its 2-D result, so its bias is added apart.
+        v = self.wv(x) if self.wv.bias is None else F.linear(x, self.wv.weight) + self.wv.bias   # [B, T, K*E]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         own = (k, v)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=1)
@@ -473,7 +533,7 @@ class Transformer(nn.Module):
             S = k_pos.shape[1]
             full = build(rule(None), B, None, T, S, device=device)
             masks = (full, build(rule(window), B, None, T, S, device=device) if window else full)
-        cos, sin = rope_cos_sin(q_pos, self.args.head_dim, self.args.rope_theta)
+        cos, sin = rope_cos_sin(q_pos, self.args)
 
         h = self.tok_embeddings(tokens)                                               # [B, T, D]
         if self.args.embed_scale is not None:
@@ -629,10 +689,26 @@ def hf_names(args: ModelArgs) -> dict[str, str]:
     for i in range(args.n_layers):
         for ours, theirs in block.items():
             names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+        if args.qkv_bias:      # Qwen2
+            for ours in ("attention.wq", "attention.wk", "attention.wv"):
+                names[f"layers.{i}.{ours}.bias"] = f"model.layers.{i}.{block[ours]}.bias"
     names["norm.weight"] = "model.norm.weight"
     if not args.tie_embeddings:
         names["output.weight"] = "lm_head.weight"
     return names
+
+
+def json_file(path: Path) -> dict:
+    """A checkpoint's JSON object file; {} when it is absent."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); re-download {path.name}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: a JSON {type(value).__name__}, expected an object; re-download {path.name}")
+    return value
 
 
 def read_args(path) -> ModelArgs:
@@ -641,11 +717,7 @@ def read_args(path) -> ModelArgs:
     if not config.is_file():
         raise CheckpointError(f"{config}: not found; expected an HF checkpoint dir (config.json + *.safetensors), "
                               f"e.g. `python model.py --make-tiny {path} --family llama` for a tiny one")
-    try:
-        cfg = json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{config}: not valid JSON ({e}); re-download config.json") from None
-    return ModelArgs.from_hf_config(cfg, str(config))
+    return ModelArgs.from_hf_config(json_file(config), str(config))
 
 
 def checkpoint_files(path) -> list[Path]:
@@ -815,18 +887,28 @@ def save_pretrained(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, 
 
 
 def hf_config_of(args: ModelArgs) -> dict:
-    """The official config.json of a model built from ModelArgs (used for the tiny random checkpoints)."""
-    cfg = {"architectures": ["LlamaForCausalLM" if args.family == "llama" else "Gemma2ForCausalLM"],
+    """The official config.json of a model built from ModelArgs (used for the tiny random checkpoints), spelled as
+    the released files are (top-level rope_theta, rope_scaling)."""
+    architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "gemma2": "Gemma2ForCausalLM"}[args.family]
+    cfg = {"architectures": [architecture],
            "model_type": args.family, "hidden_size": args.dim, "intermediate_size": args.hidden_dim,
            "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
            "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
            "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "max_position_embeddings": args.max_seq_len,
            "bos_token_id": args.bos_id, "eos_token_id": args.eos_id, "tie_word_embeddings": args.tie_embeddings,
-           "attention_bias": False, "torch_dtype": args.torch_dtype or "float32"}
+           "torch_dtype": args.torch_dtype or "float32"}
+    if args.family != "gemma2":
+        cfg.update(hidden_act="silu", pad_token_id=None,
+                   rope_scaling=dict(args.rope_scaling, rope_type="llama3") if args.rope_scaling else None)
     if args.family == "llama":
-        cfg.update(hidden_act="silu", rope_scaling=None, pad_token_id=None, mlp_bias=False)
+        cfg.update(attention_bias=False, mlp_bias=False)
+    elif args.family == "mistral":
+        cfg.update(sliding_window=args.sliding_window)
+    elif args.family == "qwen2":
+        cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=args.n_layers)
     else:
-        cfg.update(hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh",
+        cfg.update(hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh", attention_bias=False,
                    query_pre_attn_scalar=round(args.query_scale ** -2), attn_logit_softcapping=args.attn_softcap,
                    final_logit_softcapping=args.final_softcap, sliding_window=args.sliding_window, pad_token_id=0,
                    layer_types=["sliding_attention" if s else "full_attention" for s in args.sliding_layers])
@@ -837,41 +919,104 @@ def hf_config_of(args: ModelArgs) -> dict:
 # Tokenizer
 # ---------------------------------------------------------------------------------------------------------------------
 
-class Tokenizer:
-    """The SentencePiece `tokenizer.model` shipped with both families.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")     # in this order: LLaMA-2 and Gemma-2 ship both
 
-    LLaMA-2 has no pad token: we pad with id 0 (`<unk>`), which is only ever a filler under a 0 attention mask and a
-    -100 label, never attended to or supervised. Gemma-2 has a real `<pad>` (id 0)."""
+
+def special_token(config: dict, key: str) -> str | None:
+    """A special token's text in tokenizer_config.json: a string, or an AddedToken object holding its content."""
+    value = config.get(key)
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class Tokenizer:
+    """The tokenizer a checkpoint ships, read by the library that defines its format: SentencePiece's
+    `tokenizer.model` (LLaMA-2, Mistral, Gemma-2) by sentencepiece, else `tokenizer.json` (LLaMA-3, Qwen2: byte-level
+    BPE) by Hugging Face's tokenizers. `encode(text, bos=True)` gives transformers' ids with add_special_tokens=True.
+
+    bos_id is None when the model puts nothing before a text (Qwen2). Without a pad token (LLaMA-2, LLaMA-3) we pad
+    with a filler that only ever sits under a 0 attention mask and a -100 label: SentencePiece id 0 (`<unk>`), or
+    for tokenizer.json the EOS."""
 
     def __init__(self, path):
-        import sentencepiece as spm
-
         path = Path(path)
-        self.path = path / "tokenizer.model" if path.is_dir() else path
-        if not self.path.is_file():
-            raise CheckpointError(f"{self.path}: tokenizer.model not found; it ships with the model "
-                                  "(e.g. meta-llama/Llama-2-7b-hf), or make a tiny one with `python model.py --make-tiny`")
-        data = self.path.read_bytes()
+        if path.is_dir():
+            found = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
+            path = found[0] if found else path
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no tokenizer.model or tokenizer.json there; they ship with the model "
+                                  "(e.g. meta-llama/Llama-2-7b-hf), or make a tiny one with "
+                                  f"`python model.py --make-tiny {path} --family llama`")
+        self.path = path
+        data = path.read_bytes()
         self.sha256 = hashlib.sha256(data).hexdigest()
+        self.sp = None
+        self.bpe = None
+        if path.suffix == ".json":
+            self._read_tokenizer_json(data)
+        else:
+            self._read_sentencepiece(data)
+
+    def _read_sentencepiece(self, data: bytes):
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(data)
         except (RuntimeError, OSError) as e:
             raise CheckpointError(f"{self.path}: not a SentencePiece model ({e})") from None
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        self.eos_id = self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
         self.vocab_size = self.sp.get_piece_size()
 
+    def _read_tokenizer_json(self, data: bytes):
+        try:
+            self.bpe = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as e:        # the Rust library raises a bare Exception for a file it cannot read
+            raise CheckpointError(f"{self.path}: not a tokenizers file ({e}); re-download tokenizer.json") from None
+        config_file = self.path.parent / "tokenizer_config.json"
+        config = json_file(config_file)
+        # The BOS is what the post-processor puts before a text: LLaMA-3 <|begin_of_text|>, Qwen2 nothing.
+        plain = self.bpe.encode("a", add_special_tokens=False).ids
+        full = self.bpe.encode("a", add_special_tokens=True).ids
+        before = full[:len(full) - len(plain)]
+        if full[len(before):] != plain or len(before) > 1:
+            raise CheckpointError(f"{self.path}: its post_processor turns the ids {plain} of a text into {full}; "
+                                  "expected at most one BOS in front and nothing after")
+        self.bos_id = before[0] if before else None
+        eos = special_token(config, "eos_token")
+        self.eos_id = self._token_id(eos, config_file) if eos is not None else model_eos_id(self.path.parent)
+        pad = special_token(config, "pad_token")
+        self.pad_id = self._token_id(pad, config_file) if pad is not None else self.eos_id
+        self.vocab_size = self.bpe.get_vocab_size(with_added_tokens=True)
+
+    def _token_id(self, token: str, where: Path) -> int:
+        token_id = self.bpe.token_to_id(token)
+        if token_id is None:
+            raise CheckpointError(f"{where}: {token!r} is not a token of {self.path}; re-download both files")
+        return token_id
+
+    def _bos(self, bos: bool) -> list[int]:
+        return [self.bos_id] if bos and self.bos_id is not None else []
+
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+        ids = self.sp.encode(text) if self.sp is not None else self.bpe.encode(text, add_special_tokens=False).ids
+        return self._bos(bos) + ids + [self.eos_id] * eos
 
     def encode_with_offsets(self, text: str, bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
         """ids of `text` and each token's [start, end) in characters of `text`, from one encoding (so spans of
-        a template's fields can be found in the joint encoding a user's prompt gets at inference)."""
-        ids = self.sp.encode(text)
+        a template's fields can be found in the joint encoding a user's prompt gets at inference). A token holding
+        part of a character's bytes covers that whole character."""
+        if self.bpe is not None:
+            encoding = self.bpe.encode(text, add_special_tokens=False)    # offsets in characters of `text`
+            ids, spans = encoding.ids, list(encoding.offsets)
+        else:
+            ids, spans = self.sp.encode(text), self._sentencepiece_spans(text)
+        head = self._bos(bos)
+        return head + ids, [(0, 0)] * len(head) + spans
+
+    def _sentencepiece_spans(self, text: str) -> list[tuple[int, int]]:
         # Surface bytes of each piece: byte-fallback pieces <0xNN> are one byte, others their text with ▁ = space.
         sizes = [1 if len(p) == 6 and p.startswith("<0x") and p.endswith(">") else len(p.replace("\u2581", " ").encode())
-                 for p in self.sp.id_to_piece(ids)]
+                 for p in self.sp.id_to_piece(self.sp.encode(text))]
         data = text.encode()
         shift = sum(sizes) - len(data)        # 1 when SentencePiece added its dummy-prefix space
         if shift not in (0, 1):
@@ -881,13 +1026,27 @@ class Tokenizer:
         spans, pos = [], -shift
         for size in sizes:
             start, pos = max(pos, 0), pos + size
-            # A piece holding part of a character's bytes covers that whole character.
             spans.append((char_at[start], char_at[pos - 1] + 1) if pos > start else (0, 0))
-        return [self.bos_id] * bos + ids, [(0, 0)] * bos + spans
+        return spans
 
     def decode(self, ids) -> str:
-        drop = {self.bos_id, self.eos_id, self.pad_id}
-        return self.sp.decode([int(i) for i in ids if int(i) not in drop])
+        kept = [int(i) for i in ids if int(i) not in {self.bos_id, self.eos_id, self.pad_id}]
+        return self.sp.decode(kept) if self.sp is not None else self.bpe.decode(kept, skip_special_tokens=True)
+
+    def piece(self, token_id: int) -> str:
+        """The vocabulary entry of an id as the tokenizer spells it: "▁Paris", "<0x0A>" (SentencePiece), "ĠParis"."""
+        return self.sp.id_to_piece(token_id) if self.sp is not None else self.bpe.id_to_token(token_id)
+
+
+def model_eos_id(folder: Path) -> int:
+    """The model's end-of-text id where tokenizer_config.json names none: the first of generation_config.json's
+    (else config.json's) eos_token_id, which LLaMA-3.1 and Qwen2.5 give as a list of the ids that end a turn."""
+    for name in ("generation_config.json", CONFIG_NAME):
+        eos = json_file(folder / name).get("eos_token_id")
+        if eos not in (None, []):
+            return eos[0] if isinstance(eos, list) else eos
+    raise CheckpointError(f"{folder}: no EOS token; expected eos_token in tokenizer_config.json or eos_token_id in "
+                          "generation_config.json / config.json")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -897,52 +1056,182 @@ class Tokenizer:
 TINY = {
     "llama": dict(family="llama", dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=160,
                   norm_eps=1e-5, max_seq_len=1024),
+    # LLaMA-3.2-1B's kind: tied head, theta 500000 and the llama3 rescaling, its pre-training context shrunk to 64
+    # positions so that the rescaled and blended bands fall among the frequencies of a 16-wide head.
+    "llama3": dict(family="llama", dim=64, n_layers=4, n_heads=4, n_kv_heads=1, head_dim=16, hidden_dim=224,
+                   norm_eps=1e-5, rope_theta=500000.0, max_seq_len=1024, tie_embeddings=True,
+                   rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_position_embeddings=64)),
+    "mistral": dict(family="mistral", dim=64, n_layers=4, n_heads=4, n_kv_heads=1, head_dim=16, hidden_dim=224,
+                    norm_eps=1e-5, max_seq_len=1024, sliding_window=16),
+    "qwen2": dict(family="qwen2", dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=176,
+                  norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=1024, qkv_bias=True),
     "gemma2": dict(family="gemma2", dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=128,
                    norm_eps=1e-6, max_seq_len=1024, tie_embeddings=True, norm_offset=1.0, mlp_act="gelu_tanh",
                    embed_scale=8.0, sandwich_norm=True, query_scale=32 ** -0.5, attn_softcap=50.0,
                    final_softcap=30.0, sliding_window=16),
 }
 
+# The pre-tokenizer splits of the released tokenizer.json files (LLaMA-3 groups up to 3 digits, Qwen2 none).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+# Each tiny family's tokenizer as its released models have it: transformers' class for it, the special tokens
+# (None: there is none), and for byte-level BPE the pre-tokenizer split, NFC normalisation and further specials.
+TINY_TOKENIZERS = {
+    "llama": dict(tokenizer_class="LlamaTokenizer", bos="<s>", eos="</s>", unk="<unk>", pad=None),
+    "mistral": dict(tokenizer_class="LlamaTokenizer", bos="<s>", eos="</s>", unk="<unk>", pad=None),
+    "gemma2": dict(tokenizer_class="GemmaTokenizer", bos="<bos>", eos="<eos>", unk="<unk>", pad="<pad>"),
+    "llama3": dict(tokenizer_class="PreTrainedTokenizerFast", bos="<|begin_of_text|>", eos="<|end_of_text|>",
+                   unk=None, pad=None, split=LLAMA3_SPLIT, nfc=False,
+                   extra=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+    "qwen2": dict(tokenizer_class="Qwen2Tokenizer", bos=None, eos="<|endoftext|>", unk=None, pad="<|endoftext|>",
+                  split=QWEN2_SPLIT, nfc=True, extra=("<|im_start|>", "<|im_end|>")),
+}
+
 
 def train_sentencepiece(texts, vocab_size: int, family: str) -> bytes:
-    """A byte-fallback BPE SentencePiece model on `texts`, with the special-token ids of the family."""
-    import sentencepiece as spm
-
-    ids = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1) if family == "llama" else dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3)
+    """A byte-fallback BPE SentencePiece model on `texts`, with the special-token ids and pieces of the family.
+    Gemma's tokenizer adds no dummy-prefix space before a text, LLaMA's and Mistral's do."""
+    spec = TINY_TOKENIZERS[family]
+    if family == "gemma2":
+        ids = dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece=spec["pad"])
+    else:
+        ids = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
     out = io.BytesIO()
     # As in LLaMA-2's vocabulary, a newline gets no piece (byte fallback <0x0A>), so no piece spans a line break.
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([t.replace("\n", " ") for t in texts]), model_writer=out, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        hard_vocab_limit=False, character_coverage=0.995, max_sentence_length=1 << 16, minloglevel=2, **ids)
+        sentence_iterator=iter([t.replace("\n", " ") for t in texts]), model_writer=out, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=family != "gemma2", hard_vocab_limit=False,
+        character_coverage=0.995, max_sentence_length=1 << 16, minloglevel=2, bos_piece=spec["bos"],
+        eos_piece=spec["eos"], unk_piece=spec["unk"], **ids)
     return out.getvalue()
+
+
+def sentencepiece_as_tokenizer_json(sp_bytes: bytes, family: str) -> tokenizers.Tokenizer:
+    """The `tokenizers` equivalent of a SentencePiece BPE model (what the Hub's tokenizer.json files hold), so that
+    transformers loads it without protobuf. SentencePiece joins, at each step, the adjacent pair whose joined piece
+    scores highest; a tokenizers BPE joins the pair ranked first: ranking every split of a piece into two pieces
+    by that piece's score makes the two agree."""
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(sp_bytes)
+    n = sp.get_piece_size()
+    vocab = {sp.id_to_piece(i): i for i in range(n)}
+    special = [i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
+    normal = {sp.id_to_piece(i) for i in range(n) if i not in special and not sp.is_byte(i)}
+    ranked = sorted((-sp.get_score(vocab[piece]), vocab[piece], vocab[piece[:cut]], vocab[piece[cut:]])
+                    for piece in normal for cut in range(1, len(piece))
+                    if piece[:cut] in normal and piece[cut:] in normal)
+    merges = [(sp.id_to_piece(left), sp.id_to_piece(right)) for _, _, left, right in ranked]
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, unk_token=sp.id_to_piece(sp.unk_id()),
+                                                     fuse_unk=True, byte_fallback=True))
+    decode = [tokenizers.decoders.Replace("\u2581", " "), tokenizers.decoders.ByteFallback(),
+              tokenizers.decoders.Fuse()]
+    if family == "gemma2":
+        tok.normalizer = tokenizers.normalizers.Replace(" ", "\u2581")
+    else:       # the dummy prefix: one "▁" before the text
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+        decode.append(tokenizers.decoders.Strip(" ", 1, 0))
+    tok.decoder = tokenizers.decoders.Sequence(decode)
+    tok.add_special_tokens([tokenizers.AddedToken(sp.id_to_piece(i), special=True, normalized=False)
+                            for i in special])
+    bos = sp.id_to_piece(sp.bos_id())
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, sp.bos_id())])
+    return tok
+
+
+def train_byte_level_bpe(texts, vocab_size: int, family: str) -> tokenizers.Tokenizer:
+    """A byte-level BPE tokenizer on `texts`, built as LLaMA-3's and Qwen2's tokenizer.json are: regex split, bytes
+    as characters, the special tokens after the learnt vocabulary, BOS (if any) put in front by the post-processor."""
+    spec = TINY_TOKENIZERS[family]
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    if spec["nfc"]:
+        tok.normalizer = tokenizers.normalizers.NFC()
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+        tokenizers.pre_tokenizers.Split(tokenizers.Regex(spec["split"]), behavior="isolated"),
+        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    specials = list(dict.fromkeys(t for t in (spec["bos"], spec["eos"], spec["pad"], *spec["extra"]) if t))
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size - len(specials), show_progress=False,
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in specials])
+    byte_level = tokenizers.processors.ByteLevel(trim_offsets=False)
+    bos = spec["bos"]
+    if bos is None:
+        tok.post_processor = byte_level
+    else:
+        tok.post_processor = tokenizers.processors.Sequence([byte_level, tokenizers.processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])])
+    return tok
+
+
+def tiny_tokenizer_files(texts, vocab_size: int, family: str) -> dict[str, bytes]:
+    """File name -> content of a tiny family's tokenizer: tokenizer.model (SentencePiece families) and the
+    tokenizer.json, tokenizer_config.json and special_tokens_map.json with which transformers' AutoTokenizer
+    loads it (no protobuf needed) and gives our ids."""
+    spec = TINY_TOKENIZERS[family]
+    files = {}
+    if "split" in spec:
+        tok = train_byte_level_bpe(texts, vocab_size, family)
+    else:
+        files["tokenizer.model"] = train_sentencepiece(texts, vocab_size, family)
+        tok = sentencepiece_as_tokenizer_json(files["tokenizer.model"], family)
+    files["tokenizer.json"] = tok.to_str().encode()
+    special = {f"{kind}_token": spec[kind] for kind in ("bos", "eos", "unk", "pad")}
+    config = dict(tokenizer_class=spec["tokenizer_class"], **special, clean_up_tokenization_spaces=False)
+    if "split" not in spec:     # SentencePiece families: transformers' default for these classes, said explicitly
+        config.update(add_bos_token=True, add_eos_token=False, legacy=False)
+    if family == "gemma2":      # else GemmaTokenizer adds a <mask> token our tiny vocabulary does not have
+        config["mask_token"] = None
+    files["tokenizer_config.json"] = (json.dumps(config, indent=2) + "\n").encode()
+    tokens_map = {key: value for key, value in special.items() if value is not None}
+    if spec.get("extra"):
+        tokens_map["additional_special_tokens"] = list(spec["extra"])
+    files["special_tokens_map.json"] = (json.dumps(tokens_map, indent=2) + "\n").encode()
+    return files
 
 
 def write_tiny_checkpoint(path, family: str, texts, vocab_size: int | None = None, seed: int = 0,
                           **arg_overrides) -> Path:
-    """A tiny random model in the official HF layout + a SentencePiece tokenizer trained on `texts`."""
+    """A tiny random model in the official HF layout + its family's kind of tokenizer trained on `texts`.
+    Refuses a dir that already holds a checkpoint; builds next to it and moves the files in when complete."""
     if family not in TINY:
-        raise ValueError(f"family={family!r}; expected 'llama' or 'gemma2'")
+        raise ValueError(f"family={family!r}; expected one of {', '.join(TINY)}")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    sp_bytes = train_sentencepiece(texts, vocab_size or 2048, family)
-    (path / "tokenizer.model").write_bytes(sp_bytes)
-    tok = Tokenizer(path)
+    held = sorted(f.name for f in path.glob("*") if f.name in (CONFIG_NAME, INDEX_FILE) or f.suffix == ".safetensors")
+    if held:
+        raise ValueError(f"{path}: already holds a checkpoint ({', '.join(held)}); choose another dir or remove it")
+    staging = path.with_name(path.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name, data in tiny_tokenizer_files(texts, vocab_size or 2048, family).items():
+        (staging / name).write_bytes(data)
+    tok = Tokenizer(staging)
     fields = dict(TINY[family], vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, **arg_overrides)
-    if family == "gemma2":
-        fields.setdefault("sliding_layers", tuple(i % 2 == 0 for i in range(fields["n_layers"])))
+    if fields.get("sliding_window") and "sliding_layers" not in fields:
+        n = fields["n_layers"]
+        fields["sliding_layers"] = tuple(i % 2 == 0 for i in range(n)) if family == "gemma2" else (True,) * n
     args = ModelArgs(**fields)
     args.hf_config = hf_config_of(args)
     torch.manual_seed(seed)
     model = Transformer(args)
     model.init_weights(generator=torch.Generator().manual_seed(seed))
-    tmp = path.with_name(path.name + ".weights")
-    save_pretrained(model, tmp)
-    for f in tmp.iterdir():
+    save_pretrained(model, staging / "weights")
+    for f in (staging / "weights").iterdir():
+        os.replace(f, staging / f.name)
+    (staging / "weights").rmdir()
+    generation = {key: value for key, value in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id))
+                  if value is not None}
+    (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    # config.json goes in last: a dir without it is no checkpoint, whatever an interruption left there.
+    path.mkdir(parents=True, exist_ok=True)
+    for f in sorted(staging.iterdir(), key=lambda f: f.name == CONFIG_NAME):
         os.replace(f, path / f.name)
-    tmp.rmdir()
-    generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
-    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    staging.rmdir()
     return path
 
 
@@ -960,12 +1249,16 @@ def sample_texts() -> list[str]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--make-tiny", metavar="DIR", required=True,
-                        help="write a tiny random checkpoint (official HF layout + tokenizer.model) to DIR")
-    parser.add_argument("--family", choices=sorted(TINY), default="llama")
+                        help="write a tiny random checkpoint (official HF layout + the family's tokenizer files) to "
+                             "DIR; refuses a DIR that already holds one")
+    parser.add_argument("--family", choices=list(TINY), default="llama",
+                        help="llama (LLaMA-2), llama3 (LLaMA-3.x), mistral, qwen2 (Qwen2/2.5) or gemma2 "
+                             "(default: %(default)s)")
     parser.add_argument("--texts", nargs="*", metavar="FILE.json",
-                        help="Alpaca-format files to train the tokenizer on (default: the bundled data/sample)")
-    parser.add_argument("--vocab-size", type=int, default=2048)
-    parser.add_argument("--seed", type=int, default=0)
+                        help="Alpaca-format files to train the tokenizer on (default: the bundled "
+                             "data/sample/alpaca_*.json)")
+    parser.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     a = parser.parse_args(argv)
     try:
         texts = alpaca_texts(a.texts) if a.texts else sample_texts()

@@ -239,16 +239,16 @@ def encode_pairs(pairs: list[tuple[dict, dict | None]], tokenizer) -> list:
     return [encode_pair(tokenizer, en, tgt) for en, tgt in bar]
 
 
-def supervised_ranges(en: EncodedSide, tgt: EncodedSide | None) -> dict[str, tuple[int, list]]:
+def supervised_ranges(en: EncodedSide, tgt: EncodedSide | None, bos: bool) -> dict[str, tuple[int, list]]:
     """Per sequence kind built from a pair (sft: only tft, made of the English side): its length and the
     [start, end) token ranges it supervises; for en, the instruction and input tokens the feature losses
-    pool over."""
+    pool over. bos: whether prompts start with a BOS (Qwen2's do not)."""
     if tgt is None:
         prompt_len, length = len(en.prompt), len(en.prompt) + len(en.response)
         return {"tft": (length, [(prompt_len, length)])}
     prompt_len = len(tgt.prompt)
     lengths = {"tft": prompt_len + len(tgt.response),
-               "lc": prompt_len + len(en.prompt) - 1,  # x_en's BOS is not repeated
+               "lc": prompt_len + len(en.prompt) - bos,  # x_en's BOS is not repeated
                "et": prompt_len + len(en.response)}
     ranges = {kind: (length, [(prompt_len, length)]) for kind, length in lengths.items()}
     ranges["en"] = (len(en.prompt), [en.spans[:2], en.spans[2:]])
@@ -310,14 +310,9 @@ def resolve_config(cfg: PrepareConfig) -> PrepareConfig:
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
-    model_file = path / "tokenizer.model" if path.is_dir() else path
-    if not model_file.is_file():
-        raise SystemExit(f"{model_file}: no tokenizer.model; point --tokenizer at a model dir (e.g. download "
-                         f"meta-llama/Llama-2-7b-hf into models/Llama-2-7b-hf) or its tokenizer.model, or make a tiny "
-                         f"demo one with: python model.py --make-tiny models/tiny-llama --family llama")
     try:
         return Tokenizer(path)
-    except ValueError as err:  # model.py's one-line CheckpointError, e.g. a file that is not a SentencePiece model
+    except ValueError as err:  # model.py's one-line CheckpointError: no tokenizer file, or not a readable one
         raise SystemExit(str(err)) from None
 
 
@@ -427,7 +422,7 @@ def prepare(cfg: PrepareConfig) -> dict:
                                           f"English: smoothed ratio {ratio:.2f} outside [{low}, {high}]")
             elif (en.spans[3] > en.spans[2]) != (tgt.spans[3] > tgt.spans[2]):
                 input_differs.append(index)
-        ranges = supervised_ranges(en, tgt)
+        ranges = supervised_ranges(en, tgt, tokenizer.bos_id is not None)
         defect = defect or overlong_defect(en, tgt, ranges, cfg)
         if defect:
             reason, detail = defect
@@ -631,13 +626,13 @@ class PreparedDataset:
         prompt_len = len(x_tgt)  # < max_len in every kept pair: x_tgt is never cut
 
         tft_tokens, tft_labels = supervise_continuation(x_tgt, y_tgt, self.max_len)
-        # lc: x_en without its BOS
-        lc_tokens, lc_labels = supervise_continuation(x_tgt, x_en[1:], self.max_len)
+        bos = int(self.meta["bos_id"] is not None)                    # Qwen2's prompts have no BOS
+        lc_tokens, lc_labels = supervise_continuation(x_tgt, x_en[bos:], self.max_len)  # x_en without its BOS
         et_tokens, et_labels = supervise_continuation(x_tgt, y_en, self.max_len)
         x_en = x_en[:self.max_len]
-        # x_en token k (k >= 1, BOS = 0) sits at lc position prompt_len + k - 1 and is the label of the
+        # x_en token k (k >= bos) sits at lc position prompt_len + k - bos and is the label of the
         # position before; a label lost to the cut is no content.
-        lc_content = span_mask(len(lc_tokens), en_spans, shift=prompt_len - 2) * (lc_labels != IGNORE)
+        lc_content = span_mask(len(lc_tokens), en_spans, shift=prompt_len - bos - 1) * (lc_labels != IGNORE)
         return {
             "tft_tokens": tft_tokens, "tft_labels": tft_labels, "tft_mask": torch.ones_like(tft_tokens),
             "tgt_prompt_len": prompt_len,

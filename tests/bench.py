@@ -59,10 +59,22 @@ def table(title, header, rows):
 # --- model: our forward+backward vs transformers ------------------------------------------------------------------------
 
 def reduced_config(family: str, n_layers: int, dim: int, vocab: int) -> ModelArgs:
-    """The real model's shape at reduced width: head_dim, GQA ratio, MLP ratio and the Gemma-2 quirks kept."""
+    """The real model's shape at reduced width: head_dim, GQA ratio, MLP ratio and the family's quirks kept.
+    llama: LLaMA-2-7B; llama3: LLaMA-3.1-8B (GQA 4, llama3 RoPE); qwen2: Qwen2.5-7B (GQA 7, q/k/v biases)."""
     if family == "llama":
         return ModelArgs(family="llama", dim=dim, n_layers=n_layers, n_heads=dim // 128, n_kv_heads=dim // 128,
                          head_dim=128, hidden_dim=int(dim * 11008 / 4096), vocab_size=vocab, norm_eps=1e-5)
+    if family == "llama3":
+        heads = dim // 128
+        return ModelArgs(family="llama", dim=dim, n_layers=n_layers, n_heads=heads, n_kv_heads=max(1, heads // 4),
+                         head_dim=128, hidden_dim=int(dim * 14336 / 4096), vocab_size=vocab, norm_eps=1e-5,
+                         max_seq_len=131072, rope_theta=500000.0, rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                                original_max_position_embeddings=8192))
+    if family == "qwen2":
+        heads = dim // 128
+        return ModelArgs(family="qwen2", dim=dim, n_layers=n_layers, n_heads=heads, n_kv_heads=max(1, heads // 7),
+                         head_dim=128, hidden_dim=int(dim * 18944 / 3584), vocab_size=vocab, norm_eps=1e-6,
+                         rope_theta=1000000.0, qkv_bias=True)
     heads = max(2, dim // 288)
     return ModelArgs(family="gemma2", dim=dim, n_layers=n_layers, n_heads=heads, n_kv_heads=heads // 2, head_dim=256,
                      hidden_dim=dim * 4, vocab_size=vocab, norm_eps=1e-6, tie_embeddings=True, norm_offset=1.0,
@@ -84,7 +96,7 @@ def bench_model(device, quick):
 
     rows = []
     B, T = (1, 256) if quick else (2, 512)
-    for family, dim in (("llama", 512), ("gemma2", 576)):
+    for family, dim in (("llama", 512), ("gemma2", 576), ("llama3", 512), ("qwen2", 896)):
         args = reduced_config(family, 4, dim, 32000)
         args.hf_config = hf_config_of(args)
         ours = build(args, device)

@@ -29,3 +29,10 @@ def tiny_gemma2(tmp_path_factory):
     from model import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "gemma2", "gemma2", TOKENIZER_TEXTS)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    from model import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen2", "qwen2", TOKENIZER_TEXTS)

@@ -321,13 +321,15 @@ def test_english_only_batch_runs_the_plain_loss(setup, mode):
     torch.testing.assert_close(out["loss"].detach(), ce_sum(logits, batch["tft_labels"]) / n, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("activation_checkpointing", [False, True])
-def test_fsdp2_blocks_return_no_view_and_gradients_unchanged(tiny_llama, activation_checkpointing):
+@pytest.mark.parametrize("family,activation_checkpointing",
+                         [("llama", False), ("llama", True), ("qwen2", False)])
+def test_fsdp2_blocks_return_no_view_and_gradients_unchanged(request, family, activation_checkpointing):
     """Every block returns its keys and values (the shared prefix reads them, and the suffix passes' gradients
     reach wk/wv through them). FSDP2 hooks its pre-backward unshard on a block's outputs and warns about views (an
     in-place op on one would drop the hook): a DFT step under train.py's fully_shard (a world of one, gloo) must
-    not warn, and its gradients equal those of the unwrapped model."""
-    model = Transformer.from_pretrained(tiny_llama)
+    not warn, and its gradients equal those of the unwrapped model. Qwen2's projections have biases (a Linear with a
+    bias returns a view of its 2-D result)."""
+    model = Transformer.from_pretrained(request.getfixturevalue(f"tiny_{family}"))
     g = torch.Generator().manual_seed(0)
     batch = make_batch([make_example(g, model.args.vocab_size, 2) for _ in range(3)])
     cfg = DFTConfig(lc_layer=1, et_layer=2)

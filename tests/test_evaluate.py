@@ -326,6 +326,34 @@ def test_mc_scores_equal_brute_force(tiny):
     assert ev.split_continuation(tok, ctx, "Answer:", " A") == (tok.encode("Answer: A", bos=True)[len(ctx):], False)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_long_contexts_are_cut_on_the_left_keeping_bos_if_the_model_has_one(request, family, monkeypatch):
+    """A context longer than the model's window keeps its BOS (LLaMA) or nothing (Qwen2 has no BOS) and its end,
+    as lm-evaluation-harness does; scored against the full forward of the ids that are left."""
+    path = request.getfixturevalue(f"tiny_{family}")
+    model, tok = Transformer.from_pretrained(path), Tokenizer(path)
+    context, continuation = " ".join(["Tổng là một số rất lớn."] * 12) + " Answer:", " Paris"
+    whole = tok.encode(context + continuation, bos=True)
+    n_cont = len(whole) - len(tok.encode(context, bos=True))
+    monkeypatch.setattr(model.args, "max_seq_len", 16)
+    notes = Counter()
+    got = ev.loglikelihoods(model, tok, [(context, continuation)], notes=notes)[0]
+    lead = int(family == "llama")                       # the model reads at most 16 tokens: 17 ids with the last target
+    kept = whole[:lead] + whole[len(whole) - 17 + lead:]
+    assert len(kept) == 17 and notes["contexts truncated on the left"] == 1
+    logp = model(torch.tensor([kept]))[0].log_softmax(-1)
+    want = sum(logp[pos, kept[pos + 1]].item() for pos in range(16 - n_cont, 16))
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-4)
+
+
+def test_fit_prompt_keeps_bos_only_when_the_model_has_one():
+    notes = Counter()
+    assert ev.fit_prompt([1, 5, 6, 7, 8], 3, notes, bos=True) == [1, 7, 8]
+    assert ev.fit_prompt([5, 6, 7, 8], 3, notes, bos=False) == [6, 7, 8]
+    assert ev.fit_prompt([5, 6], 3, notes, bos=False) == [5, 6]
+    assert notes["prompts truncated on the left"] == 2
+
+
 def test_tied_choices_score_zero_or_go_to_the_first(tiny):
     model, tok, _ = tiny
     # Identical choices have identical likelihoods; with the true answer first, an argmax would score 100.
@@ -823,6 +851,22 @@ def test_logit_lens_cli_end_to_end(tiny_llama, tmp_path, capsys, monkeypatch):
         ev.main(["--model", str(model_dir), "--logit-lens", "--lens-examples", "2", "--device", "cpu",
                  "--out", str(tmp_path / "with_png")])
         assert (tmp_path / "with_png" / "logit_lens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_model_without_bos_generates_and_runs_the_logit_lens(tiny_qwen2, tmp_path, capsys, monkeypatch):
+    """Qwen2's tokenizer adds no BOS and reads tokenizer.json: --prompt and --logit-lens work on it."""
+    ev.main(["--model", str(tiny_qwen2), "--prompt", "Give three tips.", "--max-new-tokens", "6", "--device", "cpu"])
+    printed = capsys.readouterr().out.strip()
+    model, tok = Transformer.from_pretrained(tiny_qwen2), Tokenizer(tiny_qwen2)
+    assert tok.bos_id is None and tok.sp is None
+    ids = tok.encode(prepare_data.PROMPT_NO_INPUT.format(instruction="Give three tips."), bos=True)
+    assert printed == tok.decode(naive_greedy(model, tok, ids, 6)).strip()
+    block_matplotlib(monkeypatch)
+    ev.main(["--model", str(tiny_qwen2), "--logit-lens", "--lens-examples", "2", "--lens-positions", "3",
+             "--device", "cpu", "--out", str(tmp_path / "lens")])
+    report = json.loads((tmp_path / "lens" / "logit_lens.json").read_text(encoding="utf-8"))
+    ids, prompt_len = training_ids(tok, sample_records(1)[0])
+    assert report["first_example"]["targets"] == [tok.piece(t) for t in ids[prompt_len:prompt_len + 3]]
 
 
 def test_logit_lens_bad_input_is_one_line(tiny_llama, tmp_path):

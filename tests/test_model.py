@@ -366,8 +366,8 @@ def edit_config(path, **changes):
 
 def test_unknown_model_type_and_rope_scaling(tmp_path):
     hf_tiny("llama").save_pretrained(tmp_path)
-    edit_config(tmp_path, model_type="mistral")
-    one_line_error(lambda: Transformer.from_pretrained(tmp_path), "model_type='mistral'", "config.json")
+    edit_config(tmp_path, model_type="gemma3")
+    one_line_error(lambda: Transformer.from_pretrained(tmp_path), "model_type='gemma3'", "config.json")
     edit_config(tmp_path, model_type="llama", rope_scaling={"rope_type": "linear", "factor": 2.0})
     one_line_error(lambda: Transformer.from_pretrained(tmp_path), "rope_scaling")
     edit_config(tmp_path, rope_scaling=None, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0})
