@@ -141,8 +141,9 @@ def read_records(path: Path) -> list:
     return data
 
 
-def record_defect(record) -> tuple[str, str] | None:
-    """(reason, detail) when a record cannot be used, None when it is fine."""
+def record_defect(record, sentencepiece: bool) -> tuple[str, str] | None:
+    """(reason, detail) when a record cannot be used, None when it is fine. sentencepiece: the tokenizer is a
+    SentencePiece model, which reads U+2581 as its own space mark (byte-level BPE tokenizers do not)."""
     if not isinstance(record, dict):
         return "not_an_object", f"is a JSON {json_type(record)}; expected an object with fields {', '.join(FIELDS)}"
     for field in FIELDS:
@@ -154,7 +155,7 @@ def record_defect(record) -> tuple[str, str] | None:
         return "empty_instruction", "field 'instruction' is empty"
     if not record["output"].strip():
         return "empty_output", "field 'output' is empty"
-    for field in FIELDS:
+    for field in FIELDS if sentencepiece else ():
         if WORD_MARKER in record[field]:
             return "word_marker", (f"field {field!r} holds '{WORD_MARKER}' (U+2581), which the tokenizer "
                                    f"reads as a space; replace it (e.g. by '_') to keep the record")
@@ -165,7 +166,7 @@ def find_duplicates(records: list, limit: int = 10) -> dict:
     """Records identical to an earlier one (all three fields). Reported, never dropped: Alpaca has real ones."""
     first_seen, count, examples = {}, 0, []
     for index, record in enumerate(records):
-        if record_defect(record) is not None:
+        if record_defect(record, sentencepiece=False) is not None:
             continue
         key = tuple(record[field] for field in FIELDS)
         if key in first_seen:
@@ -397,9 +398,11 @@ def prepare(cfg: PrepareConfig) -> dict:
                   for index in range(n_pairs, len(extra))]
 
     candidates, pairs = [], []  # indices and records of pairs whose fields are usable
+    sentencepiece = tokenizer.sp is not None
     for index in range(n_pairs):
         sides = [(cfg.en, en_records[index])] + ([] if cfg.sft else [(cfg.tgt, tgt_records[index])])
-        defect = next(((path, found) for path, record in sides if (found := record_defect(record))), None)
+        defect = next(((path, found) for path, record in sides
+                       if (found := record_defect(record, sentencepiece))), None)
         if defect:
             path, (reason, detail) = defect
             drops.append({"reason": reason, "file": str(path), "index": index, "detail": detail})

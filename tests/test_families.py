@@ -354,6 +354,27 @@ def test_prepared_sequences_of_the_new_families(tiny, prepared, family):
         assert tok.decode(ex["lc_tokens"][P:].tolist()).startswith("Below is an instruction")
 
 
+def test_word_marker_is_dropped_only_for_sentencepiece(tiny, tiny_llama, tmp_path):
+    """U+2581 is SentencePiece's own space mark (its span mapping cannot place it), a plain character to a
+    byte-level BPE: the record is dropped for the first kind and kept, spans intact, for the second."""
+    rows = {lang: json.loads((ROOT / "data" / "sample" / f"alpaca_{lang}.json").read_text(encoding="utf-8"))[:6]
+            for lang in ("en", "vi")}
+    rows["vi"][2] = dict(rows["vi"][2], input="Xin chào\u2581thế giới")
+    for lang, records in rows.items():
+        (tmp_path / f"{lang}.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    files = ["--lang", "vi", "--en", str(tmp_path / "en.json"), "--tgt", str(tmp_path / "vi.json")]
+    for name, model_dir in (("llama", tiny_llama), ("qwen2", tiny["qwen2"])):
+        report = prepare_data.main(files + ["--tokenizer", str(model_dir), "--out", str(tmp_path / name)])
+        if name == "llama":
+            assert report["kept"] == 5 and report["dropped"] == {"word_marker": 1}
+            continue
+        assert report["kept"] == 6
+        ex, tok = prepare_data.load_prepared(tmp_path / name)[2], Tokenizer(model_dir)
+        content = tok.decode(ex["tft_tokens"][ex["tgt_content"] == 1].tolist())
+        assert content.replace(" ", "").replace("\n", "") == (rows["vi"][2]["instruction"] + "Xin chào\u2581thế giới"
+                                                            ).replace(" ", "")
+
+
 def prepared_batch(data, n=3):
     """The n shortest examples (their prompt lengths differ), collated right-padded."""
     shortest = sorted(range(len(data)), key=lambda i: len(data[i]["tft_tokens"]))[:n]
