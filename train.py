@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from model import (MODES, CheckpointError, DFTConfig, Tokenizer, Transformer, check_checkpoint, count_targets,
                    load_weights, read_args)
-from prepare_data import check_meta, collate, load_prepared
+from prepare_data import check_meta, collate, data_identity, load_prepared
 
 DEFAULT_MODEL = "models/Llama-2-7b-hf"
 # Files of --model copied next to the exported weights (config.json is copied too, byte for byte).
@@ -294,8 +294,9 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return max(done, key=lambda d: int(d.name[5:]), default=None)
 
 
-def read_resume_state(ckpt: Path, cfg: TrainConfig) -> dict:
-    """The checkpoint's state.json, refused (one line) when it was written by a run with other flags."""
+def read_resume_state(ckpt: Path, cfg: TrainConfig, data: dict) -> dict:
+    """The checkpoint's state.json, refused (one line) when it was written by a run with other flags or on
+    other data (`data`: this run's data identity and meta.json, as checkpoint states record them)."""
     state = json.loads((ckpt / "state.json").read_text())
     saved = state["config"]
     differ = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != getattr(cfg, k, None)]
@@ -303,7 +304,34 @@ def read_resume_state(ckpt: Path, cfg: TrainConfig) -> dict:
         shown = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {getattr(cfg, k, None)})" for k in differ)
         raise SystemExit(f"{ckpt}: written by a run with {shown}; rerun with those flags to resume, or pick "
                          f"another --out")
+    saved_data = state.get("data") or {}
+    if saved_data.get("identity") != data["identity"]:
+        raise SystemExit(f"{ckpt}: written by a run on other data: {cfg.data} changed since "
+                         f"({describe_meta_change(saved_data.get('meta'), data['meta'])}); to train on it, "
+                         f"start a fresh run with another --out (or remove {cfg.out})")
     return state
+
+
+def describe_meta_change(old: dict | None, new: dict) -> str:
+    """What differs between two meta.json dicts, e.g. "max_len 512 -> 256, num_examples 113 -> 120"."""
+    if old is None:
+        return "the checkpoint records no data identity"
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        items = {}
+        for key, value in d.items():
+            if isinstance(value, dict):
+                items |= flat(value, f"{prefix}{key}.")
+            else:
+                items[prefix + key] = value
+        return items
+
+    old_items, new_items = flat(old), flat(new)
+    changed = [f"{key} {old_items.get(key)} -> {new_items.get(key)}" for key in sorted(old_items | new_items)
+               if old_items.get(key) != new_items.get(key)]
+    if not changed:
+        return "same meta.json, other array sizes"
+    return ", ".join(changed[:4]) + (f", ... {len(changed) - 4} more" if len(changed) > 4 else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -450,7 +478,8 @@ def main(argv=None):
     cfg.lc_layer, cfg.et_layer = dft.lc_layer, dft.et_layer
     out, model_dir = Path(cfg.out), Path(cfg.model)
     resume_from = latest_checkpoint(out / "ckpt")
-    resume = read_resume_state(resume_from, cfg) if resume_from else None
+    data = {"identity": data_identity(cfg.data), "meta": dataset.meta}
+    resume = read_resume_state(resume_from, cfg, data) if resume_from else None
     lc_type, et_type = dft.types(cfg.mode)
 
     if torch.cuda.is_available():
@@ -531,7 +560,7 @@ def main(argv=None):
         # --- the loop --------------------------------------------------------------------------------------------
         def checkpoint_state(step):
             return {"step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
-                    "world_size": world, "config": asdict(cfg),
+                    "world_size": world, "config": asdict(cfg), "data": data,
                     "scheduler": {"kind": "linear warmup + cosine to 0", "total_steps": total_steps,
                                   "warmup_steps": warmup_steps, "max_lr": cfg.lr}}
 

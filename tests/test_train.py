@@ -7,6 +7,7 @@ sides share no process state. Each run is a few seconds; the suite's time goes m
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,6 +197,31 @@ def test_sigterm_and_kill_9_then_resume_give_the_uninterrupted_losses(setup):
     # --keep-last 2; unfinished writes of the killed run (and the planted one) were cleared.
     assert sorted(d.name for d in (out / "ckpt").iterdir()) == ["step_10", "step_9"]
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_resume_on_re_prepared_data_is_refused(setup, tmp_path):
+    """prepare_data.py rerun into the same dir with another --max-len, then the same train.py command: the
+    checkpoint was made on other data, so resuming (a jump in epoch and learning rate) is refused in one line."""
+    data = tmp_path / "vi"
+
+    def prepare(out, *extra):
+        prepare_data.main(["--lang", "vi", "--en", str(setup / "en.json"), "--tgt", str(setup / "vi.json"),
+                           "--tokenizer", str(setup / "llama"), "--out", str(out), *extra])
+
+    prepare(data)
+    out = tmp_path / "run"
+    argv = COMMON + ["--model", setup / "llama", "--data", data, "--mode", "tft", "--batch-size", "8",
+                     "--out", out, "--max-steps", "3"]
+    run_here(argv)
+    assert (out / "ckpt" / "step_3").is_dir()
+    prepare(tmp_path / "vi-400", "--max-len", "400")
+    shutil.rmtree(data)
+    os.rename(tmp_path / "vi-400", data)
+    with pytest.raises(SystemExit) as caught:
+        run_here(argv)
+    message = str(caught.value.code)
+    assert "\n" not in message and f"{data} changed since (" in message and "max_len 512 -> 400" in message
+    assert "another --out" in message
 
 
 def test_nan_loss_stops_naming_the_step(setup, tmp_path):
