@@ -243,14 +243,29 @@ def resolve_config(cfg: TrainConfig, world_size: int) -> TrainConfig:
     return TrainConfig(**values)
 
 
+# The Hub organisation of a model, by the start of its directory name (as the README's download commands).
+HUB_ORGS = {"llama": "meta-llama", "meta-llama": "meta-llama", "gemma": "google", "mistral": "mistralai",
+            "qwen": "Qwen"}
+
+
+def missing_model_message(model_dir: Path) -> str:
+    """One line: how to download the real model into model_dir, and the tiny random model for a try-out (under
+    its own name: a random model must never sit where a real model's name says otherwise)."""
+    name = model_dir.name
+    org = next((o for prefix, o in HUB_ORGS.items() if name.lower().startswith(prefix)), "ORG")
+    tiny = Path("models/tiny-llama")
+    return (f"{model_dir}/config.json: not found; download the model with: huggingface-cli download {org}/{name} "
+            f"--local-dir {model_dir} (gated models: accept the licence on the Hub first); or, for a try-out, "
+            f"make a tiny random model with: python model.py --make-tiny {tiny} --family llama, and pass "
+            f"--model {tiny}")
+
+
 def check_inputs(cfg: TrainConfig):
     """Model, tokenizer, layers and data, checked from their small files only: one line per problem, before any
     process group, allocation or output exists. Returns (model args, tokenizer, dataset, DFTConfig)."""
     model_dir = Path(cfg.model)
-    make_model = (f"download the HF checkpoint (e.g. meta-llama/Llama-2-7b-hf) into {model_dir}, or make a tiny one "
-                  f"with: python model.py --make-tiny {model_dir} --family llama")
     if not (model_dir / "config.json").is_file():
-        raise SystemExit(f"{model_dir}/config.json: not found; {make_model}")
+        raise SystemExit(missing_model_message(model_dir))
     try:
         args = read_args(model_dir)
         tokenizer = Tokenizer(model_dir)

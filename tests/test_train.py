@@ -308,7 +308,15 @@ def bad_input(setup, tmp_path, extra, **env):
 
 def test_missing_model_and_data_name_the_command_that_makes_them(setup, tmp_path):
     message = bad_input(setup, tmp_path, ["--model", tmp_path / "no-model"])
-    assert "no-model/config.json" in message and "python model.py --make-tiny" in message
+    assert "no-model/config.json: not found" in message
+    # The real model's download under the name --model gives; a tiny random model only under its own name.
+    real = tmp_path / "Llama-2-7b-hf"
+    message = bad_input(setup, tmp_path, ["--model", real])
+    assert f"huggingface-cli download meta-llama/Llama-2-7b-hf --local-dir {real} " in message
+    assert "python model.py --make-tiny models/tiny-llama --family llama" in message
+    assert "--model models/tiny-llama" in message and f"--make-tiny {real}" not in message
+    message = bad_input(setup, tmp_path, ["--model", tmp_path / "gemma-2-2b"])
+    assert "huggingface-cli download google/gemma-2-2b " in message
     message = bad_input(setup, tmp_path, ["--data", tmp_path / "no-data"])
     assert "no-data/meta.json" in message and "python prepare_data.py --lang vi" in message
     # As the user sees it: one line on stderr, no traceback.
@@ -316,7 +324,7 @@ def test_missing_model_and_data_name_the_command_that_makes_them(setup, tmp_path
                           ["--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "x")],
                           cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert "python model.py --make-tiny" in done.stderr
+    assert "huggingface-cli download" in done.stderr
 
 
 def test_data_for_another_language_tokenizer_or_mode_is_refused(setup, tmp_path):
