@@ -109,8 +109,17 @@ class TrainConfig:
     grad_accum: int = 1
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's errors as one line (its default adds the usage block), raised like every other refusal so that
+    under torchrun only rank 0 prints it (see exit_with_one_line)."""
+
+    def error(self, message):
+        raise SystemExit(f"{self.prog}: {message}; python {self.prog} --help lists the options")
+
+
 def parse_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="train.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lang", help="target language of the data (vi, zh, ar, ...); not needed for --mode sft")
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF checkpoint dir to start from (default: %(default)s)")
     p.add_argument("--data", help="prepared data dir (default: data/prepared/LANG, data/prepared/sft-en for sft)")
@@ -757,8 +766,30 @@ def plot_losses(runs: dict, path: Path) -> None:
     print(f"\nloss curves: {path}")
 
 
+# Exit status of a run refused or stopped with a one-line message (bad input, a NaN loss); a crash exits with 1.
+EXIT_ONE_LINE = 2
+# How long the other ranks leave rank 0 to print a refusal that they all reached (torchrun ends them when rank 0
+# exits); a rank still alive after it says the line itself, so an error of its own is never lost.
+RANK_0_GRACE_S = 10
+
+
+def exit_with_one_line(stop: SystemExit) -> None:
+    """Print a one-line refusal once and exit with EXIT_ONE_LINE. Every rank checks the same inputs (or the same
+    all-reduced numbers), so rank 0 speaks for all. A SystemExit, unlike an exception, leaves no traceback and no
+    error file; torchrun itself still reports the failed worker (its own traceback and a summary box follow)."""
+    if not isinstance(stop.code, str):
+        raise stop
+    if os.environ.get("RANK", "0") != "0":
+        time.sleep(RANK_0_GRACE_S)
+    print(stop.code, file=sys.stderr)
+    sys.exit(EXIT_ONE_LINE)
+
+
 if __name__ == "__main__":
     if "--demo" in sys.argv[1:]:
         run_demo()
     else:
-        main()
+        try:
+            main()
+        except SystemExit as stop:
+            exit_with_one_line(stop)

@@ -323,8 +323,25 @@ def test_missing_model_and_data_name_the_command_that_makes_them(setup, tmp_path
     done = subprocess.run([sys.executable, str(ROOT / "train.py")] + [str(a) for a in COMMON] +
                           ["--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "x")],
                           cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.returncode == train.EXIT_ONE_LINE and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "huggingface-cli download" in done.stderr
+
+
+def test_bad_flag_under_torchrun_is_printed_once_without_our_traceback(setup, tmp_path):
+    """Every rank refuses the same flag; rank 0 prints the line, all exit with EXIT_ONE_LINE and no traceback of
+    ours. (torchrun's launcher still raises its own ChildFailedError for any worker that exits nonzero: its
+    traceback, in torch/distributed, and its summary box follow; they name exit code 2.)"""
+    argv = COMMON + model_flags(setup, "llama") + ["--batch-size", "3", "--out", tmp_path / "run"]
+    done = subprocess.run(torchrun_cmd(argv), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    output = done.stdout + done.stderr
+    message = "--global-batch 8 is not a multiple of --batch-size 3 x 2 process(es) = 6"
+    assert done.returncode != 0 and output.count(message) == 1, output
+    assert "train.py\", line" not in output and "SystemExit" not in output, output
+    assert "exitcode  : 2 " in output and not (tmp_path / "run").exists()
+    # argparse's own errors are one line too (its default adds a usage block).
+    message = bad_input(setup, tmp_path, ["--mode", "bogus"])
+    assert message.startswith("train.py: argument --mode: invalid choice: 'bogus'"), message
 
 
 def test_data_for_another_language_tokenizer_or_mode_is_refused(setup, tmp_path):
