@@ -309,7 +309,20 @@ def check_inputs(cfg: TrainConfig):
     if train_size < cfg.global_batch:
         raise SystemExit(f"{data_dir}: {len(dataset)} examples, {cfg.val_size} held out by --val-size: "
                          f"{train_size} left for training, fewer than --global-batch {cfg.global_batch}")
+    make_out_dir(Path(cfg.out))             # last: a refused run leaves no new directory behind
     return args, tokenizer, dataset, dft
+
+
+def make_out_dir(out: Path) -> None:
+    """Create --out (every rank: with several nodes each must see it), refusing in one line where that is
+    impossible (a file in the way, no permission, a read-only filesystem)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot create this directory ({e.strerror}); choose a path where you can "
+                         f"write") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise SystemExit(f"--out {out}: not writable; choose a path where you can write")
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -528,7 +541,6 @@ def main(argv=None):
         warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
         last_step = min(total_steps, cfg.max_steps or total_steps)
         if is_main:
-            out.mkdir(parents=True, exist_ok=True)
             resolved = asdict(cfg) | dict(device=device.type, bf16=bf16, lc_type=lc_type, et_type=et_type,
                                           steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                                           warmup_steps=warmup_steps, train_examples=len(train_indices))

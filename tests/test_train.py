@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -342,6 +343,22 @@ def test_bad_flag_under_torchrun_is_printed_once_without_our_traceback(setup, tm
     # argparse's own errors are one line too (its default adds a usage block).
     message = bad_input(setup, tmp_path, ["--mode", "bogus"])
     assert message.startswith("train.py: argument --mode: invalid choice: 'bogus'"), message
+
+
+def test_impossible_or_unwritable_out_is_refused_in_one_line(setup, tmp_path, monkeypatch):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for out, reason in ((a_file, "File exists"), (a_file / "run", "Not a directory"),
+                        (Path("/proc/dft-run"), "No such file or directory")):
+        with pytest.raises(SystemExit) as caught:
+            run_here(COMMON + model_flags(setup, "llama") + ["--out", out])
+        message = str(caught.value.code)
+        assert message == f"--out {out}: cannot create this directory ({reason}); choose a path where you can write"
+    # No write permission (the tests run as root here, who may write anyway: the permission check is faked).
+    monkeypatch.setattr(train.os, "access", lambda path, mode: False)
+    with pytest.raises(SystemExit) as caught:
+        run_here(COMMON + model_flags(setup, "llama") + ["--out", tmp_path / "run"])
+    assert str(caught.value.code) == f"--out {tmp_path / 'run'}: not writable; choose a path where you can write"
 
 
 def test_data_for_another_language_tokenizer_or_mode_is_refused(setup, tmp_path):
