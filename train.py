@@ -601,80 +601,80 @@ def main(argv=None):
                                   "warmup_steps": warmup_steps, "max_lr": cfg.lr}}
 
         pad_id = tokenizer.pad_id
-        bar = tqdm(total=last_step, initial=step, desc=f"{cfg.mode} {cfg.lang}", unit="step", disable=not is_main,
-                   dynamic_ncols=True)
-        order_epoch, order = None, None
-        stopped = False
-        while step < last_step:
-            started = time.perf_counter()
-            epoch, step_in_epoch = divmod(step, steps_per_epoch)
-            if order_epoch != epoch:
-                order_epoch, order = epoch, epoch_order(train_indices, cfg.seed, epoch)
-            micro = [collate([dataset[i] for i in idx], pad_id)
-                     for idx in step_examples(order, step_in_epoch, rank, world, cfg.global_batch, cfg.batch_size)]
-            # The step's global target counts, known before any backward: each micro-batch's loss parts are sums
-            # divided by them, so all micro-batches of all ranks add up to the global mean.
-            counts = torch.zeros(3, dtype=torch.long, device=device)
-            for batch in micro:
-                counts += torch.tensor(list(count_targets(batch, cfg.mode, dft).values()), device=device)
-            dist.all_reduce(counts)
-            counts = dict(zip(("tft", "lc", "et"), counts.tolist()))
-            lr = get_lr(step, total_steps, warmup_steps, cfg.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        # Closed on every path: a bar left open would print itself after an error message.
+        with tqdm(total=last_step, initial=step, desc=f"{cfg.mode} {cfg.lang}", unit="step",
+                  disable=not is_main, dynamic_ncols=True) as bar:
+            order_epoch, order = None, None
+            stopped = False
+            while step < last_step:
+                started = time.perf_counter()
+                epoch, step_in_epoch = divmod(step, steps_per_epoch)
+                if order_epoch != epoch:
+                    order_epoch, order = epoch, epoch_order(train_indices, cfg.seed, epoch)
+                micro = [collate([dataset[i] for i in idx], pad_id)
+                         for idx in step_examples(order, step_in_epoch, rank, world, cfg.global_batch, cfg.batch_size)]
+                # The step's global target counts, known before any backward: each micro-batch's loss parts are sums
+                # divided by them, so all micro-batches of all ranks add up to the global mean.
+                counts = torch.zeros(3, dtype=torch.long, device=device)
+                for batch in micro:
+                    counts += torch.tensor(list(count_targets(batch, cfg.mode, dft).values()), device=device)
+                dist.all_reduce(counts)
+                counts = dict(zip(("tft", "lc", "et"), counts.tolist()))
+                lr = get_lr(step, total_steps, warmup_steps, cfg.lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
 
-            sums = torch.zeros(4, device=device)                          # loss, tft, lc, et
-            tokens = 0
-            for batch in micro:
-                tokens += input_tokens(batch, lc_type, et_type)
-                parts = model.dft_step({k: v.to(device, non_blocking=True) for k, v in batch.items()},
-                                       cfg.mode, dft, counts)
-                # FSDP2 averages gradients over ranks; our per-rank losses are already shares of the global mean.
-                (parts["loss"] * world).backward()
-                sums += torch.stack([parts[k].float().detach() for k in ("loss", "tft", "lc", "et")])
-            stats = torch.cat([sums, torch.tensor([tokens, len(stop_requested)], device=device, dtype=torch.float)])
-            dist.all_reduce(stats)
-            loss, tft, lc, et, tokens, stop = stats.tolist()
-            if not math.isfinite(loss):
-                raise SystemExit(f"step {step + 1}: loss is {loss} (tft {tft}, lc {lc}, et {et}); stopping. The last "
-                                 f"checkpoint is in {out / 'ckpt'}; try a lower --lr")
+                sums = torch.zeros(4, device=device)                          # loss, tft, lc, et
+                tokens = 0
+                for batch in micro:
+                    tokens += input_tokens(batch, lc_type, et_type)
+                    parts = model.dft_step({k: v.to(device, non_blocking=True) for k, v in batch.items()},
+                                           cfg.mode, dft, counts)
+                    # FSDP2 averages gradients over ranks; our per-rank losses are already shares of the global mean.
+                    (parts["loss"] * world).backward()
+                    sums += torch.stack([parts[k].float().detach() for k in ("loss", "tft", "lc", "et")])
+                stats = torch.cat([sums, torch.tensor([tokens, len(stop_requested)], device=device, dtype=torch.float)])
+                dist.all_reduce(stats)
+                loss, tft, lc, et, tokens, stop = stats.tolist()
+                if not math.isfinite(loss):
+                    raise SystemExit(f"step {step + 1}: loss is {loss} (tft {tft}, lc {lc}, et {et}); stopping. The last "
+                                     f"checkpoint is in {out / 'ckpt'}; try a lower --lr")
 
-            if cfg.dump_grads and step == (resume["step"] if resume else 0):
-                grads = {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).cpu()
-                         for name, p in model.named_parameters()}
+                if cfg.dump_grads and step == (resume["step"] if resume else 0):
+                    grads = {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).cpu()
+                             for name, p in model.named_parameters()}
+                    if is_main:
+                        torch.save(grads, cfg.dump_grads)
+                params = [p for p in model.parameters() if p.grad is not None]
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+                if isinstance(grad_norm, DTensor):
+                    grad_norm = grad_norm.full_tensor()                       # the norm over all ranks' shards
+                if not torch.isfinite(grad_norm):
+                    raise SystemExit(f"step {step + 1}: gradient norm is {grad_norm.item()}; stopping. The last "
+                                     f"checkpoint is in {out / 'ckpt'}; try a lower --lr")
+                torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+
+                seconds = time.perf_counter() - started
+                row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "tft": tft, "lc": lc,
+                       "et": et, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": round(tokens / seconds, 1)}
+                if device.type == "cuda":
+                    row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                if val_indices and (step % cfg.eval_every == 0 or step == last_step):
+                    row |= evaluate(model, dataset, val_indices, cfg, dft, pad_id, device)
                 if is_main:
-                    torch.save(grads, cfg.dump_grads)
-            params = [p for p in model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-            if isinstance(grad_norm, DTensor):
-                grad_norm = grad_norm.full_tensor()                       # the norm over all ranks' shards
-            if not torch.isfinite(grad_norm):
-                raise SystemExit(f"step {step + 1}: gradient norm is {grad_norm.item()}; stopping. The last "
-                                 f"checkpoint is in {out / 'ckpt'}; try a lower --lr")
-            torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            seconds = time.perf_counter() - started
-            row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "tft": tft, "lc": lc,
-                   "et": et, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": round(tokens / seconds, 1)}
-            if device.type == "cuda":
-                row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-            if val_indices and (step % cfg.eval_every == 0 or step == last_step):
-                row |= evaluate(model, dataset, val_indices, cfg, dft, pad_id, device)
-            if is_main:
-                with open(metrics_file, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
-                                **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}))
-                bar.update(1)
-            stopped = stop > 0
-            if step % cfg.save_every == 0 or step == last_step or stopped:
-                save_checkpoint(out / "ckpt", step, model, optimizer, checkpoint_state(step), cfg.keep_last, device)
-            if stopped:
-                break
-        bar.close()
+                    with open(metrics_file, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                    **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}))
+                    bar.update(1)
+                stopped = stop > 0
+                if step % cfg.save_every == 0 or step == last_step or stopped:
+                    save_checkpoint(out / "ckpt", step, model, optimizer, checkpoint_state(step), cfg.keep_last, device)
+                if stopped:
+                    break
 
         if stopped:
             if is_main:
