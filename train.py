@@ -1,4 +1,4 @@
-"""Fine-tune LLaMA-2 / Gemma-2 with SFT, TFT, DFT-logits or DFT-feature on torchrun + FSDP2 (METHOD.md §5).
+"""Fine-tune LLaMA-2 / Gemma-2 with SFT, TFT, DFT-logits or DFT-feature on torchrun + FSDP2.
 
     torchrun --standalone --nproc_per_node 1 train.py --lang vi               # 1 GPU
     torchrun --standalone --nproc_per_node 8 train.py --lang vi               # 8 GPUs: the paper's setup
@@ -117,19 +117,26 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(f"{self.prog}: {message}; python {self.prog} --help lists the options")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every option's default; where it is None, the option's text says what is used instead."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> TrainConfig:
-    p = ArgumentParser(prog="train.py", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lang", help="target language of the data (vi, zh, ar, ...); not needed for --mode sft")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="HF checkpoint dir to start from (default: %(default)s)")
-    p.add_argument("--data", help="prepared data dir (default: data/prepared/LANG, data/prepared/sft-en for sft)")
+    p = ArgumentParser(prog="train.py", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--lang", help="target language of the data (vi, zh, ar, ...); required, except for --mode sft")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="HF checkpoint dir to start from")
+    p.add_argument("--data", help="prepared data dir (default: data/prepared/LANG; data/prepared/sft-en for "
+                                  "--mode sft)")
     p.add_argument("--out", help="run dir (default: runs/MODEL-MODE-LANG); rerunning with the same --out resumes")
     p.add_argument("--mode", choices=MODES, default="dft-logits",
-                   help="sft: English data only; tft: target-language data only; dft-*: TFT + LC + ET losses "
-                        "(default: %(default)s)")
+                   help="sft: English data only; tft: target-language data only; dft-logits / dft-feature: "
+                        "TFT + the LC and ET losses below")
     g = p.add_argument_group("optimisation (defaults: the paper's recipe)")
-    g.add_argument("--epochs", type=int, default=3)
-    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--epochs", type=int, default=3, help="passes over the training data")
+    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
     g.add_argument("--global-batch", type=int, default=128, help="examples per optimizer step, all processes")
     g.add_argument("--batch-size", type=int, default=4,
                    help="examples per process and micro-batch; accumulation = global / (batch x processes)")
@@ -137,32 +144,46 @@ def parse_args(argv=None) -> TrainConfig:
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay of the matrices (norms never)")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this")
     g.add_argument("--max-steps", type=int,
-                   help="stop after this many optimizer steps (smoke runs); the schedule still spans --epochs, "
-                        "so a later run without it continues the same schedule")
-    d = p.add_argument_group("deep supervision (METHOD.md §3-4)")
-    d.add_argument("--lc-layer", type=int, help="layer i of the language-conversion loss (default: 2 of 32)")
-    d.add_argument("--et-layer", type=int, help="layer j of the English-thinking loss (default: 15 of 32)")
-    d.add_argument("--lc-weight", type=float, default=1.0, help="0 skips the LC pass")
-    d.add_argument("--et-weight", type=float, default=1.0, help="0 skips the ET pass")
-    d.add_argument("--lc-type", choices=("logits", "feature", "none"), help="override the mode's LC loss type")
-    d.add_argument("--et-type", choices=("logits", "feature", "none"), help="override the mode's ET loss type")
+                   help="stop after this many optimizer steps (smoke runs; default: all); the schedule still "
+                        "spans --epochs, so a later run without it continues the same schedule")
+    d = p.add_argument_group("deep supervision", """\
+L = L_TFT + w_LC L_LC + w_ET L_ET. LC (language conversion): at an early layer i, the query in the
+target language should already predict its English version. ET (English thinking): at a middle
+layer j, it should already predict the English answer. logits: through the frozen final norm and
+head; feature: cosine to the hidden states of the English query. The paper gives the formulas, the
+unweighted sum and LLaMA-2's j = 15; the other choices are ours (the README's section "What is the
+paper's and what is ours" lists them).""")
+    d.add_argument("--lc-layer", type=int,
+                   help="layer i of the LC loss (default: 2 for LLaMA-2's 32 blocks and Gemma-2's 26; "
+                        "scaled for other depths)")
+    d.add_argument("--et-layer", type=int,
+                   help="layer j of the ET loss (default: 15 of LLaMA-2's 32 blocks, 12 of Gemma-2's 26; "
+                        "scaled for other depths)")
+    d.add_argument("--lc-weight", type=float, default=1.0, help="w_LC; 0 skips the LC pass")
+    d.add_argument("--et-weight", type=float, default=1.0, help="w_ET; 0 skips the ET pass")
+    d.add_argument("--lc-type", choices=("logits", "feature", "none"),
+                   help="override the mode's LC loss type (default: the mode's)")
+    d.add_argument("--et-type", choices=("logits", "feature", "none"),
+                   help="override the mode's ET loss type (default: the mode's)")
     d.add_argument("--lc-content-only", action=argparse.BooleanOptionalAction, default=True,
-                   help="LC predicts only x_en's instruction+input, not the template words (default: on)")
-    d.add_argument("--pooling", choices=("mean", "last"), default="mean", help="feature losses: pool the query by")
+                   help="LC predicts only x_en's instruction+input, not the English template words")
+    d.add_argument("--pooling", choices=("mean", "last"), default="mean",
+                   help="feature losses: pool the query's content tokens by")
     d.add_argument("--detach-teacher", action=argparse.BooleanOptionalAction, default=True,
-                   help="feature losses: no gradient through the English side (default: on)")
+                   help="feature losses: no gradient through the English side")
     d.add_argument("--teacher-norm", action=argparse.BooleanOptionalAction, default=True,
-                   help="feature ET: the teacher h_N(x_en) after the final norm (default: on)")
+                   help="feature ET: the teacher h_N(x_en) after the final norm")
     d.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the cross-entropy")
     d.add_argument("--prefix-share", action=argparse.BooleanOptionalAction, default=True,
                    help="logits LC/ET: run only the English part on the TFT pass's keys/values (same numbers, "
-                        "less compute; default: on)")
+                        "less compute)")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=42, help="data order and validation split")
     r.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
     r.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
     r.add_argument("--val-size", type=int, default=0, help="examples held out for validation")
-    r.add_argument("--eval-every", type=int, default=100, help="validate every N steps (and at the end)")
+    r.add_argument("--eval-every", type=int, default=100,
+                   help="validate every N steps and at the end; needs --val-size")
     r.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in backward: activations of one block instead of all")
     r.add_argument("--compile", action="store_true", help="torch.compile each block (pays off on GPU)")

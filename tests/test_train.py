@@ -7,6 +7,7 @@ sides share no process state. Each run is a few seconds; the suite's time goes m
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -118,6 +119,21 @@ def test_get_lr_table():
     assert train.get_lr(0, 4, 0, 2e-5) == pytest.approx(2e-5)          # no warmup: the cosine starts at the peak
     assert train.get_lr(2, 4, 0, 2e-5) == pytest.approx(1e-5)
     assert train.get_lr(0, 1218, 37, 2e-5) == pytest.approx(2e-5 / 37)  # the 7B recipe's first step
+
+
+def test_help_shows_every_default_and_needs_no_other_document(capsys):
+    with pytest.raises(SystemExit) as caught:
+        train.parse_args(["--help"])
+    assert caught.value.code == 0
+    text = capsys.readouterr().out
+    assert ".md" not in text.replace("README", "")
+    # One block per option: from its "  --flag" line to the next option or blank line.
+    blocks = re.findall(r"^  --\S+.*?(?=^  -|^$)", text, flags=re.M | re.S)
+    assert len(blocks) > 25
+    for block in blocks:
+        assert "default" in block or "required" in block, block
+    eval_every = next(b for b in blocks if b.startswith("  --eval-every"))
+    assert "needs --val-size" in " ".join(eval_every.split()).replace("- ", "-"), eval_every
 
 
 @pytest.mark.parametrize("mode,family", [("tft", "llama"), ("dft-logits", "llama"), ("dft-feature", "gemma2")])
