@@ -423,8 +423,10 @@ def apply_fsdp(model: Transformer, bf16: bool, activation_checkpointing: bool, c
     """torchtitan's order: activation checkpointing -> compile -> fully_shard per block, then the root (embedding,
     final norm and head). Parameters stay fp32 and sharded; under bf16 each block computes in bf16 and gradients
     are reduced in fp32 (AdamW at 2e-5 on bf16-stored weights would round most updates away)."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
-        MixedPrecisionPolicy()
+    # fp32: the RoPE tables (cos, sin) each block receives. FSDP would cast every floating input of a block to
+    # param_dtype; the hidden states need no cast (the embedding's bf16 weight already makes them bf16).
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                              cast_forward_inputs=False) if bf16 else MixedPrecisionPolicy()
     for block in model.layers:
         if activation_checkpointing:
             checkpoint_block(block)

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import prepare_data
 import train
 from conftest import ROOT
-from model import Transformer, read_args, write_tiny_checkpoint
+from model import Transformer, load_weights, read_args, write_tiny_checkpoint
 
 # Global batch 8 over 40 training examples (48 minus 7 held out, minus the partial last batch): 5 steps per epoch,
 # 2 epochs. --max-grad-norm is far below the gradient norms (~1), so every step is clipped.
@@ -167,6 +168,33 @@ def test_two_processes_equal_one(setup, mode, family):
     for name in g1:
         assert g1[name].abs().max() > 0, name
         torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_bf16_fsdp_blocks_get_fp32_rope_tables_and_match_the_plain_bf16_model(tiny_llama):
+    """Under bf16 mixed precision FSDP casts a block's floating inputs to bf16 unless told not to: the RoPE
+    tables must arrive in fp32 (as in the unwrapped model, e.g. in evaluate.py) and the hidden states in bf16."""
+    args = read_args(tiny_llama)
+    tokens = torch.randint(3, args.vocab_size, (2, 300), generator=torch.Generator().manual_seed(0))
+    plain = Transformer.from_pretrained(tiny_llama).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = plain(tokens)
+    train.init_distributed(torch.device("cpu"))                  # gloo, one process
+    try:
+        with torch.device("meta"):
+            model = Transformer(args)
+        train.apply_fsdp(model, bf16=True, activation_checkpointing=False, compile=False)
+        model.to_empty(device="cpu")
+        load_weights(model, tiny_llama)
+        received = []
+        model.layers[1].register_forward_pre_hook(
+            lambda block, inputs, kwargs: received.append([t.dtype for t in inputs[:3]]), with_kwargs=True)
+        with torch.no_grad():
+            logits = model(tokens)
+    finally:
+        dist.destroy_process_group()
+    assert received == [[torch.bfloat16, torch.float32, torch.float32]]      # hidden states, cos, sin
+    # The same bf16 weights and fp32 tables: the same numbers (bf16 tables moved them by ~5e-3 here).
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
 
 
 def test_sigterm_and_kill_9_then_resume_give_the_uninterrupted_losses(setup):
@@ -324,7 +352,6 @@ def bad_input(setup, tmp_path, extra, **env):
     message = str(caught.value.code)
     assert "\n" not in message and message, message
     assert not out.exists(), "the run started working before refusing its input"
-    import torch.distributed as dist
     assert not dist.is_initialized()
     return message
 
