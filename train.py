@@ -15,7 +15,9 @@ precision on CUDA with fp32 master weights. --model defaults to models/Llama-2-7
 
 What the run writes under --out:
     config.json        the resolved configuration (flags + what was derived from them)
-    metrics.jsonl      one row per optimizer step: step, epoch, loss, tft, lc, et, lr, grad_norm, tokens_per_s
+    metrics.jsonl      one row per optimizer step: step, epoch, loss, tft, lc, et, lr, grad_norm, tokens (real
+                       tokens of every pass the step ran), padded_tokens (what it computed: rows x padded length
+                       over every pass), tokens_per_s (real tokens)
                        (+ peak_mem_gib on GPU; + val_loss, val_tft, val_lc, val_et on --eval-every steps)
     ckpt/step_N/       sharded model + optimizer (torch.distributed.checkpoint) + state.json (step, data position,
                        RNG, schedule); written as step_N.tmp and renamed when complete, the last --keep-last kept.
@@ -27,7 +29,8 @@ What the run writes under --out:
 Exactness: every loss part is divided by its number of targets over the whole optimizer step on all ranks (counted
 before the forward pass and all-reduced), so how the global batch is split across processes and micro-batches does
 not change the loss or the gradients. FSDP2 averages gradients over ranks; we backpropagate loss * world_size so
-that the averaged gradient is the gradient of the global loss.
+that the averaged gradient is the gradient of the global loss. So the step's examples (fixed by --seed) are split
+by length: similar lengths share a micro-batch, and every rank gets about as many tokens (group_by_length).
 
 SIGTERM / SIGINT (Ctrl-C): the current step is finished, a checkpoint written, and the run exits; a second Ctrl-C
 stops at once. Data order: one permutation per epoch from --seed, the same for any number of processes.
@@ -218,21 +221,81 @@ def epoch_order(train_indices: torch.Tensor, seed: int, epoch: int) -> torch.Ten
     return train_indices[torch.randperm(len(train_indices), generator=generator)]
 
 
-def step_examples(order: torch.Tensor, step_in_epoch: int, rank: int, world: int, global_batch: int,
-                  batch_size: int) -> list[list[int]]:
-    """This rank's micro-batches of one optimizer step. The step takes the next global_batch examples of the epoch
-    and each rank a contiguous slice, so the step's examples do not depend on the number of ranks."""
-    per_rank = global_batch // world
-    start = step_in_epoch * global_batch + rank * per_rank
-    mine = order[start:start + per_rank].tolist()
-    return [mine[m:m + batch_size] for m in range(0, per_rank, batch_size)]
+def step_indices(order: torch.Tensor, step_in_epoch: int, global_batch: int) -> list[int]:
+    """The examples of one optimizer step: the next global_batch of the epoch's order, whatever the number of
+    ranks (group_by_length splits them)."""
+    return order[step_in_epoch * global_batch:(step_in_epoch + 1) * global_batch].tolist()
 
 
-def input_tokens(batch: dict, lc_type: str, et_type: str) -> int:
-    """Tokens the model reads for this batch (every pass of the step), for tokens/s."""
-    keys = ["tft_mask"] + ["lc_mask"] * (lc_type == "logits") + ["et_mask"] * (et_type == "logits")
-    keys += ["en_mask"] * ("feature" in (lc_type, et_type))
-    return int(sum(batch[k].sum() for k in keys))
+def pass_lengths(examples: list[dict], lc_type: str, et_type: str, prefix_share: bool) -> torch.Tensor:
+    """Tokens each forward pass of model.dft_step runs for each example: [n, passes]. The TFT pass runs
+    [x_tgt ; y_tgt]; a logits LC/ET pass runs its whole sequence, or with prefix sharing only the English rest
+    after x_tgt (the TFT pass's keys/values stand in for x_tgt); the feature losses run the English query."""
+    shared = prefix_share and "logits" in (lc_type, et_type)
+    passes = [[len(e["tft_tokens"]) for e in examples]]
+    for kind, loss_type in (("lc", lc_type), ("et", et_type)):
+        if loss_type == "logits":
+            passes.append([len(e[f"{kind}_tokens"]) - (e["tgt_prompt_len"] if shared else 0) for e in examples])
+    if "feature" in (lc_type, et_type):
+        passes.append([len(e["en_tokens"]) for e in examples])
+    return torch.tensor(passes, dtype=torch.long).T
+
+
+def padded_tokens(lengths: torch.Tensor) -> int:
+    """Tokens a micro-batch with these pass_lengths computes: each pass pads its rows to its longest one."""
+    return len(lengths) * int(lengths.max(0).values.clamp(min=1).sum()) if len(lengths) else 0
+
+
+def group_by_length(lengths: torch.Tensor, world: int, batch_size: int) -> list[list[list[int]]]:
+    """Split one step's examples (rows of `lengths`, their pass_lengths) into `world` ranks x the same number of
+    micro-batches (FSDP's collectives need every rank to run as many forward/backward calls), at most
+    batch_size examples each, grouping examples of similar lengths so that little padding is computed.
+    -> plan[rank][micro-batch] = row indices, ascending. Every row is used exactly once.
+
+    Exact by construction: every loss part is a sum divided by the step's global count, so any split of the
+    step's examples gives the same gradient. Sorting by one length would not do, since a step runs up to three
+    passes whose lengths differ (prompt vs answer, target language vs English): each micro-batch opens with the
+    longest example left and takes, one by one, the examples that add the least padding over all passes (the
+    growth of its padded lengths, paid by every row, minus the real tokens the example brings). The micro-batches
+    then go, costliest first, to the rank with the fewest padded tokens so far that still has room."""
+    n = len(lengths)
+    per_rank = max(1, math.ceil(n / (world * batch_size)))
+    n_micro = world * per_rank
+    sizes = [n // n_micro + (m < n % n_micro) for m in range(n_micro)]     # only a partial set has unequal sizes
+    totals = lengths.sum(1)
+    left = torch.ones(n, dtype=torch.bool)
+    micro_batches = []
+    for size in sizes:
+        group = []
+        if size:
+            first = int(torch.where(left, totals, -1).argmax())             # argmax/argmin: first of equals
+            group, longest = [first], lengths[first]
+            left[first] = False
+        while len(group) < size:
+            waste = size * (torch.maximum(longest, lengths) - longest).sum(1) - totals
+            pick = int(torch.where(left, waste, torch.iinfo(waste.dtype).max).argmin())
+            group.append(pick)
+            longest = torch.maximum(longest, lengths[pick])
+            left[pick] = False
+        micro_batches.append(sorted(group))
+    cost = [padded_tokens(lengths[group]) for group in micro_batches]
+    plan = [[] for _ in range(world)]
+    load = [0] * world
+    for m in sorted(range(n_micro), key=lambda m: -cost[m]):             # stable: ties keep their order
+        rank = min((r for r in range(world) if len(plan[r]) < per_rank), key=lambda r: load[r])
+        plan[rank].append(micro_batches[m])
+        load[rank] += cost[m]
+    return plan
+
+
+def global_counts(micro: list[dict], mode: str, dft: DFTConfig, device) -> dict:
+    """The number of targets of each loss part in these micro-batches on all ranks: what model.dft_step divides
+    each micro-batch's loss sums by, so that all of them add up to the global mean. Known before any backward."""
+    counts = torch.zeros(3, dtype=torch.long, device=device)
+    for batch in micro:
+        counts += torch.tensor(list(count_targets(batch, mode, dft).values()), device=device)
+    dist.all_reduce(counts)
+    return dict(zip(("tft", "lc", "et"), counts.tolist()))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -502,26 +565,18 @@ def export(model: Transformer, model_dir: Path, out: Path) -> Path:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, val_indices: list[int], cfg: TrainConfig, dft: DFTConfig, pad_id: int, device) -> dict:
-    """Loss parts over the held-out examples, each normalised by its count over the whole validation set."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = val_indices[rank::world]
-    batches = [collate([dataset[i] for i in mine[m:m + cfg.batch_size]], pad_id)
-               for m in range(0, len(mine), cfg.batch_size)]
-    # FSDP all-gathers inside every forward: all ranks must run the same number of them.
-    n_batches = math.ceil(math.ceil(len(val_indices) / world) / cfg.batch_size)
-    counts = torch.zeros(3, dtype=torch.long, device=device)
-    for batch in batches:
-        counts += torch.tensor(list(count_targets(batch, cfg.mode, dft).values()), device=device)
-    dist.all_reduce(counts)
-    counts = dict(zip(("tft", "lc", "et"), counts.tolist()))
-    filler = collate([dataset[val_indices[0]]], pad_id)
+def evaluate(model, examples: list[dict], plan: list, mode: str, dft: DFTConfig, pad_id: int, device) -> dict:
+    """Loss parts over the held-out examples, split by `plan` (group_by_length's), each normalised by its count
+    over the whole validation set."""
+    micro = [collate([examples[i] for i in group], pad_id) for group in plan[dist.get_rank()] if group]
+    counts = global_counts(micro, mode, dft, device)
     sums = torch.zeros(4, device=device)
-    for m in range(n_batches):
-        batch = batches[m] if m < len(batches) else filler
-        out = model.dft_step({k: v.to(device) for k, v in batch.items()}, cfg.mode, dft, counts)
-        if m < len(batches):       # the filler only keeps this rank in step with the others
-            sums += torch.stack([out[k].float().detach() for k in ("loss", "tft", "lc", "et")])
+    for batch in micro:
+        parts = model.dft_step({k: v.to(device) for k, v in batch.items()}, mode, dft, counts)
+        sums += torch.stack([parts[k].float().detach() for k in ("loss", "tft", "lc", "et")])
+    # FSDP all-gathers inside every forward: a rank left without examples runs one anyway, unused.
+    for _ in range(len(plan[0]) - len(micro)):
+        model.dft_step({k: v.to(device) for k, v in collate(examples[:1], pad_id).items()}, mode, dft, counts)
     dist.all_reduce(sums)
     return dict(zip(("val_loss", "val_tft", "val_lc", "val_et"), sums.tolist()))
 
@@ -624,6 +679,9 @@ def main(argv=None):
                                   "warmup_steps": warmup_steps, "max_lr": cfg.lr}}
 
         pad_id = tokenizer.pad_id
+        val_examples = [dataset[i] for i in val_indices]
+        val_lengths = pass_lengths(val_examples, lc_type, et_type, dft.prefix_share)
+        val_plan = group_by_length(val_lengths, world, cfg.batch_size)
         # Closed on every path: a bar left open would print itself after an error message.
         with tqdm(total=last_step, initial=step, desc=f"{cfg.mode} {cfg.lang}", unit="step",
                   disable=not is_main, dynamic_ncols=True) as bar:
@@ -634,31 +692,27 @@ def main(argv=None):
                 epoch, step_in_epoch = divmod(step, steps_per_epoch)
                 if order_epoch != epoch:
                     order_epoch, order = epoch, epoch_order(train_indices, cfg.seed, epoch)
-                micro = [collate([dataset[i] for i in idx], pad_id)
-                         for idx in step_examples(order, step_in_epoch, rank, world, cfg.global_batch, cfg.batch_size)]
-                # The step's global target counts, known before any backward: each micro-batch's loss parts are sums
-                # divided by them, so all micro-batches of all ranks add up to the global mean.
-                counts = torch.zeros(3, dtype=torch.long, device=device)
-                for batch in micro:
-                    counts += torch.tensor(list(count_targets(batch, cfg.mode, dft).values()), device=device)
-                dist.all_reduce(counts)
-                counts = dict(zip(("tft", "lc", "et"), counts.tolist()))
+                examples = [dataset[i] for i in step_indices(order, step_in_epoch, cfg.global_batch)]
+                lengths = pass_lengths(examples, lc_type, et_type, dft.prefix_share)
+                plan = group_by_length(lengths, world, cfg.batch_size)
+                micro = [collate([examples[i] for i in group], pad_id) for group in plan[rank]]
+                counts = global_counts(micro, cfg.mode, dft, device)
+                tokens = int(lengths.sum())                                   # real tokens, all ranks
+                padded = sum(padded_tokens(lengths[group]) for groups in plan for group in groups)
                 lr = get_lr(step, total_steps, warmup_steps, cfg.lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
                 sums = torch.zeros(4, device=device)                          # loss, tft, lc, et
-                tokens = 0
                 for batch in micro:
-                    tokens += input_tokens(batch, lc_type, et_type)
                     parts = model.dft_step({k: v.to(device, non_blocking=True) for k, v in batch.items()},
                                            cfg.mode, dft, counts)
                     # FSDP2 averages gradients over ranks; our per-rank losses are already shares of the global mean.
                     (parts["loss"] * world).backward()
                     sums += torch.stack([parts[k].float().detach() for k in ("loss", "tft", "lc", "et")])
-                stats = torch.cat([sums, torch.tensor([tokens, len(stop_requested)], device=device, dtype=torch.float)])
+                stats = torch.cat([sums, torch.tensor([len(stop_requested)], device=device, dtype=torch.float)])
                 dist.all_reduce(stats)
-                loss, tft, lc, et, tokens, stop = stats.tolist()
+                loss, tft, lc, et, stop = stats.tolist()
                 if not math.isfinite(loss):
                     raise SystemExit(f"step {step + 1}: loss is {loss} (tft {tft}, lc {lc}, et {et}); stopping. The last "
                                      f"checkpoint is in {out / 'ckpt'}; try a lower --lr")
@@ -682,11 +736,12 @@ def main(argv=None):
 
                 seconds = time.perf_counter() - started
                 row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "tft": tft, "lc": lc,
-                       "et": et, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": round(tokens / seconds, 1)}
+                       "et": et, "lr": lr, "grad_norm": grad_norm.item(), "tokens": tokens,
+                       "padded_tokens": padded, "tokens_per_s": round(tokens / seconds, 1)}
                 if device.type == "cuda":
                     row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 if val_indices and (step % cfg.eval_every == 0 or step == last_step):
-                    row |= evaluate(model, dataset, val_indices, cfg, dft, pad_id, device)
+                    row |= evaluate(model, val_examples, val_plan, cfg.mode, dft, pad_id, device)
                 if is_main:
                     with open(metrics_file, "a") as f:
                         f.write(json.dumps(row) + "\n")

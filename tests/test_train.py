@@ -22,7 +22,8 @@ import torch.distributed as dist
 import prepare_data
 import train
 from conftest import ROOT
-from model import Transformer, load_weights, read_args, write_tiny_checkpoint
+from model import DFTConfig, Transformer, count_targets, load_weights, read_args, write_tiny_checkpoint
+from model import main as model_main
 
 # Global batch 8 over 40 training examples (48 minus 7 held out, minus the partial last batch): 5 steps per epoch,
 # 2 epochs. --max-grad-norm is far below the gradient norms (~1), so every step is clipped.
@@ -137,6 +138,80 @@ def test_help_shows_every_default_and_needs_no_other_document(capsys):
     assert "needs --val-size" in " ".join(eval_every.split()).replace("- ", "-"), eval_every
 
 
+def test_group_by_length_pairs_rows_by_every_pass_length():
+    # Two passes; rows 0 and 2 are long in the first, 1 and 3 in the second. Every row has the same total, so a
+    # sort by total would keep the order and pair 0 with 1: 2 rows x (10 + 10) per micro-batch, 80 for 44 real.
+    lengths = torch.tensor([[10, 1], [1, 10], [10, 1], [1, 10]])
+    assert train.group_by_length(lengths, world=1, batch_size=2) == [[[0, 2], [1, 3]]]
+    assert train.padded_tokens(lengths[[0, 2]]) + train.padded_tokens(lengths[[1, 3]]) == 44
+    # One pass: the two longest together; on 2 ranks each takes one micro-batch.
+    lengths = torch.tensor([[1], [10], [2], [9]])
+    assert train.group_by_length(lengths, world=1, batch_size=2) == [[[1, 3], [0, 2]]]
+    assert train.group_by_length(lengths, world=2, batch_size=2) == [[[1, 3]], [[0, 2]]]
+    # Fewer rows than micro-batches (a small validation set): a rank may get an empty one, never a missing one.
+    assert train.group_by_length(lengths[:1], world=2, batch_size=4) == [[[0]], [[]]]
+
+
+@pytest.mark.parametrize("mode,prefix_share", [("dft-logits", True), ("dft-logits", False),
+                                                ("dft-feature", True), ("tft", True)])
+def test_pass_lengths_count_what_dft_step_runs(setup, mode, prefix_share):
+    """Padded tokens: what the model's passes really embed (B x T each); real tokens: by hand from the masks."""
+    dataset = prepare_data.load_prepared(setup / "llama-vi")
+    examples = [dataset[i] for i in range(5)]
+    batch = prepare_data.collate(examples, pad_id=0)
+    dft = DFTConfig(prefix_share=prefix_share)
+    lc_type, et_type = dft.types(mode)
+    lengths = train.pass_lengths(examples, lc_type, et_type, prefix_share)
+
+    model = Transformer.from_pretrained(setup / "llama")
+    embedded = []
+    model.tok_embeddings.register_forward_pre_hook(lambda module, inputs: embedded.append(inputs[0].numel()))
+    with torch.no_grad():
+        model.dft_step(batch, mode, dft, count_targets(batch, mode, dft))
+    assert sum(embedded) == train.padded_tokens(lengths)
+
+    prompt = batch["tgt_prompt_len"]
+    real = {"tft": batch["tft_mask"].sum(), "en": batch["en_mask"].sum()}
+    for kind in ("lc", "et"):
+        real[kind] = batch[f"{kind}_mask"].sum() - (prompt.sum() if prefix_share else 0)
+    runs = {"dft-logits": ("tft", "lc", "et"), "dft-feature": ("tft", "en"), "tft": ("tft",)}[mode]
+    assert int(lengths.sum()) == sum(int(real[k]) for k in runs)
+
+
+@pytest.fixture(scope="module")
+def bundled_vi(tmp_path_factory):
+    """The bundled Vietnamese sample prepared with a tiny LLaMA tokenizer (python model.py --make-tiny, as the
+    demo does); --max-len 1024 keeps all 120 pairs."""
+    root = tmp_path_factory.mktemp("bundled")
+    model_main(["--make-tiny", str(root / "tiny-llama"), "--family", "llama"])
+    prepare_data.main(["--lang", "vi", "--tokenizer", str(root / "tiny-llama"), "--out", str(root / "vi"),
+                       "--max-len", "1024"])
+    return prepare_data.load_prepared(root / "vi")
+
+
+@pytest.mark.parametrize("world", [1, 8])
+def test_length_grouping_on_the_bundled_sample(bundled_vi, world):
+    """The default flags' shape (all 120 examples as one step, micro-batches of 4) on 1 and 8 ranks: every
+    example once, as many micro-batches on every rank, and padding down to at most 10 % of the real tokens."""
+    examples = [bundled_vi[i] for i in range(len(bundled_vi))]
+    assert len(examples) == 120
+    order = torch.randperm(120, generator=torch.Generator().manual_seed(0)).tolist()   # an epoch's order
+    for lc_type, et_type in (("logits", "logits"), ("feature", "feature"), ("none", "none")):
+        lengths = train.pass_lengths(examples, lc_type, et_type, True)
+        plan = train.group_by_length(lengths, world, batch_size=4)
+        assert len(plan) == world and len({len(groups) for groups in plan}) == 1
+        assert sorted(i for groups in plan for group in groups for i in group) == list(range(120))
+        assert all(1 <= len(group) <= 4 for groups in plan for group in groups)
+        grouped = sum(train.padded_tokens(lengths[group]) for groups in plan for group in groups)
+        # Before: each rank a contiguous slice of the epoch's order, cut into micro-batches in that order.
+        per_rank = 120 // world
+        contiguous = [order[r * per_rank:(r + 1) * per_rank][m:m + 4] for r in range(world)
+                      for m in range(0, per_rank, 4)]
+        before = sum(train.padded_tokens(lengths[group]) for group in contiguous)
+        real = int(lengths.sum())
+        assert grouped / real <= 1.10 and grouped < before, (lc_type, grouped / real, before / real)
+
+
 @pytest.mark.parametrize("mode,family", [("tft", "llama"), ("dft-logits", "llama"), ("dft-feature", "gemma2")])
 def test_two_processes_equal_one(setup, mode, family):
     ref = reference_run(setup, mode, family)
@@ -153,6 +228,8 @@ def test_two_processes_equal_one(setup, mode, family):
         for key in ("loss", "tft", "lc", "et", "val_loss", "val_tft", "val_lc", "val_et"):
             if key in a or key in b:
                 assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+        # The same examples per step, however they are split: the same real tokens.
+        assert b["tokens"] == a["tokens"] and a["tokens"] < a["padded_tokens"], a["step"]
         # Norms reach ~10 in gradient spikes, where fp32 summation order alone moves the 6th digit.
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), a["step"]
     if mode != "tft":
@@ -459,4 +536,7 @@ def test_sft_mode_trains_on_english_only_data(setup, tmp_path):
               "--epochs", "2", "--lr", "3e-3", "--warmup-ratio", "0.1"])
     rows = read_metrics(out)
     assert len(rows) == 12 and rows[-1]["tft"] < rows[0]["tft"] and not rows[-1]["lc"] and not rows[-1]["et"]
+    # An epoch (6 steps of 8) reads each of the 48 examples once: the real tokens are theirs.
+    dataset = prepare_data.load_prepared(data)
+    assert sum(r["tokens"] for r in rows[:6]) == sum(len(dataset[i]["tft_tokens"]) for i in range(48))
     assert (out / "final" / "model.safetensors").is_file()
