@@ -9,8 +9,8 @@
     python train.py --lang vi ...                                             # also fine: one process, no torchrun
 
 Defaults are the recipe: 3 epochs, AdamW at 2e-5, global batch 128 (per-device batch 4, accumulation derived from the
-number of processes), warmup 3 % then cosine decay to 0, weight decay 0, gradient clipping at 1.0, bf16 mixed
-precision on CUDA with fp32 master weights. --model defaults to models/Llama-2-7b-hf, --data to data/prepared/LANG
+number of processes), warmup 3 % then cosine decay to 0, weight decay 0, gradient clipping at 1.0; on CUDA bf16 mixed
+precision with fp32 master weights, torch.compile per block and fused AdamW (on CPU: fp32, eager). --model defaults to models/Llama-2-7b-hf, --data to data/prepared/LANG
 (data/prepared/sft-en for --mode sft), --out to runs/MODEL-MODE-LANG (e.g. runs/Llama-2-7b-hf-dft-logits-vi).
 
 What the run writes under --out:
@@ -104,7 +104,7 @@ class TrainConfig:
     val_size: int = 0
     eval_every: int = 100
     activation_checkpointing: bool = False
-    compile: bool = False
+    compile: bool | None = None        # None -> on with CUDA, off on CPU
     dtype: str = "auto"
     dump_grads: str | None = None      # hidden test hook: write the full gradients of the first step here
     # Derived by resolve_config:
@@ -189,9 +189,12 @@ paper's and what is ours" lists them).""")
                    help="validate every N steps and at the end; needs --val-size")
     r.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in backward: activations of one block instead of all")
-    r.add_argument("--compile", action="store_true", help="torch.compile each block (pays off on GPU)")
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile each block, sequence lengths dynamic (default: on with CUDA, off on CPU, "
+                        "where it costs more than it saves)")
     r.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 mixed precision (fp32 master weights) on CUDA, fp32 on CPU")
+                   help="auto: bf16 mixed precision (fp32 master weights) on CUDA, fp32 on CPU (bf16 matmuls are "
+                        "~100x slower on CPUs)")
     r.add_argument("--dump-grads", help=argparse.SUPPRESS)
     r.add_argument("--demo", action="store_true",
                    help="the whole pipeline on the embedded default (tiny model, bundled sample), on CPU: "
@@ -307,8 +310,16 @@ def default_data(mode: str, lang: str) -> str:
     return "data/prepared/sft-en" if mode == "sft" else f"data/prepared/{lang}"
 
 
-def resolve_config(cfg: TrainConfig, world_size: int) -> TrainConfig:
-    """Fill in the defaults that depend on other flags; one-line errors for impossible values."""
+def local_device() -> torch.device:
+    """This process's GPU under torchrun (LOCAL_RANK), or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def resolve_config(cfg: TrainConfig, world_size: int, device_type: str) -> TrainConfig:
+    """Fill in the defaults that depend on other flags and on the device; one-line errors for impossible
+    values."""
     if cfg.mode != "sft" and not cfg.lang:
         raise SystemExit(f"--lang is required for --mode {cfg.mode} (the data's target language, e.g. --lang vi)")
     lang = cfg.lang if cfg.mode != "sft" else (cfg.lang or "en")
@@ -333,6 +344,11 @@ def resolve_config(cfg: TrainConfig, world_size: int) -> TrainConfig:
                          f"{max(1, round(cfg.global_batch / per_step)) * per_step} or another --batch-size")
     values = asdict(cfg) | dict(lang=lang, data=data, out=out, world_size=world_size,
                                 grad_accum=cfg.global_batch // per_step)
+    # bf16 matmuls are ~100x slower than fp32 on CPUs, and compiling costs more there than it saves.
+    if cfg.dtype == "auto":
+        values["dtype"] = "bf16" if device_type == "cuda" else "fp32"
+    if cfg.compile is None:
+        values["compile"] = device_type == "cuda"
     return TrainConfig(**values)
 
 
@@ -494,11 +510,24 @@ def apply_fsdp(model: Transformer, bf16: bool, activation_checkpointing: bool, c
         if activation_checkpointing:
             checkpoint_block(block)
         if compile:
-            block.compile()                      # in place: keeps the parameter names
+            # In place, so the parameter names stay. dynamic=True: the sequence length is symbolic from the
+            # first compile, so new lengths reuse the graph (one graph per kind of call: with or without a
+            # shared prompt) instead of a recompile per length until torch's automatic dynamic shapes kick in.
+            block.compile(dynamic=True)
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     # dft_step touches the root's parameters (embedding, final norm, head) outside forward: FSDP must unshard them.
     register_fsdp_forward_method(model, "dft_step")
+
+
+def make_optimizer(model: Transformer, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only; the fused kernel on CUDA (one launch for all parameters),
+    the default implementation elsewhere."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                             fused=True if device.type == "cuda" else None)
 
 
 def rng_state(device: torch.device) -> dict:
@@ -588,7 +617,8 @@ def evaluate(model, examples: list[dict], plan: list, mode: str, dft: DFTConfig,
 @record
 def main(argv=None):
     # Inputs first: every mistake a user can make shows up here, before any process group or allocation.
-    cfg = resolve_config(parse_args(argv), int(os.environ.get("WORLD_SIZE", "1")))
+    device = local_device()
+    cfg = resolve_config(parse_args(argv), int(os.environ.get("WORLD_SIZE", "1")), device.type)
     args, tokenizer, dataset, dft = check_inputs(cfg)
     cfg.lc_layer, cfg.et_layer = dft.lc_layer, dft.et_layer
     out, model_dir = Path(cfg.out), Path(cfg.model)
@@ -597,13 +627,9 @@ def main(argv=None):
     resume = read_resume_state(resume_from, cfg, data) if resume_from else None
     lc_type, et_type = dft.types(cfg.mode)
 
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        device = torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    bf16 = cfg.dtype == "bf16"
     rank, world = init_distributed(device)
     previous_handlers = {}
     try:
@@ -636,11 +662,7 @@ def main(argv=None):
         model.to_empty(device=device)
         if resume is None:
             load_weights(model, model_dir)
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999),
-                                      eps=1e-8)
+        optimizer = make_optimizer(model, cfg, device)
 
         # --- resume ----------------------------------------------------------------------------------------------
         step = 0

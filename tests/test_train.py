@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._dynamo
 import torch.distributed as dist
 
 import prepare_data
@@ -272,6 +273,49 @@ def test_bf16_fsdp_blocks_get_fp32_rope_tables_and_match_the_plain_bf16_model(ti
     assert received == [[torch.bfloat16, torch.float32, torch.float32]]      # hidden states, cos, sin
     # The same bf16 weights and fp32 tables: the same numbers (bf16 tables moved them by ~5e-3 here).
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
+
+
+def test_cuda_compiles_and_fuses_adamw_while_the_cpu_default_stays_eager(tiny_llama):
+    argv = ["--lang", "vi"]
+    cpu = train.resolve_config(train.parse_args(argv), 1, "cpu")
+    cuda = train.resolve_config(train.parse_args(argv), 8, "cuda")
+    assert (cpu.compile, cpu.dtype) == (False, "fp32") and (cuda.compile, cuda.dtype) == (True, "bf16")
+    assert train.resolve_config(train.parse_args(argv + ["--no-compile"]), 8, "cuda").compile is False
+    assert train.resolve_config(train.parse_args(argv + ["--compile"]), 1, "cpu").compile is True
+    model = Transformer.from_pretrained(tiny_llama)
+    assert train.make_optimizer(model, cpu, torch.device("cpu")).defaults["fused"] is None
+    assert train.make_optimizer(model, cuda, torch.device("cuda")).defaults["fused"] is True
+
+
+def test_compiled_blocks_do_not_recompile_for_new_sequence_lengths(setup, monkeypatch):
+    """apply_fsdp's compile, run by dynamo with the eager backend (inductor needs a GPU to pay off): six
+    micro-batches of different lengths through DFT-logits steps compile each kind of block call once."""
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda module, **options: compile_module(module, backend="eager", **options))
+    torch._dynamo.reset()
+    dataset = prepare_data.load_prepared(setup / "llama-vi")
+    dft = DFTConfig()
+    graphs = []
+    train.init_distributed(torch.device("cpu"))
+    try:
+        with torch.device("meta"):
+            model = Transformer(read_args(setup / "llama"))
+        train.apply_fsdp(model, bf16=False, activation_checkpointing=False, compile=True)
+        model.to_empty(device="cpu")
+        load_weights(model, setup / "llama")
+        by_length = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["tft_tokens"]))
+        lengths = set()
+        for start in range(0, 48, 8):          # pairs from shortest to longest
+            batch = prepare_data.collate([dataset[i] for i in by_length[start:start + 2]], pad_id=0)
+            lengths.add(batch["tft_tokens"].shape[1])
+            model.dft_step(batch, "dft-logits", dft, count_targets(batch, "dft-logits", dft))["loss"].backward()
+            graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
+    assert len(lengths) >= 4
+    assert graphs == [graphs[0]] * 6 and graphs[0] <= 2, graphs     # the TFT pass's call and the shared one's
 
 
 def test_sigterm_and_kill_9_then_resume_give_the_uninterrupted_losses(setup):
