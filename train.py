@@ -196,9 +196,6 @@ paper's and what is ours" lists them).""")
                    help="auto: bf16 mixed precision (fp32 master weights) on CUDA, fp32 on CPU (bf16 matmuls are "
                         "~100x slower on CPUs)")
     r.add_argument("--dump-grads", help=argparse.SUPPRESS)
-    r.add_argument("--demo", action="store_true",
-                   help="the whole pipeline on the embedded default (tiny model, bundled sample), on CPU: "
-                        "python train.py --demo (all other flags are ignored)")
     a = p.parse_args(argv)
     return TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig) if hasattr(a, f.name)})
 
@@ -790,94 +787,6 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The demo: the whole pipeline on the embedded default, on CPU, in a few minutes
-# ---------------------------------------------------------------------------------------------------------------------
-
-DEMO_NOTE = ("A tiny random-init model trained for a few steps shows that the pipeline works end to end; its scores "
-             "say nothing about the method's effect (that takes LLaMA-2-7B / Gemma-2-2B, see README.md).")
-
-
-def run_demo(out: Path = Path("runs/demo")) -> None:
-    """tiny LLaMA-architecture checkpoint + tokenizer trained on the bundled texts -> the bundled vi sample prepared ->
-    2-process torchrun training in tft and dft-logits -> evaluate.py on the bundled benchmark samples -> a side-by-side
-    table and loss curves. Each stage is skipped when its output exists, and training resumes, so a rerun reuses what
-    finished."""
-    import subprocess
-
-    here = Path(__file__).resolve().parent
-    python = sys.executable
-    model, data = out / "tiny-llama", out / "prepared-vi"
-
-    def stage(title, done: bool, cmd):
-        print(f"\n=== {title}" + (" (done before: reused)" if done else ""), flush=True)
-        if not done:
-            print("$ " + " ".join(str(c) for c in cmd), flush=True)
-            subprocess.run([str(c) for c in cmd], check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-
-    print(DEMO_NOTE)
-    stage("tiny checkpoint", (model / "config.json").is_file(),
-          [python, here / "model.py", "--make-tiny", model, "--family", "llama"])
-    stage("prepare the bundled Vietnamese sample", (data / "meta.json").is_file(),
-          [python, here / "prepare_data.py", "--lang", "vi", "--tokenizer", model, "--out", data])
-    runs = {}
-    for mode in ("tft", "dft-logits"):
-        run = runs[mode] = out / mode
-        stage(f"train --mode {mode} (torchrun, 2 CPU processes)", (run / "final" / "config.json").is_file(),
-              [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", here / "train.py",
-               "--lang", "vi", "--model", model, "--data", data, "--out", run, "--mode", mode, "--epochs", "4",
-               "--global-batch", "16", "--batch-size", "4", "--lr", "2e-3", "--warmup-ratio", "0.1",
-               "--val-size", "8", "--eval-every", "5", "--save-every", "10"])
-        stage(f"evaluate the {mode} model on data/bench_sample", (run / "final" / "eval" / "results.json").is_file(),
-              [python, here / "evaluate.py", "--model", run / "final", "--langs", "vi,ar,zh", "--tasks", "all",
-               "--data-dir", here / "data" / "bench_sample", "--max-new-tokens", "16"])
-    print_demo_table(runs)
-    plot_losses(runs, out / "loss_curves.png")
-    print("\n" + DEMO_NOTE)
-
-
-def print_demo_table(runs: dict) -> None:
-    """Benchmarks and last training losses of each run, side by side."""
-    results = {mode: {(r["task"], r["lang"], r["metric"]): r["value"]
-                      for r in json.loads((run / "final" / "eval" / "results.json").read_text())}
-               for mode, run in runs.items()}
-    last = {mode: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
-            for mode, run in runs.items()}
-    modes = list(runs)
-    print("\n| task | lang | metric | " + " | ".join(modes) + " |\n|---|---|---|" + "---|" * len(modes))
-    main_metrics = {"f1", "acc", "mc1"}          # the metric the paper reports for each benchmark
-    for key in sorted(k for k in set().union(*results.values()) if k[2] in main_metrics):
-        cells = [f"{results[m][key]:.2f}" if key in results[m] else "–" for m in modes]
-        print(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
-    for part in ("loss", "tft", "lc", "et"):
-        cells = [f"{last[m][part]:.3f}" if last[m].get(part) else "–" for m in modes]
-        print(f"| train (last step) | vi | {part} | " + " | ".join(cells) + " |")
-
-
-def plot_losses(runs: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"\nloss-curve PNG skipped: matplotlib is not installed (pip install matplotlib to get {path})")
-        return
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharex=True)
-    for mode, run in runs.items():
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        for ax, part in zip(axes, ("tft", "lc", "et")):
-            points = [(r["step"], r[part]) for r in rows if r.get(part)]
-            if points:
-                ax.plot(*zip(*points), label=mode)
-    for ax, part in zip(axes, ("L_TFT", "L_LC", "L_ET")):
-        ax.set_title(part)
-        ax.set_xlabel("optimizer step")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"\nloss curves: {path}")
-
-
 # Exit status of a run refused or stopped with a one-line message (bad input, a NaN loss); a crash exits with 1.
 EXIT_ONE_LINE = 2
 # How long the other ranks leave rank 0 to print a refusal that they all reached (torchrun ends them when rank 0
@@ -898,10 +807,7 @@ def exit_with_one_line(stop: SystemExit) -> None:
 
 
 if __name__ == "__main__":
-    if "--demo" in sys.argv[1:]:
-        run_demo()
-    else:
-        try:
-            main()
-        except SystemExit as stop:
-            exit_with_one_line(stop)
+    try:
+        main()
+    except SystemExit as stop:
+        exit_with_one_line(stop)

@@ -554,22 +554,6 @@ def test_layer_beyond_depth_and_impossible_batch_split_are_refused(setup, tmp_pa
     assert "--lc-type" in bad_input(setup, tmp_path, ["--mode", "sft", "--lc-type", "logits"])
 
 
-def test_demo_runs_end_to_end_and_prints_the_table(tmp_path):
-    """The README's demo: tiny checkpoint -> prepared sample -> 2-process tft and dft-logits -> evaluate -> table."""
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--demo"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| task | lang | metric | tft | dft-logits |" in proc.stdout
-    assert "| xnli | vi | acc |" in proc.stdout and "| train (last step) | vi | lc | – |" in proc.stdout
-    assert "say nothing about the method's effect" in proc.stdout
-    for mode in ("tft", "dft-logits"):
-        rows = [json.loads(line) for line in (tmp_path / "runs/demo" / mode / "metrics.jsonl").read_text().splitlines()]
-        assert rows[-1]["tft"] < rows[0]["tft"]
-    rerun = subprocess.run([sys.executable, str(ROOT / "train.py"), "--demo"], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=300)
-    assert rerun.returncode == 0 and rerun.stdout.count("(done before: reused)") == 6
-
-
 def test_sft_mode_trains_on_english_only_data(setup, tmp_path):
     """The SFT baseline: English-only data (only the tft keys) trains, its loss falls, and it exports."""
     data = tmp_path / "sft-en"
