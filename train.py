@@ -20,7 +20,7 @@ What the run writes under --out:
                        over every pass), tokens_per_s (real tokens)
                        (+ peak_mem_gib on GPU; + val_loss, val_tft, val_lc, val_et on --eval-every steps)
     ckpt/step_N/       sharded model + optimizer (torch.distributed.checkpoint) + state.json (step, data position,
-                       RNG, schedule); written as step_N.tmp and renamed when complete, the last --keep-last kept.
+                       schedule, the data's identity); written as step_N.tmp and renamed when complete, the last --keep-last kept.
                        Rerunning the same command resumes from the newest. With several nodes, --out must be on a
                        filesystem every node sees.
     final/             the fine-tuned model in the Hugging Face layout, with the tokenizer and generation files of
@@ -45,7 +45,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -57,7 +57,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from model import (MODES, CheckpointError, DFTConfig, Tokenizer, Transformer, check_checkpoint, count_targets,
+from model import (LOSS_TYPES, MODES, CheckpointError, DFTConfig, Tokenizer, Transformer, check_checkpoint, count_targets,
                    load_weights, read_args)
 from prepare_data import check_meta, collate, data_identity, load_prepared
 
@@ -68,7 +68,7 @@ SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "spe
 # Flags that may differ between a run and the rerun that resumes it: they change neither the data order nor the
 # mathematics of an optimizer step (the micro-batch size only regroups the same examples; the others are speed).
 RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_last", "eval_every", "batch_size", "activation_checkpointing",
-                     "compile", "world_size", "grad_accum", "chunk_size", "prefix_share", "dump_grads"}
+                     "compile", "world_size", "grad_accum", "dft.chunk_size", "dft.prefix_share"}
 
 
 @dataclass
@@ -86,18 +86,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_steps: int | None = None
-    lc_layer: int | None = None        # None -> model.default_layers
-    et_layer: int | None = None
-    lc_weight: float = 1.0
-    et_weight: float = 1.0
-    lc_type: str | None = None         # None -> set by --mode
-    et_type: str | None = None
-    lc_content_only: bool = True
-    pooling: str = "mean"
-    detach_teacher: bool = True
-    teacher_norm: bool = True
-    chunk_size: int = 1024
-    prefix_share: bool = True
+    dft: DFTConfig = field(default_factory=DFTConfig)    # --lc-layer, --lc-type, ...: the fields' own names
     seed: int = 42
     save_every: int = 200
     keep_last: int = 2
@@ -106,7 +95,6 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool | None = None        # None -> on with CUDA, off on CPU
     dtype: str = "auto"
-    dump_grads: str | None = None      # hidden test hook: write the full gradients of the first step here
     # Derived by resolve_config:
     world_size: int = 1
     grad_accum: int = 1
@@ -130,22 +118,22 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def parse_args(argv=None) -> TrainConfig:
     p = ArgumentParser(prog="train.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--lang", help="target language of the data (vi, zh, ar, ...); required, except for --mode sft")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="HF checkpoint dir to start from")
+    p.add_argument("--model", help="HF checkpoint dir to start from")
     p.add_argument("--data", help="prepared data dir (default: data/prepared/LANG; data/prepared/sft-en for "
                                   "--mode sft)")
     p.add_argument("--out", help="run dir (default: runs/MODEL-MODE-LANG); rerunning with the same --out resumes")
-    p.add_argument("--mode", choices=MODES, default="dft-logits",
+    p.add_argument("--mode", choices=MODES,
                    help="sft: English data only; tft: target-language data only; dft-logits / dft-feature: "
                         "TFT + the LC and ET losses below")
     g = p.add_argument_group("optimisation (defaults: the paper's recipe)")
-    g.add_argument("--epochs", type=int, default=3, help="passes over the training data")
-    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
-    g.add_argument("--global-batch", type=int, default=128, help="examples per optimizer step, all processes")
-    g.add_argument("--batch-size", type=int, default=4,
+    g.add_argument("--epochs", type=int, help="passes over the training data")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--global-batch", type=int, help="examples per optimizer step, all processes")
+    g.add_argument("--batch-size", type=int,
                    help="examples per process and micro-batch; accumulation = global / (batch x processes)")
-    g.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup over this share of the steps")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay of the matrices (norms never)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this")
+    g.add_argument("--warmup-ratio", type=float, help="linear warmup over this share of the steps")
+    g.add_argument("--weight-decay", type=float, help="AdamW decay of the matrices (norms never)")
+    g.add_argument("--max-grad-norm", type=float, help="clip the global gradient norm to this")
     g.add_argument("--max-steps", type=int,
                    help="stop after this many optimizer steps (smoke runs; default: all); the schedule still "
                         "spans --epochs, so a later run without it continues the same schedule")
@@ -162,42 +150,46 @@ paper's and what is ours" lists them).""")
     d.add_argument("--et-layer", type=int,
                    help="layer j of the ET loss (default: 15 of LLaMA-2's 32 blocks, 12 of Gemma-2's 26; "
                         "scaled for other depths)")
-    d.add_argument("--lc-weight", type=float, default=1.0, help="w_LC; 0 skips the LC pass")
-    d.add_argument("--et-weight", type=float, default=1.0, help="w_ET; 0 skips the ET pass")
-    d.add_argument("--lc-type", choices=("logits", "feature", "none"),
+    d.add_argument("--lc-weight", type=float, help="w_LC; 0 skips the LC pass")
+    d.add_argument("--et-weight", type=float, help="w_ET; 0 skips the ET pass")
+    d.add_argument("--lc-type", choices=LOSS_TYPES,
                    help="override the mode's LC loss type (default: the mode's)")
-    d.add_argument("--et-type", choices=("logits", "feature", "none"),
+    d.add_argument("--et-type", choices=LOSS_TYPES,
                    help="override the mode's ET loss type (default: the mode's)")
-    d.add_argument("--lc-content-only", action=argparse.BooleanOptionalAction, default=True,
+    d.add_argument("--lc-content-only", action=argparse.BooleanOptionalAction,
                    help="LC predicts only x_en's instruction+input, not the English template words")
-    d.add_argument("--pooling", choices=("mean", "last"), default="mean",
+    d.add_argument("--pooling", choices=("mean", "last"),
                    help="feature losses: pool the query's content tokens by")
-    d.add_argument("--detach-teacher", action=argparse.BooleanOptionalAction, default=True,
+    d.add_argument("--detach-teacher", action=argparse.BooleanOptionalAction,
                    help="feature losses: no gradient through the English side")
-    d.add_argument("--teacher-norm", action=argparse.BooleanOptionalAction, default=True,
+    d.add_argument("--teacher-norm", action=argparse.BooleanOptionalAction,
                    help="feature ET: the teacher h_N(x_en) after the final norm")
-    d.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the cross-entropy")
-    d.add_argument("--prefix-share", action=argparse.BooleanOptionalAction, default=True,
+    d.add_argument("--chunk-size", type=int, help="tokens per chunk of the cross-entropy")
+    d.add_argument("--prefix-share", action=argparse.BooleanOptionalAction,
                    help="logits LC/ET: run only the English part on the TFT pass's keys/values (same numbers, "
                         "less compute)")
     r = p.add_argument_group("run")
-    r.add_argument("--seed", type=int, default=42, help="data order and validation split")
-    r.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
-    r.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
-    r.add_argument("--val-size", type=int, default=0, help="examples held out for validation")
-    r.add_argument("--eval-every", type=int, default=100,
+    r.add_argument("--seed", type=int, help="data order and validation split")
+    r.add_argument("--save-every", type=int, help="checkpoint every N steps (and at the end)")
+    r.add_argument("--keep-last", type=int, help="checkpoints kept")
+    r.add_argument("--val-size", type=int, help="examples held out for validation")
+    r.add_argument("--eval-every", type=int,
                    help="validate every N steps and at the end; needs --val-size")
     r.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in backward: activations of one block instead of all")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile each block, sequence lengths dynamic (default: on with CUDA, off on CPU, "
                         "where it costs more than it saves)")
-    r.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+    r.add_argument("--dtype", choices=("auto", "bf16", "fp32"),
                    help="auto: bf16 mixed precision (fp32 master weights) on CUDA, fp32 on CPU (bf16 matmuls are "
                         "~100x slower on CPUs)")
-    r.add_argument("--dump-grads", help=argparse.SUPPRESS)
+    # Defaults: the dataclasses' own, so each lives in one place (the flags are their field names).
+    defaults = TrainConfig()
+    p.set_defaults(**{f.name: getattr(defaults, f.name) for f in fields(TrainConfig) if f.name != "dft"},
+                   **asdict(defaults.dft))
     a = p.parse_args(argv)
-    return TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig) if hasattr(a, f.name)})
+    dft = DFTConfig(**{f.name: getattr(a, f.name) for f in fields(DFTConfig)})
+    return TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig) if f.name != "dft"}, dft=dft)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -325,7 +317,7 @@ def resolve_config(cfg: TrainConfig, world_size: int, device_type: str) -> Train
     for flag, value, low in (("--epochs", cfg.epochs, 1), ("--global-batch", cfg.global_batch, 1),
                              ("--batch-size", cfg.batch_size, 1), ("--save-every", cfg.save_every, 1),
                              ("--keep-last", cfg.keep_last, 1), ("--eval-every", cfg.eval_every, 1),
-                             ("--chunk-size", cfg.chunk_size, 1), ("--val-size", cfg.val_size, 0),
+                             ("--chunk-size", cfg.dft.chunk_size, 1), ("--val-size", cfg.val_size, 0),
                              ("--max-steps", cfg.max_steps if cfg.max_steps is not None else 1, 1)):
         if value < low:
             raise SystemExit(f"{flag} {value}: expected an integer >= {low}")
@@ -339,14 +331,11 @@ def resolve_config(cfg: TrainConfig, world_size: int, device_type: str) -> Train
         raise SystemExit(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size {cfg.batch_size} x "
                          f"{world_size} process(es) = {per_step}; choose e.g. --global-batch "
                          f"{max(1, round(cfg.global_batch / per_step)) * per_step} or another --batch-size")
-    values = asdict(cfg) | dict(lang=lang, data=data, out=out, world_size=world_size,
-                                grad_accum=cfg.global_batch // per_step)
     # bf16 matmuls are ~100x slower than fp32 on CPUs, and compiling costs more there than it saves.
-    if cfg.dtype == "auto":
-        values["dtype"] = "bf16" if device_type == "cuda" else "fp32"
-    if cfg.compile is None:
-        values["compile"] = device_type == "cuda"
-    return TrainConfig(**values)
+    dtype = cfg.dtype if cfg.dtype != "auto" else "bf16" if device_type == "cuda" else "fp32"
+    compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
+    return replace(cfg, lang=lang, data=data, out=out, dtype=dtype, compile=compile, world_size=world_size,
+                   grad_accum=cfg.global_batch // per_step)
 
 
 # The Hub organisation of a model, by the start of its directory name (as the README's download commands).
@@ -368,7 +357,8 @@ def missing_model_message(model_dir: Path) -> str:
 
 def check_inputs(cfg: TrainConfig):
     """Model, tokenizer, layers and data, checked from their small files only: one line per problem, before any
-    process group, allocation or output exists. Returns (model args, tokenizer, dataset, DFTConfig)."""
+    process group, allocation or output exists. Returns (model args, tokenizer, dataset, cfg.dft with its
+    layers resolved)."""
     model_dir = Path(cfg.model)
     if not (model_dir / "config.json").is_file():
         raise SystemExit(missing_model_message(model_dir))
@@ -380,19 +370,12 @@ def check_inputs(cfg: TrainConfig):
     except CheckpointError as e:
         raise SystemExit(str(e)) from None
 
-    n = args.n_layers
-    for flag, layer in (("--lc-layer", cfg.lc_layer), ("--et-layer", cfg.et_layer)):
-        if layer is not None and not 1 <= layer <= n:
-            raise SystemExit(f"{flag} {layer}: {model_dir} has {n} blocks; expected a layer in 1..{n}")
-    dft = DFTConfig(lc_type=cfg.lc_type, et_type=cfg.et_type, lc_layer=cfg.lc_layer, et_layer=cfg.et_layer,
-                    lc_weight=cfg.lc_weight, et_weight=cfg.et_weight, lc_content_only=cfg.lc_content_only,
-                    pooling=cfg.pooling, detach_teacher=cfg.detach_teacher, teacher_norm=cfg.teacher_norm,
-                    chunk_size=cfg.chunk_size, prefix_share=cfg.prefix_share)
     try:
-        dft.types(cfg.mode)
-        dft.lc_layer, dft.et_layer = dft.layers(args)
+        cfg.dft.types(cfg.mode)
+        lc_layer, et_layer = cfg.dft.layers(args)
     except ValueError as e:
-        raise SystemExit(f"--mode {cfg.mode}: {e}") from None
+        raise SystemExit(f"{in_flag_terms(e)} (--model {model_dir}, --mode {cfg.mode})") from None
+    dft = replace(cfg.dft, lc_layer=lc_layer, et_layer=et_layer)
 
     data_dir = Path(cfg.data)
     make_data = "python prepare_data.py " + ("--sft" if cfg.mode == "sft" else f"--lang {cfg.lang}")
@@ -408,6 +391,14 @@ def check_inputs(cfg: TrainConfig):
                          f"{train_size} left for training, fewer than --global-batch {cfg.global_batch}")
     make_out_dir(Path(cfg.out))             # last: a refused run leaves no new directory behind
     return args, tokenizer, dataset, dft
+
+
+def in_flag_terms(error: ValueError) -> str:
+    """DFTConfig's messages name its fields (lc_layer=5); the user set them as flags (--lc-layer 5)."""
+    text = str(error)
+    for f in fields(DFTConfig):
+        text = text.replace(f"{f.name}=", f"--{f.name.replace('_', '-')} ")
+    return text
 
 
 def make_out_dir(out: Path) -> None:
@@ -432,10 +423,13 @@ def read_resume_state(ckpt: Path, cfg: TrainConfig, data: dict) -> dict:
     """The checkpoint's state.json, refused (one line) when it was written by a run with other flags or on
     other data (`data`: this run's data identity and meta.json, as checkpoint states record them)."""
     state = json.loads((ckpt / "state.json").read_text())
-    saved = state["config"]
-    differ = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != getattr(cfg, k, None)]
+    saved = flatten(state["config"])
+    now = flatten(asdict(cfg))
+    differ = [k for k in sorted(saved.keys() | now.keys())
+              if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
     if differ:
-        shown = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {getattr(cfg, k, None)})" for k in differ)
+        flag = lambda key: "--" + key.split(".")[-1].replace("_", "-")  # noqa: E731
+        shown = ", ".join(f"{flag(k)} {saved.get(k)} (now {now.get(k)})" for k in differ)
         raise SystemExit(f"{ckpt}: written by a run with {shown}; rerun with those flags to resume, or pick "
                          f"another --out")
     saved_data = state.get("data") or {}
@@ -446,21 +440,23 @@ def read_resume_state(ckpt: Path, cfg: TrainConfig, data: dict) -> dict:
     return state
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"dft": {"chunk_size": 1024}} -> {"dft.chunk_size": 1024}."""
+    items = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            items |= flatten(value, f"{prefix}{key}.")
+        else:
+            items[prefix + key] = value
+    return items
+
+
 def describe_meta_change(old: dict | None, new: dict) -> str:
     """What differs between two meta.json dicts, e.g. "max_len 512 -> 256, num_examples 113 -> 120"."""
     if old is None:
         return "the checkpoint records no data identity"
-
-    def flat(d: dict, prefix: str = "") -> dict:
-        items = {}
-        for key, value in d.items():
-            if isinstance(value, dict):
-                items |= flat(value, f"{prefix}{key}.")
-            else:
-                items[prefix + key] = value
-        return items
-
-    old_items, new_items = flat(old), flat(new)
+    old_items = flatten(old)
+    new_items = flatten(new)
     changed = [f"{key} {old_items.get(key)} -> {new_items.get(key)}" for key in sorted(old_items | new_items)
                if old_items.get(key) != new_items.get(key)]
     if not changed:
@@ -527,21 +523,7 @@ def make_optimizer(model: Transformer, cfg: TrainConfig, device: torch.device) -
                              fused=True if device.type == "cuda" else None)
 
 
-def rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state().numpy().tobytes().hex()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device).numpy().tobytes().hex()
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    as_tensor = lambda h: torch.frombuffer(bytearray.fromhex(h), dtype=torch.uint8)  # noqa: E731
-    torch.set_rng_state(as_tensor(state["cpu"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(as_tensor(state["cuda"]), device)
-
-
-def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, state: dict, keep_last: int, device) -> None:
+def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, state: dict, keep_last: int) -> None:
     """DCP shards of model + optimizer from every rank, then state.json; written under step_N.tmp and renamed to
     step_N when complete, so a kill at any moment leaves either the whole checkpoint or an ignored .tmp."""
     rank = dist.get_rank()
@@ -552,19 +534,32 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, state: dict, ke
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
-    rngs = [None] * dist.get_world_size()
-    dist.all_gather_object(rngs, rng_state(device))
     if rank == 0:
-        with open(tmp / "state.json", "w") as f:
-            json.dump(state | {"rng": rngs}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        write_atomic(tmp / "state.json", json.dumps(state, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         done = sorted((d for d in ckpt_dir.glob("step_*") if d.name[5:].isdigit()), key=lambda d: int(d.name[5:]))
         for old in done[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `path` under a temporary name and rename it into place: a kill never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def row_step(line: str) -> int | None:
+    """The step of a metrics.jsonl row; None for a half-written one (a killed run's last row)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def load_checkpoint(ckpt: Path, model, optimizer) -> None:
@@ -617,7 +612,7 @@ def main(argv=None):
     device = local_device()
     cfg = resolve_config(parse_args(argv), int(os.environ.get("WORLD_SIZE", "1")), device.type)
     args, tokenizer, dataset, dft = check_inputs(cfg)
-    cfg.lc_layer, cfg.et_layer = dft.lc_layer, dft.et_layer
+    cfg = replace(cfg, dft=dft)
     out, model_dir = Path(cfg.out), Path(cfg.model)
     resume_from = latest_checkpoint(out / "ckpt")
     data = {"identity": data_identity(cfg.data), "meta": dataset.meta}
@@ -630,7 +625,8 @@ def main(argv=None):
     rank, world = init_distributed(device)
     previous_handlers = {}
     try:
-        torch.manual_seed(cfg.seed)
+        # No global RNG: nothing in a step draws random numbers (no dropout; the data order has its own
+        # generators), so a resumed run repeats the uninterrupted one without restoring any RNG state.
         is_main = rank == 0
 
         # --- data: a held-out validation set, then one permutation of the rest per epoch -----------------------
@@ -645,7 +641,7 @@ def main(argv=None):
             resolved = asdict(cfg) | dict(device=device.type, bf16=bf16, lc_type=lc_type, et_type=et_type,
                                           steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                                           warmup_steps=warmup_steps, train_examples=len(train_indices))
-            (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+            write_atomic(out / "config.json", json.dumps(resolved, indent=2) + "\n")
             print(f"train.py: {cfg.mode} {cfg.lang} | {cfg.model} ({args.n_layers} blocks; LC layer {dft.lc_layer} "
                   f"{lc_type}, ET layer {dft.et_layer} {et_type}) | {len(train_indices)} examples, {cfg.val_size} held "
                   f"out | {steps_per_epoch} steps/epoch x {cfg.epochs} = {total_steps} steps | {world} x "
@@ -667,17 +663,17 @@ def main(argv=None):
         if resume is not None:
             load_checkpoint(resume_from, model, optimizer)
             step = resume["step"]
-            if resume["world_size"] == world:
-                set_rng_state(resume["rng"][rank], device)
             if is_main:
                 print(f"train.py: resumed from {resume_from} (step {step}, epoch {resume['epoch']}, "
                       f"example {resume['step_in_epoch'] * cfg.global_batch} of the epoch)", file=sys.stderr)
         if is_main:
             for unfinished in (out / "ckpt").glob("step_*.tmp"):     # writes a killed run left behind
                 shutil.rmtree(unfinished, ignore_errors=True)
-            # Steps after the checkpoint will be redone: drop their rows (a killed run may have logged them).
+            # Steps after the checkpoint will be redone: drop their rows (a killed run may have logged them,
+            # the last one maybe half-written: a row is appended before its step's checkpoint is saved).
             rows = metrics_file.read_text().splitlines() if metrics_file.exists() else []
-            metrics_file.write_text("".join(r + "\n" for r in rows if r.strip() and json.loads(r)["step"] <= step))
+            kept = [row for row in rows if row_step(row) is not None and row_step(row) <= step]
+            write_atomic(metrics_file, "".join(row + "\n" for row in kept))
 
         # --- SIGTERM / SIGINT: finish the step, save, exit -------------------------------------------------------
         stop_requested = []
@@ -736,11 +732,6 @@ def main(argv=None):
                     raise SystemExit(f"step {step + 1}: loss is {loss} (tft {tft}, lc {lc}, et {et}); stopping. The last "
                                      f"checkpoint is in {out / 'ckpt'}; try a lower --lr")
 
-                if cfg.dump_grads and step == (resume["step"] if resume else 0):
-                    grads = {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).cpu()
-                             for name, p in model.named_parameters()}
-                    if is_main:
-                        torch.save(grads, cfg.dump_grads)
                 params = [p for p in model.parameters() if p.grad is not None]
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
                 if isinstance(grad_norm, DTensor):
@@ -769,7 +760,7 @@ def main(argv=None):
                     bar.update(1)
                 stopped = stop > 0
                 if step % cfg.save_every == 0 or step == last_step or stopped:
-                    save_checkpoint(out / "ckpt", step, model, optimizer, checkpoint_state(step), cfg.keep_last, device)
+                    save_checkpoint(out / "ckpt", step, model, optimizer, checkpoint_state(step), cfg.keep_last)
                 if stopped:
                     break
 

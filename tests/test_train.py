@@ -13,12 +13,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 import torch._dynamo
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 import prepare_data
 import train
@@ -101,12 +103,14 @@ _runs = {}
 
 
 def reference_run(setup, mode, family):
-    """One process, micro-batches of 4 (accumulation 2), the full 10 steps, gradients of step 1 dumped."""
+    """One process, micro-batches of 4 (accumulation 2), the full 10 steps."""
     key = (mode, family)
     if key not in _runs:
         out = setup / f"ref-{mode}-{family}"
-        run_here(COMMON + model_flags(setup, family) + ["--mode", mode, "--batch-size", "4", "--out", out,
-                                                        "--dump-grads", out.parent / f"{out.name}.grads.pt"])
+        rng = torch.get_rng_state()
+        run_here(COMMON + model_flags(setup, family) + ["--mode", mode, "--batch-size", "4", "--out", out])
+        # Nothing in a run draws from the global RNG, so a resumed run needs no RNG state to repeat this one.
+        assert torch.equal(torch.get_rng_state(), rng)
         _runs[key] = out
     return _runs[key]
 
@@ -220,8 +224,8 @@ def test_two_processes_equal_one(setup, mode, family):
     # 2 ranks x micro-batches of 1 (accumulation 4) against 1 rank x micro-batches of 4 (accumulation 2); the
     # DFT-logits run (three passes per micro-batch) also recomputes its blocks (activation checkpointing).
     recompute = ["--activation-checkpointing"] if mode == "dft-logits" else []
-    run_torchrun(COMMON + model_flags(setup, family) + recompute + ["--mode", mode, "--batch-size", "1", "--out", out,
-                                                                    "--dump-grads", setup / f"{out.name}.grads.pt"])
+    run_torchrun(COMMON + model_flags(setup, family) + recompute + ["--mode", mode, "--batch-size", "1",
+                                                                    "--out", out])
     one, two = read_metrics(ref), read_metrics(out)
     assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, STEPS + 1))
     for a, b in zip(one, two):
@@ -238,14 +242,26 @@ def test_two_processes_equal_one(setup, mode, family):
     else:
         assert all(r["lc"] == 0 and r["et"] == 0 for r in one)
 
-    # Gradients of the first step, before clipping: a world-size factor (or a per-rank mean) shows here, since
-    # AdamW would hide it from the losses.
-    g1 = torch.load(setup / f"ref-{mode}-{family}.grads.pt", weights_only=True)
-    g2 = torch.load(setup / f"{out.name}.grads.pt", weights_only=True)
-    assert g1.keys() == g2.keys() == dict(Transformer.from_pretrained(setup / family).named_parameters()).keys()
-    for name in g1:
-        assert g1[name].abs().max() > 0, name
-        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-7, msg=name)
+    # Gradients, not only losses (AdamW would hide a constant factor from them): their norms before clipping
+    # are compared above at every step; their directions, parameter by parameter, through the moving averages
+    # of the clipped gradients AdamW keeps (step 10's checkpoint holds 0.1 * sum_k 0.9^(10-k) * clipped g_k).
+    names = dict(Transformer.from_pretrained(setup / family).named_parameters())
+    m1 = adam_moments(ref / "ckpt" / f"step_{STEPS}", names)
+    m2 = adam_moments(out / "ckpt" / f"step_{STEPS}", names)
+    for name in names:
+        for moment in ("exp_avg", "exp_avg_sq"):
+            expected = m1[name][moment]
+            assert expected.abs().max() > 0, (name, moment)
+            torch.testing.assert_close(m2[name][moment], expected, rtol=1e-3,
+                                       atol=1e-4 * float(expected.abs().max()), msg=f"{name} {moment}")
+
+
+def adam_moments(ckpt, parameters: dict) -> dict:
+    """AdamW's exp_avg and exp_avg_sq of every parameter, read from a training checkpoint (DCP)."""
+    state = {name: {"exp_avg": torch.empty_like(p), "exp_avg_sq": torch.empty_like(p)}
+             for name, p in parameters.items()}
+    dcp.load({"optim": {"state": state}}, checkpoint_id=str(ckpt), no_dist=True)
+    return state
 
 
 def test_bf16_fsdp_blocks_get_fp32_rope_tables_and_match_the_plain_bf16_model(tiny_llama):
@@ -390,6 +406,19 @@ def test_resume_on_re_prepared_data_is_refused(setup, tmp_path):
     assert "another --out" in message
 
 
+def test_resume_allows_speed_flags_and_refuses_flags_that_change_the_run(tmp_path):
+    def config(*flags):
+        return train.resolve_config(train.parse_args(["--lang", "vi", *flags]), 1, "cpu")
+
+    data = {"identity": "abc", "meta": {"max_len": 512}}
+    (tmp_path / "state.json").write_text(json.dumps({"config": asdict(config()), "data": data}))
+    for speed in (["--chunk-size", "64"], ["--no-prefix-share"], ["--batch-size", "2"], ["--compile"]):
+        train.read_resume_state(tmp_path, config(*speed), data)
+    with pytest.raises(SystemExit) as caught:
+        train.read_resume_state(tmp_path, config("--lc-weight", "0.5", "--pooling", "last"), data)
+    assert "written by a run with --lc-weight 1.0 (now 0.5), --pooling mean (now last)" in str(caught.value)
+
+
 def test_nan_loss_stops_naming_the_step(setup, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -428,8 +457,6 @@ def test_loss_goes_down(setup):
 def test_export_loads_in_transformers_with_our_logits(setup):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
-
-    import torch.distributed.checkpoint as dcp
 
     out = reference_run(setup, "dft-logits", "llama")
     final, source = out / "final", setup / "llama"
