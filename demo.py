@@ -1,10 +1,10 @@
 """The whole pipeline on CPU in a few minutes, nothing to download: python demo.py
 
-A tiny random LLaMA-architecture checkpoint with a tokenizer trained on the bundled texts -> the bundled
-Vietnamese sample prepared -> 2-process torchrun training with TFT and with DFT-logits -> evaluate.py on the
-bundled benchmark samples -> the two side by side, with the training losses (and loss curves as a PNG when
-matplotlib is installed). Everything goes under runs/demo/; each stage is skipped when its output exists and
-training resumes, so a rerun reuses what finished.
+A tiny random LLaMA-architecture checkpoint with a tokenizer trained on the bundled texts -> the
+bundled Vietnamese sample prepared -> 2-process torchrun training with TFT and with DFT-logits ->
+evaluate.py on the bundled benchmark samples -> the two side by side, with the training losses (and
+loss curves as a PNG when matplotlib is installed). Everything goes under runs/demo/; each stage is
+skipped when its output exists and training resumes, so a rerun reuses what finished.
 """
 from __future__ import annotations
 
@@ -24,16 +24,17 @@ except ImportError:
 
 HERE = Path(__file__).resolve().parent
 OUT = Path("runs/demo")
-NOTE = ("A tiny random-init model trained for a few steps shows that the pipeline works end to end; its "
-        "scores say nothing about the method's effect (that takes LLaMA-2-7B / Gemma-2-2B, see README.md).")
+NOTE = ("A tiny random-init model trained for a few steps shows that the pipeline works end to "
+        "end; its scores say nothing about the method's effect (that takes LLaMA-2-7B / "
+        "Gemma-2-2B, see README.md).")
 MODES = ("tft", "dft-logits")
 # The metric the paper reports for each benchmark (results.json holds more).
 MAIN_METRICS = {"f1", "acc", "mc1"}
 
 
 def stage(title: str, done: bool, command: list) -> None:
-    """Run one step of the pipeline as its own process, unless its output exists; a failed stage ends the
-    demo with its exit status (its own message is above)."""
+    """Run one step of the pipeline as its own process, unless its output exists; a failed stage
+    ends the demo with its exit status (its own message is above)."""
     print(f"\n=== {title}" + (" (done before: reused)" if done else ""), flush=True)
     if done:
         return
@@ -43,14 +44,16 @@ def stage(title: str, done: bool, command: list) -> None:
     # One thread per process: the two training processes share the CPU cores.
     finished = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if finished.returncode:
-        sys.exit(f"demo.py: the stage '{title}' failed (exit status {finished.returncode}); see its output above")
+        sys.exit(f"demo.py: the stage '{title}' failed (exit status {finished.returncode}); see "
+                 f"its output above")
     print(f"({time.perf_counter() - started:.0f} s)", flush=True)
 
 
 def run_demo(out: Path) -> dict:
     """The stages, in order; -> {mode: its run dir}."""
     python = sys.executable
-    model, data = out / "tiny-llama", out / "prepared-vi"
+    model = out / "tiny-llama"
+    data = out / "prepared-vi"
     stage("tiny checkpoint", (model / "config.json").is_file(),
           [python, HERE / "model.py", "--make-tiny", model, "--family", "llama"])
     stage("prepare the bundled Vietnamese sample", (data / "meta.json").is_file(),
@@ -58,16 +61,20 @@ def run_demo(out: Path) -> dict:
     runs = {}
     for mode in MODES:
         run = runs[mode] = out / mode
-        # ~110 training examples, 16 per step: ~7 steps per epoch, at a learning rate a tiny model learns from.
-        stage(f"train --mode {mode} (torchrun, 2 CPU processes)", (run / "final" / "config.json").is_file(),
+        # ~110 training examples, 16 per step: ~7 steps per epoch, at a learning rate a tiny model
+        # learns from.
+        stage(f"train --mode {mode} (torchrun, 2 CPU processes)",
+              (run / "final" / "config.json").is_file(),
               [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                HERE / "train.py", "--lang", "vi", "--model", model, "--data", data, "--out", run,
-               "--mode", mode, "--epochs", "2", "--global-batch", "16", "--batch-size", "4", "--lr", "2e-3",
-               "--warmup-ratio", "0.1", "--val-size", "8", "--eval-every", "5", "--save-every", "10"])
+               "--mode", mode, "--epochs", "2", "--global-batch", "16", "--batch-size", "4",
+               "--lr", "2e-3", "--warmup-ratio", "0.1", "--val-size", "8", "--eval-every", "5",
+               "--save-every", "10"])
         stage(f"evaluate the {mode} model on data/bench_sample",
               (run / "final" / "eval" / "results.json").is_file(),
-              [python, HERE / "evaluate.py", "--model", run / "final", "--langs", "vi,ar,zh", "--tasks", "all",
-               "--data-dir", HERE / "data" / "bench_sample", "--max-new-tokens", "16"])
+              [python, HERE / "evaluate.py", "--model", run / "final", "--langs", "vi,ar,zh",
+               "--tasks", "all", "--data-dir", HERE / "data" / "bench_sample",
+               "--max-new-tokens", "16"])
     return runs
 
 
@@ -94,7 +101,8 @@ def print_table(runs: dict) -> None:
 
 def plot_losses(runs: dict, path: Path) -> None:
     if plt is None:
-        print(f"\nloss-curve PNG skipped: matplotlib is not installed (pip install matplotlib to get {path})")
+        print(f"\nloss-curve PNG skipped: matplotlib is not installed (pip install matplotlib to "
+              f"get {path})")
         return
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharex=True)
     for mode, run in runs.items():
