@@ -331,13 +331,14 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 def describe_meta_change(old: dict | None, new: dict) -> str:
     """What differs between two meta.json dicts, e.g. "max_len 512 -> 256, num_examples 113 ->
-    120"."""
+    120": top-level fields (the flags prepare_data.py ran with) before the counts they led to."""
     if old is None:
         return "the checkpoint records no data identity"
     old_items = flatten(old)
     new_items = flatten(new)
+    keys = sorted(old_items | new_items, key=lambda key: (key.count("."), key))
     changed = [f"{key} {old_items.get(key)} -> {new_items.get(key)}"
-               for key in sorted(old_items | new_items) if old_items.get(key) != new_items.get(key)]
+               for key in keys if old_items.get(key) != new_items.get(key)]
     if not changed:
         return "same meta.json, other array sizes"
     more = f", ... {len(changed) - 4} more" if len(changed) > 4 else ""
