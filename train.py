@@ -705,6 +705,13 @@ def evaluate(model, examples: list[dict], plan: list, mode: str, dft: DFTConfig,
 # The run
 # ---------------------------------------------------------------------------------------------
 
+def non_finite_stop(step: int, what: str, ckpt_dir: Path) -> SystemExit:
+    """The one-line stop for a loss or gradient norm that is not finite."""
+    newest = latest_checkpoint(ckpt_dir)
+    saved = f"the newest checkpoint is {newest}" if newest else "no checkpoint was written yet"
+    return SystemExit(f"step {step}: {what}; stopping ({saved}); try a lower --lr")
+
+
 def exit_with_one_line(stop: SystemExit) -> None:
     """Print a one-line refusal once and exit with EXIT_ONE_LINE. Every rank checks the same inputs
     (or the same all-reduced numbers), so rank 0 speaks for all. A SystemExit, unlike an
@@ -848,18 +855,15 @@ def main(argv=None):
                 parts = dict(zip(LOSS_PARTS, stats[:-1].tolist()))
                 stopped = stats[-1].item() > 0
                 if not math.isfinite(parts["loss"]):
-                    raise SystemExit(f"step {step + 1}: loss is {parts['loss']} (tft "
-                                     f"{parts['tft']}, lc {parts['lc']}, et {parts['et']}); "
-                                     f"stopping. The last checkpoint is in {out / 'ckpt'}; try a "
-                                     f"lower --lr")
+                    raise non_finite_stop(step + 1, f"loss is {parts['loss']} (tft {parts['tft']}, "
+                                          f"lc {parts['lc']}, et {parts['et']})", out / "ckpt")
                 params = [p for p in model.parameters() if p.grad is not None]
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
                 if isinstance(grad_norm, DTensor):
                     grad_norm = grad_norm.full_tensor()          # the norm over all ranks' shards
                 if not torch.isfinite(grad_norm):
-                    raise SystemExit(f"step {step + 1}: gradient norm is {grad_norm.item()}; "
-                                     f"stopping. The last checkpoint is in {out / 'ckpt'}; try a "
-                                     f"lower --lr")
+                    raise non_finite_stop(step + 1, f"gradient norm is {grad_norm.item()}",
+                                          out / "ckpt")
                 torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
