@@ -1,36 +1,46 @@
-"""Fine-tune LLaMA-2 / Gemma-2 with SFT, TFT, DFT-logits or DFT-feature on torchrun + FSDP2 (METHOD.md §5).
+"""Fine-tune LLaMA-2 / Gemma-2 with SFT, TFT, DFT-logits or DFT-feature on torchrun + FSDP2.
 
-    torchrun --standalone --nproc_per_node 1 train.py --lang vi               # 1 GPU
-    torchrun --standalone --nproc_per_node 8 train.py --lang vi               # 8 GPUs: the paper's setup
+    torchrun --standalone --nproc_per_node 1 train.py --lang vi        # 1 GPU
+    torchrun --standalone --nproc_per_node 8 train.py --lang vi        # 8 GPUs: the paper's setup
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-id dft-vi \\
-        --rdzv-endpoint node0.example:29500 train.py --lang vi                # 2 nodes x 8 GPUs: run this on every node
+        --rdzv-endpoint node0.example:29500 train.py --lang vi         # 2 nodes x 8 GPUs: on each
     torchrun --standalone --nproc_per_node 2 train.py --lang vi --model models/tiny-llama \\
-        --data data/prepared/tiny-vi --global-batch 8 --batch-size 2 --max-steps 20   # 2 CPU processes (gloo)
-    python train.py --lang vi ...                                             # also fine: one process, no torchrun
+        --data data/prepared/tiny-vi --global-batch 8 --batch-size 2   # 2 CPU processes (gloo)
+    python train.py --lang vi ...                                      # one process, no torchrun
 
-Defaults are the recipe: 3 epochs, AdamW at 2e-5, global batch 128 (per-device batch 4, accumulation derived from the
-number of processes), warmup 3 % then cosine decay to 0, weight decay 0, gradient clipping at 1.0, bf16 mixed
-precision on CUDA with fp32 master weights. --model defaults to models/Llama-2-7b-hf, --data to data/prepared/LANG
-(data/prepared/sft-en for --mode sft), --out to runs/MODEL-MODE-LANG (e.g. runs/Llama-2-7b-hf-dft-logits-vi).
+Defaults are the recipe: 3 epochs, AdamW at 2e-5, global batch 128 (per-device batch 4,
+accumulation derived from the number of processes), warmup 3 % then cosine decay to 0, weight decay
+0, gradient clipping at 1.0; on CUDA bf16 mixed precision with fp32 master weights, torch.compile
+per block and fused AdamW (on CPU: fp32, eager). --model defaults to models/Llama-2-7b-hf, --data
+to data/prepared/LANG (data/prepared/sft-en for --mode sft), --out to runs/MODEL-MODE-LANG (e.g.
+runs/Llama-2-7b-hf-dft-logits-vi).
 
 What the run writes under --out:
-    config.json        the resolved configuration (flags + what was derived from them)
-    metrics.jsonl      one row per optimizer step: step, epoch, loss, tft, lc, et, lr, grad_norm, tokens_per_s
-                       (+ peak_mem_gib on GPU; + val_loss, val_tft, val_lc, val_et on --eval-every steps)
-    ckpt/step_N/       sharded model + optimizer (torch.distributed.checkpoint) + state.json (step, data position,
-                       RNG, schedule); written as step_N.tmp and renamed when complete, the last --keep-last kept.
-                       Rerunning the same command resumes from the newest. With several nodes, --out must be on a
-                       filesystem every node sees.
-    final/             the fine-tuned model in the Hugging Face layout, with the tokenizer and generation files of
-                       --model: loadable by transformers and by model.Transformer.from_pretrained (evaluate.py)
+    config.json     the resolved configuration (flags + what was derived from them)
+    metrics.jsonl   one row per optimizer step: step, epoch, loss, tft, lc, et, lr, grad_norm,
+                    tokens (real tokens of every pass the step ran), padded_tokens (what it
+                    computed: rows x padded length over every pass), tokens_per_s (real tokens);
+                    + peak_mem_gib on GPU; + val_loss, val_tft, val_lc, val_et every --eval-every
+    ckpt/step_N/    sharded model + optimizer (torch.distributed.checkpoint) + state.json (step,
+                    data position, schedule, the data's identity); written as step_N.tmp and
+                    renamed when complete, the last --keep-last kept. Rerunning the same command
+                    resumes from the newest. With several nodes, --out must be on a filesystem every
+                    node sees.
+    final/          the fine-tuned model in the Hugging Face layout, with the tokenizer and
+                    generation files of --model: loadable by transformers and by
+                    model.Transformer.from_pretrained (evaluate.py)
 
-Exactness: every loss part is divided by its number of targets over the whole optimizer step on all ranks (counted
-before the forward pass and all-reduced), so how the global batch is split across processes and micro-batches does
-not change the loss or the gradients. FSDP2 averages gradients over ranks; we backpropagate loss * world_size so
-that the averaged gradient is the gradient of the global loss.
+Exactness: every loss part is divided by its number of targets over the whole optimizer step on
+all ranks (counted before the forward pass and all-reduced), so how the global batch is split across
+processes and micro-batches does not change the loss or the gradients. FSDP2 averages gradients over
+ranks; we backpropagate loss * world_size so that the averaged gradient is the gradient of the
+global loss. So the step's examples (fixed by --seed) are split by length: similar lengths share a
+micro-batch, and every rank gets about as many tokens (group_by_length).
 
-SIGTERM / SIGINT (Ctrl-C): the current step is finished, a checkpoint written, and the run exits; a second Ctrl-C
-stops at once. Data order: one permutation per epoch from --seed, the same for any number of processes.
+SIGTERM / SIGINT (Ctrl-C): the current step is finished, a checkpoint written, and the run exits; a
+second Ctrl-C stops at once. Data order: one permutation per epoch from --seed, the same for any
+number of processes. Exit status: 0 done (or stopped by a signal, checkpoint saved), 2 refused or
+stopped with a one-line message (bad input, a non-finite loss), 1 a crash.
 """
 from __future__ import annotations
 
@@ -42,7 +52,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -54,25 +64,37 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from model import (MODES, CheckpointError, DFTConfig, Tokenizer, Transformer, check_checkpoint, count_targets,
-                   load_weights, read_args)
-from prepare_data import check_meta, collate, load_prepared
+from model import (LOSS_TYPES, MODES, CheckpointError, DFTConfig, Tokenizer, Transformer,
+                   check_checkpoint, count_targets, load_weights, read_args)
+from prepare_data import check_meta, collate, data_identity, load_prepared
 
 DEFAULT_MODEL = "models/Llama-2-7b-hf"
 # Files of --model copied next to the exported weights (config.json is copied too, byte for byte).
-SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "added_tokens.json", "generation_config.json")
-# Flags that may differ between a run and the rerun that resumes it: they change neither the data order nor the
-# mathematics of an optimizer step (the micro-batch size only regroups the same examples; the others are speed).
-RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_last", "eval_every", "batch_size", "activation_checkpointing",
-                     "compile", "world_size", "grad_accum", "chunk_size", "prefix_share", "dump_grads"}
+SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+# Flags that may differ between a run and the rerun that resumes it: they change neither the data
+# order nor the mathematics of an optimizer step (the micro-batch size only regroups the same
+# examples; the others are speed).
+RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_last", "eval_every", "batch_size",
+                     "activation_checkpointing", "compile", "world_size", "grad_accum",
+                     "dft.chunk_size", "dft.prefix_share"}
+LOSS_PARTS = ("loss", "tft", "lc", "et")
+# The Hub organisation of a model, by the start of its directory name (as the README's downloads).
+HUB_ORGS = {"llama": "meta-llama", "meta-llama": "meta-llama", "gemma": "google",
+            "mistral": "mistralai", "qwen": "Qwen"}
+# Exit status of a run refused or stopped with a one-line message; a crash exits with 1.
+EXIT_ONE_LINE = 2
+# How long the other ranks leave rank 0 to print a refusal they all reached (torchrun ends them when
+# rank 0 exits); a rank still alive after it says the line itself, so an error of its own is never
+# lost.
+RANK_0_GRACE_S = 10
 
 
 @dataclass
 class TrainConfig:
     lang: str | None = None
     model: str = DEFAULT_MODEL
-    data: str | None = None            # None -> data/prepared/{lang}, data/prepared/sft-en for --mode sft
+    data: str | None = None            # None -> data/prepared/{lang}; data/prepared/sft-en for sft
     out: str | None = None             # None -> runs/{model name}-{mode}-{lang}
     mode: str = "dft-logits"
     epochs: int = 3
@@ -83,97 +105,127 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_steps: int | None = None
-    lc_layer: int | None = None        # None -> model.default_layers
-    et_layer: int | None = None
-    lc_weight: float = 1.0
-    et_weight: float = 1.0
-    lc_type: str | None = None         # None -> set by --mode
-    et_type: str | None = None
-    lc_content_only: bool = True
-    pooling: str = "mean"
-    detach_teacher: bool = True
-    teacher_norm: bool = True
-    chunk_size: int = 1024
-    prefix_share: bool = True
+    dft: DFTConfig = field(default_factory=DFTConfig)   # flags named as its fields: --lc-layer ...
     seed: int = 42
     save_every: int = 200
     keep_last: int = 2
     val_size: int = 0
     eval_every: int = 100
     activation_checkpointing: bool = False
-    compile: bool = False
+    compile: bool | None = None        # None -> on with CUDA, off on CPU
     dtype: str = "auto"
-    dump_grads: str | None = None      # hidden test hook: write the full gradients of the first step here
     # Derived by resolve_config:
     world_size: int = 1
     grad_accum: int = 1
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's errors as one line (its default adds the usage block), raised like every other
+    refusal so that under torchrun only rank 0 prints it (see exit_with_one_line)."""
+
+    def error(self, message):
+        raise SystemExit(f"{self.prog}: {message}; python {self.prog} --help lists the options")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                    argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every option's default; where it is None, the option's text says what is
+    used instead."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lang", help="target language of the data (vi, zh, ar, ...); not needed for --mode sft")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="HF checkpoint dir to start from (default: %(default)s)")
-    p.add_argument("--data", help="prepared data dir (default: data/prepared/LANG, data/prepared/sft-en for sft)")
-    p.add_argument("--out", help="run dir (default: runs/MODEL-MODE-LANG); rerunning with the same --out resumes")
-    p.add_argument("--mode", choices=MODES, default="dft-logits",
-                   help="sft: English data only; tft: target-language data only; dft-*: TFT + LC + ET losses "
-                        "(default: %(default)s)")
+    p = ArgumentParser(prog="train.py", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--lang", help="target language of the data (vi, zh, ar, ...); required, "
+                                  "except for --mode sft")
+    p.add_argument("--model", help="HF checkpoint dir to start from")
+    p.add_argument("--data", help="prepared data dir (default: data/prepared/LANG; "
+                                  "data/prepared/sft-en for --mode sft)")
+    p.add_argument("--out", help="run dir (default: runs/MODEL-MODE-LANG); rerunning with the "
+                                 "same --out resumes")
+    p.add_argument("--mode", choices=MODES,
+                   help="sft: English data only; tft: target-language data only; dft-logits / "
+                        "dft-feature: TFT + the LC and ET losses below")
     g = p.add_argument_group("optimisation (defaults: the paper's recipe)")
-    g.add_argument("--epochs", type=int, default=3)
-    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default: %(default)s)")
-    g.add_argument("--global-batch", type=int, default=128, help="examples per optimizer step, all processes")
-    g.add_argument("--batch-size", type=int, default=4,
-                   help="examples per process and micro-batch; accumulation = global / (batch x processes)")
-    g.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup over this share of the steps")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay of the matrices (norms never)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this")
+    g.add_argument("--epochs", type=int, help="passes over the training data")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--global-batch", type=int, help="examples per optimizer step, all processes")
+    g.add_argument("--batch-size", type=int,
+                   help="examples per process and micro-batch; accumulation = global / (batch x "
+                        "processes)")
+    g.add_argument("--warmup-ratio", type=float, help="linear warmup over this share of the steps")
+    g.add_argument("--weight-decay", type=float, help="AdamW decay of the matrices (norms never)")
+    g.add_argument("--max-grad-norm", type=float, help="clip the global gradient norm to this")
     g.add_argument("--max-steps", type=int,
-                   help="stop after this many optimizer steps (smoke runs); the schedule still spans --epochs, "
-                        "so a later run without it continues the same schedule")
-    d = p.add_argument_group("deep supervision (METHOD.md §3-4)")
-    d.add_argument("--lc-layer", type=int, help="layer i of the language-conversion loss (default: 2 of 32)")
-    d.add_argument("--et-layer", type=int, help="layer j of the English-thinking loss (default: 15 of 32)")
-    d.add_argument("--lc-weight", type=float, default=1.0, help="0 skips the LC pass")
-    d.add_argument("--et-weight", type=float, default=1.0, help="0 skips the ET pass")
-    d.add_argument("--lc-type", choices=("logits", "feature", "none"), help="override the mode's LC loss type")
-    d.add_argument("--et-type", choices=("logits", "feature", "none"), help="override the mode's ET loss type")
-    d.add_argument("--lc-content-only", action=argparse.BooleanOptionalAction, default=True,
-                   help="LC predicts only x_en's instruction+input, not the template words (default: on)")
-    d.add_argument("--pooling", choices=("mean", "last"), default="mean", help="feature losses: pool the query by")
-    d.add_argument("--detach-teacher", action=argparse.BooleanOptionalAction, default=True,
-                   help="feature losses: no gradient through the English side (default: on)")
-    d.add_argument("--teacher-norm", action=argparse.BooleanOptionalAction, default=True,
-                   help="feature ET: the teacher h_N(x_en) after the final norm (default: on)")
-    d.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the cross-entropy")
-    d.add_argument("--prefix-share", action=argparse.BooleanOptionalAction, default=True,
-                   help="logits LC/ET: run only the English part on the TFT pass's keys/values (same numbers, "
-                        "less compute; default: on)")
+                   help="stop after this many optimizer steps (smoke runs; default: all); the "
+                        "schedule still spans --epochs, so a later run without it continues the "
+                        "same schedule")
+    d = p.add_argument_group("deep supervision", """\
+L = L_TFT + w_LC L_LC + w_ET L_ET. LC (language conversion): at an early layer i, the query in the
+target language should already predict its English version. ET (English thinking): at a middle
+layer j, it should already predict the English answer. logits: through the frozen final norm and
+head; feature: cosine to the hidden states of the English query. The paper gives the formulas, the
+unweighted sum and LLaMA-2's j = 15; the other choices are ours (the README's section "What is the
+paper's and what is ours" lists them).""")
+    d.add_argument("--lc-layer", type=int,
+                   help="layer i of the LC loss (default: 2 for LLaMA-2's 32 blocks and Gemma-2's "
+                        "26; scaled for other depths)")
+    d.add_argument("--et-layer", type=int,
+                   help="layer j of the ET loss (default: 15 of LLaMA-2's 32 blocks, 12 of "
+                        "Gemma-2's 26; scaled for other depths)")
+    d.add_argument("--lc-weight", type=float, help="w_LC; 0 skips the LC pass")
+    d.add_argument("--et-weight", type=float, help="w_ET; 0 skips the ET pass")
+    d.add_argument("--lc-type", choices=LOSS_TYPES,
+                   help="override the mode's LC loss type (default: the mode's)")
+    d.add_argument("--et-type", choices=LOSS_TYPES,
+                   help="override the mode's ET loss type (default: the mode's)")
+    d.add_argument("--lc-content-only", action=argparse.BooleanOptionalAction,
+                   help="LC predicts only x_en's instruction+input, not the English template words")
+    d.add_argument("--pooling", choices=("mean", "last"),
+                   help="feature losses: pool the query's content tokens by")
+    d.add_argument("--detach-teacher", action=argparse.BooleanOptionalAction,
+                   help="feature losses: no gradient through the English side")
+    d.add_argument("--teacher-norm", action=argparse.BooleanOptionalAction,
+                   help="feature ET: the teacher h_N(x_en) after the final norm")
+    d.add_argument("--chunk-size", type=int, help="tokens per chunk of the cross-entropy")
+    d.add_argument("--prefix-share", action=argparse.BooleanOptionalAction,
+                   help="logits LC/ET: run only the English part on the TFT pass's keys/values "
+                        "(same numbers, less compute)")
     r = p.add_argument_group("run")
-    r.add_argument("--seed", type=int, default=42, help="data order and validation split")
-    r.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
-    r.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
-    r.add_argument("--val-size", type=int, default=0, help="examples held out for validation")
-    r.add_argument("--eval-every", type=int, default=100, help="validate every N steps (and at the end)")
+    r.add_argument("--seed", type=int, help="data order and validation split")
+    r.add_argument("--save-every", type=int, help="checkpoint every N steps (and at the end)")
+    r.add_argument("--keep-last", type=int, help="checkpoints kept")
+    r.add_argument("--val-size", type=int, help="examples held out for validation")
+    r.add_argument("--eval-every", type=int,
+                   help="validate every N steps and at the end; needs --val-size")
     r.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in backward: activations of one block instead of all")
-    r.add_argument("--compile", action="store_true", help="torch.compile each block (pays off on GPU)")
-    r.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 mixed precision (fp32 master weights) on CUDA, fp32 on CPU")
-    r.add_argument("--dump-grads", help=argparse.SUPPRESS)
-    r.add_argument("--demo", action="store_true",
-                   help="the whole pipeline on the embedded default (tiny model, bundled sample), on CPU: "
-                        "python train.py --demo (all other flags are ignored)")
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile each block, sequence lengths dynamic (default: on with "
+                        "CUDA, off on CPU, where it costs more than it saves)")
+    r.add_argument("--dtype", choices=("auto", "bf16", "fp32"),
+                   help="auto: bf16 mixed precision (fp32 master weights) on CUDA, fp32 on CPU "
+                        "(bf16 matmuls are ~100x slower on CPUs)")
+    # Defaults: the dataclasses' own, so each lives in one place (the flags are their field names).
+    defaults = TrainConfig()
+    p.set_defaults(**{f.name: getattr(defaults, f.name) for f in fields(TrainConfig)
+                      if f.name != "dft"}, **asdict(defaults.dft))
     a = p.parse_args(argv)
-    return TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig) if hasattr(a, f.name)})
+    dft = DFTConfig(**{f.name: getattr(a, f.name) for f in fields(DFTConfig)})
+    return TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)
+                          if f.name != "dft"}, dft=dft)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # Pure helpers
-# ---------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 
 def get_lr(step: int, total_steps: int, warmup_steps: int, max_lr: float) -> float:
-    """Learning rate of the optimizer step with 0-based index `step`: linear warmup max_lr * (step + 1) / warmup_steps
-    for the first warmup_steps steps, then cosine decay from max_lr (at step = warmup_steps) to 0 (at total_steps)."""
+    """Learning rate of the optimizer step with 0-based index `step`: linear warmup
+    max_lr * (step + 1) / warmup_steps for the first warmup_steps steps, then cosine decay from
+    max_lr (at step = warmup_steps) to 0 (at total_steps)."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if step >= total_steps:
@@ -183,74 +235,197 @@ def get_lr(step: int, total_steps: int, warmup_steps: int, max_lr: float) -> flo
 
 
 def epoch_order(train_indices: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
-    """The training examples of one epoch in order: a fresh permutation per epoch, the same on every rank."""
+    """The training examples of one epoch in order: a fresh permutation per epoch, the same on
+    every rank."""
     generator = torch.Generator().manual_seed(seed + 1 + epoch)
     return train_indices[torch.randperm(len(train_indices), generator=generator)]
 
 
-def step_examples(order: torch.Tensor, step_in_epoch: int, rank: int, world: int, global_batch: int,
-                  batch_size: int) -> list[list[int]]:
-    """This rank's micro-batches of one optimizer step. The step takes the next global_batch examples of the epoch
-    and each rank a contiguous slice, so the step's examples do not depend on the number of ranks."""
-    per_rank = global_batch // world
-    start = step_in_epoch * global_batch + rank * per_rank
-    mine = order[start:start + per_rank].tolist()
-    return [mine[m:m + batch_size] for m in range(0, per_rank, batch_size)]
+def step_indices(order: torch.Tensor, step_in_epoch: int, global_batch: int) -> list[int]:
+    """The examples of one optimizer step: the next global_batch of the epoch's order, whatever
+    the number of ranks (group_by_length splits them)."""
+    return order[step_in_epoch * global_batch:(step_in_epoch + 1) * global_batch].tolist()
 
 
-def input_tokens(batch: dict, lc_type: str, et_type: str) -> int:
-    """Tokens the model reads for this batch (every pass of the step), for tokens/s."""
-    keys = ["tft_mask"] + ["lc_mask"] * (lc_type == "logits") + ["et_mask"] * (et_type == "logits")
-    keys += ["en_mask"] * ("feature" in (lc_type, et_type))
-    return int(sum(batch[k].sum() for k in keys))
+def pass_lengths(examples: list[dict], lc_type: str, et_type: str,
+                 prefix_share: bool) -> torch.Tensor:
+    """Tokens each forward pass of model.dft_step runs for each example: [n, passes]. The TFT pass
+    runs [x_tgt ; y_tgt]; a logits LC/ET pass runs its whole sequence, or with prefix sharing only
+    the English rest after x_tgt (the TFT pass's keys/values stand in for x_tgt); the feature
+    losses run the English query."""
+    shared = prefix_share and "logits" in (lc_type, et_type)
+    passes = [[len(e["tft_tokens"]) for e in examples]]
+    for kind, loss_type in (("lc", lc_type), ("et", et_type)):
+        if loss_type == "logits":
+            passes.append([len(e[f"{kind}_tokens"]) - (e["tgt_prompt_len"] if shared else 0)
+                           for e in examples])
+    if "feature" in (lc_type, et_type):
+        passes.append([len(e["en_tokens"]) for e in examples])
+    return torch.tensor(passes, dtype=torch.long).T
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+def padded_tokens(lengths: torch.Tensor) -> int:
+    """Tokens a micro-batch with these pass_lengths computes: each pass pads its rows to its
+    longest one."""
+    if not len(lengths):
+        return 0
+    return len(lengths) * int(lengths.max(0).values.clamp(min=1).sum())
+
+
+def group_by_length(lengths: torch.Tensor, world: int, batch_size: int) -> list[list[list[int]]]:
+    """Split one step's examples (rows of `lengths`, their pass_lengths) into `world` ranks x the
+    same number of micro-batches (FSDP's collectives need every rank to run as many
+    forward/backward calls), at most batch_size examples each, grouping examples of similar
+    lengths so that little padding is computed. -> plan[rank][micro-batch] = row indices,
+    ascending. Every row is used exactly once.
+
+    Exact by construction: every loss part is a sum divided by the step's global count, so any
+    split of the step's examples gives the same gradient. Sorting by one length would not do,
+    since a step runs up to three passes whose lengths differ (prompt vs answer, target language
+    vs English): each micro-batch opens with the longest example left and takes, one by one, the
+    examples that add the least padding over all passes (the growth of its padded lengths, paid
+    by every row, minus the real tokens the example brings). The micro-batches then go, costliest
+    first, to the rank with the fewest padded tokens so far that still has room."""
+    n = len(lengths)
+    per_rank = max(1, math.ceil(n / (world * batch_size)))
+    n_micro = world * per_rank
+    # Equal sizes when n fills every micro-batch (training); a validation set may not.
+    sizes = [n // n_micro + (m < n % n_micro) for m in range(n_micro)]
+    totals = lengths.sum(1)
+    left = torch.ones(n, dtype=torch.bool)
+    micro_batches = []
+    for size in sizes:
+        group = []
+        if size:
+            first = int(torch.where(left, totals, -1).argmax())     # argmax/argmin: first of equals
+            group = [first]
+            longest = lengths[first]
+            left[first] = False
+        while len(group) < size:
+            waste = size * (torch.maximum(longest, lengths) - longest).sum(1) - totals
+            pick = int(torch.where(left, waste, torch.iinfo(waste.dtype).max).argmin())
+            group.append(pick)
+            longest = torch.maximum(longest, lengths[pick])
+            left[pick] = False
+        micro_batches.append(sorted(group))
+    cost = [padded_tokens(lengths[group]) for group in micro_batches]
+    plan = [[] for _ in range(world)]
+    load = [0] * world
+    for m in sorted(range(n_micro), key=lambda m: -cost[m]):     # stable: ties keep their order
+        rank = min((r for r in range(world) if len(plan[r]) < per_rank), key=lambda r: load[r])
+        plan[rank].append(micro_batches[m])
+        load[rank] += cost[m]
+    return plan
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"dft": {"chunk_size": 1024}} -> {"dft.chunk_size": 1024}."""
+    items = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            items |= flatten(value, f"{prefix}{key}.")
+        else:
+            items[prefix + key] = value
+    return items
+
+
+def describe_meta_change(old: dict | None, new: dict) -> str:
+    """What differs between two meta.json dicts, e.g. "max_len 512 -> 256, num_examples 113 ->
+    120": top-level fields (the flags prepare_data.py ran with) before the counts they led to."""
+    if old is None:
+        return "the checkpoint records no data identity"
+    old_items = flatten(old)
+    new_items = flatten(new)
+    keys = sorted(old_items | new_items, key=lambda key: (key.count("."), key))
+    changed = [f"{key} {old_items.get(key)} -> {new_items.get(key)}"
+               for key in keys if old_items.get(key) != new_items.get(key)]
+    if not changed:
+        return "same meta.json, other array sizes"
+    more = f", ... {len(changed) - 4} more" if len(changed) > 4 else ""
+    return ", ".join(changed[:4]) + more
+
+
+# ---------------------------------------------------------------------------------------------
 # Checking the inputs (before any work) and resolving the defaults
-# ---------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 
 def default_data(mode: str, lang: str) -> str:
     """Where prepare_data.py writes by default (its --out)."""
     return "data/prepared/sft-en" if mode == "sft" else f"data/prepared/{lang}"
 
 
-def resolve_config(cfg: TrainConfig, world_size: int) -> TrainConfig:
-    """Fill in the defaults that depend on other flags; one-line errors for impossible values."""
+def local_device() -> torch.device:
+    """This process's GPU under torchrun (LOCAL_RANK), or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def resolve_config(cfg: TrainConfig, world_size: int, device_type: str) -> TrainConfig:
+    """Fill in the defaults that depend on other flags and on the device; one-line errors for
+    impossible values."""
     if cfg.mode != "sft" and not cfg.lang:
-        raise SystemExit(f"--lang is required for --mode {cfg.mode} (the data's target language, e.g. --lang vi)")
+        raise SystemExit(f"--lang is required for --mode {cfg.mode} (the data's target language, "
+                         f"e.g. --lang vi)")
     lang = cfg.lang if cfg.mode != "sft" else (cfg.lang or "en")
     data = cfg.data or default_data(cfg.mode, lang)
     out = cfg.out or f"runs/{Path(cfg.model).name}-{cfg.mode}-{lang if cfg.mode != 'sft' else 'en'}"
+    max_steps = cfg.max_steps if cfg.max_steps is not None else 1
     for flag, value, low in (("--epochs", cfg.epochs, 1), ("--global-batch", cfg.global_batch, 1),
-                             ("--batch-size", cfg.batch_size, 1), ("--save-every", cfg.save_every, 1),
-                             ("--keep-last", cfg.keep_last, 1), ("--eval-every", cfg.eval_every, 1),
-                             ("--chunk-size", cfg.chunk_size, 1), ("--val-size", cfg.val_size, 0),
-                             ("--max-steps", cfg.max_steps if cfg.max_steps is not None else 1, 1)):
+                             ("--batch-size", cfg.batch_size, 1),
+                             ("--save-every", cfg.save_every, 1), ("--keep-last", cfg.keep_last, 1),
+                             ("--eval-every", cfg.eval_every, 1),
+                             ("--chunk-size", cfg.dft.chunk_size, 1),
+                             ("--val-size", cfg.val_size, 0), ("--max-steps", max_steps, 1)):
         if value < low:
             raise SystemExit(f"{flag} {value}: expected an integer >= {low}")
     if not 0 <= cfg.warmup_ratio < 1:
         raise SystemExit(f"--warmup-ratio {cfg.warmup_ratio}: expected a fraction in [0, 1)")
     if cfg.lr <= 0 or cfg.max_grad_norm <= 0 or cfg.weight_decay < 0:
-        raise SystemExit(f"--lr {cfg.lr}, --max-grad-norm {cfg.max_grad_norm}, --weight-decay {cfg.weight_decay}: "
-                         "expected lr > 0, max-grad-norm > 0, weight-decay >= 0")
+        raise SystemExit(f"--lr {cfg.lr}, --max-grad-norm {cfg.max_grad_norm}, --weight-decay "
+                         f"{cfg.weight_decay}: expected lr > 0, max-grad-norm > 0, "
+                         f"weight-decay >= 0")
     per_step = cfg.batch_size * world_size
     if cfg.global_batch % per_step:
-        raise SystemExit(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size {cfg.batch_size} x "
-                         f"{world_size} process(es) = {per_step}; choose e.g. --global-batch "
-                         f"{max(1, round(cfg.global_batch / per_step)) * per_step} or another --batch-size")
-    values = asdict(cfg) | dict(lang=lang, data=data, out=out, world_size=world_size,
-                                grad_accum=cfg.global_batch // per_step)
-    return TrainConfig(**values)
+        suggestion = max(1, round(cfg.global_batch / per_step)) * per_step
+        raise SystemExit(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size "
+                         f"{cfg.batch_size} x {world_size} process(es) = {per_step}; choose e.g. "
+                         f"--global-batch {suggestion} or another --batch-size")
+    # bf16 matmuls are ~100x slower than fp32 on CPUs, and compiling costs more there than it saves.
+    dtype = cfg.dtype if cfg.dtype != "auto" else "bf16" if device_type == "cuda" else "fp32"
+    compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
+    return replace(cfg, lang=lang, data=data, out=out, dtype=dtype, compile=compile,
+                   world_size=world_size, grad_accum=cfg.global_batch // per_step)
+
+
+def missing_model_message(model_dir: Path) -> str:
+    """One line: how to download the real model into model_dir, and the tiny random model for a
+    try-out (under its own name: a random model must never sit under a real model's name)."""
+    name = model_dir.name
+    org = next((o for prefix, o in HUB_ORGS.items() if name.lower().startswith(prefix)), "ORG")
+    tiny = Path("models/tiny-llama")
+    return (f"{model_dir}/config.json: not found; download the model with: huggingface-cli "
+            f"download {org}/{name} --local-dir {model_dir} (gated models: accept the licence on "
+            f"the Hub first); or, for a try-out, make a tiny random model with: python model.py "
+            f"--make-tiny {tiny} --family llama, and pass --model {tiny}")
+
+
+def in_flag_terms(error: ValueError) -> str:
+    """DFTConfig's messages name its fields (lc_layer=5); the user set them as flags
+    (--lc-layer 5)."""
+    text = str(error)
+    for f in fields(DFTConfig):
+        text = text.replace(f"{f.name}=", f"--{f.name.replace('_', '-')} ")
+    return text
 
 
 def check_inputs(cfg: TrainConfig):
-    """Model, tokenizer, layers and data, checked from their small files only: one line per problem, before any
-    process group, allocation or output exists. Returns (model args, tokenizer, dataset, DFTConfig)."""
+    """Model, tokenizer, layers and data, checked from their small files only: one line per
+    problem, before any process group, allocation or output exists. Returns (model args,
+    tokenizer, dataset, cfg.dft with its layers resolved)."""
     model_dir = Path(cfg.model)
-    make_model = (f"download the HF checkpoint (e.g. meta-llama/Llama-2-7b-hf) into {model_dir}, or make a tiny one "
-                  f"with: python model.py --make-tiny {model_dir} --family llama")
     if not (model_dir / "config.json").is_file():
-        raise SystemExit(f"{model_dir}/config.json: not found; {make_model}")
+        raise SystemExit(missing_model_message(model_dir))
     try:
         args = read_args(model_dir)
         tokenizer = Tokenizer(model_dir)
@@ -259,60 +434,83 @@ def check_inputs(cfg: TrainConfig):
     except CheckpointError as e:
         raise SystemExit(str(e)) from None
 
-    n = args.n_layers
-    for flag, layer in (("--lc-layer", cfg.lc_layer), ("--et-layer", cfg.et_layer)):
-        if layer is not None and not 1 <= layer <= n:
-            raise SystemExit(f"{flag} {layer}: {model_dir} has {n} blocks; expected a layer in 1..{n}")
-    dft = DFTConfig(lc_type=cfg.lc_type, et_type=cfg.et_type, lc_layer=cfg.lc_layer, et_layer=cfg.et_layer,
-                    lc_weight=cfg.lc_weight, et_weight=cfg.et_weight, lc_content_only=cfg.lc_content_only,
-                    pooling=cfg.pooling, detach_teacher=cfg.detach_teacher, teacher_norm=cfg.teacher_norm,
-                    chunk_size=cfg.chunk_size, prefix_share=cfg.prefix_share)
     try:
-        dft.types(cfg.mode)
-        dft.lc_layer, dft.et_layer = dft.layers(args)
+        cfg.dft.types(cfg.mode)
+        lc_layer, et_layer = cfg.dft.layers(args)
     except ValueError as e:
-        raise SystemExit(f"--mode {cfg.mode}: {e}") from None
+        raise SystemExit(f"{in_flag_terms(e)} (--model {model_dir}, --mode {cfg.mode})") from None
+    dft = replace(cfg.dft, lc_layer=lc_layer, et_layer=et_layer)
 
     data_dir = Path(cfg.data)
     make_data = "python prepare_data.py " + ("--sft" if cfg.mode == "sft" else f"--lang {cfg.lang}")
-    make_data += "" if cfg.model == DEFAULT_MODEL else f" --tokenizer {cfg.model}"
-    make_data += "" if cfg.data == default_data(cfg.mode, cfg.lang) else f" --out {data_dir}"
+    if cfg.model != DEFAULT_MODEL:
+        make_data += f" --tokenizer {cfg.model}"
+    if cfg.data != default_data(cfg.mode, cfg.lang):
+        make_data += f" --out {data_dir}"
     if not (data_dir / "meta.json").is_file():
         raise SystemExit(f"{data_dir}/meta.json: not found; make the data with: {make_data}")
     dataset = load_prepared(data_dir)
-    check_meta(dataset.meta, cfg.lang, "sft" if cfg.mode == "sft" else "parallel", tokenizer.sha256, data_dir)
+    data_mode = "sft" if cfg.mode == "sft" else "parallel"
+    check_meta(dataset.meta, cfg.lang, data_mode, tokenizer.sha256, data_dir)
     train_size = len(dataset) - cfg.val_size
     if train_size < cfg.global_batch:
-        raise SystemExit(f"{data_dir}: {len(dataset)} examples, {cfg.val_size} held out by --val-size: "
-                         f"{train_size} left for training, fewer than --global-batch {cfg.global_batch}")
+        raise SystemExit(f"{data_dir}: {len(dataset)} examples, {cfg.val_size} held out by "
+                         f"--val-size: {train_size} left for training, fewer than --global-batch "
+                         f"{cfg.global_batch}")
+    make_out_dir(Path(cfg.out))             # last: a refused run leaves no new directory behind
     return args, tokenizer, dataset, dft
 
 
+def make_out_dir(out: Path) -> None:
+    """Create --out (every rank: with several nodes each must see it), refusing in one line where
+    that is impossible (a file in the way, no permission, a read-only filesystem)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot create this directory ({e.strerror}); choose a "
+                         f"path where you can write") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise SystemExit(f"--out {out}: not writable; choose a path where you can write")
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest complete checkpoint (a step_N dir with its state.json); step_N.tmp dirs are unfinished writes."""
-    done = [d for d in ckpt_dir.glob("step_*") if d.is_dir() and d.name[5:].isdigit() and (d / "state.json").is_file()]
+    """The newest complete checkpoint (a step_N dir with its state.json); step_N.tmp dirs are
+    unfinished writes."""
+    done = [d for d in ckpt_dir.glob("step_*")
+            if d.is_dir() and d.name[5:].isdigit() and (d / "state.json").is_file()]
     return max(done, key=lambda d: int(d.name[5:]), default=None)
 
 
-def read_resume_state(ckpt: Path, cfg: TrainConfig) -> dict:
-    """The checkpoint's state.json, refused (one line) when it was written by a run with other flags."""
+def read_resume_state(ckpt: Path, cfg: TrainConfig, data: dict) -> dict:
+    """The checkpoint's state.json, refused (one line) when it was written by a run with other
+    flags or on other data (`data`: this run's data identity and meta.json, as checkpoint states
+    record them)."""
     state = json.loads((ckpt / "state.json").read_text())
-    saved = state["config"]
-    differ = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != getattr(cfg, k, None)]
+    saved = flatten(state["config"])
+    now = flatten(asdict(cfg))
+    differ = [k for k in sorted(saved.keys() | now.keys())
+              if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
     if differ:
-        shown = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {getattr(cfg, k, None)})" for k in differ)
-        raise SystemExit(f"{ckpt}: written by a run with {shown}; rerun with those flags to resume, or pick "
-                         f"another --out")
+        flag = lambda key: "--" + key.split(".")[-1].replace("_", "-")  # noqa: E731
+        shown = ", ".join(f"{flag(k)} {saved.get(k)} (now {now.get(k)})" for k in differ)
+        raise SystemExit(f"{ckpt}: written by a run with {shown}; rerun with those flags to "
+                         f"resume, or pick another --out")
+    saved_data = state.get("data") or {}
+    if saved_data.get("identity") != data["identity"]:
+        change = describe_meta_change(saved_data.get("meta"), data["meta"])
+        raise SystemExit(f"{ckpt}: written by a run on other data: {cfg.data} changed since "
+                         f"({change}); to train on it, start a fresh run with another --out (or "
+                         f"remove {cfg.out})")
     return state
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # Distributed setup
-# ---------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
-    """NCCL on GPU, gloo on CPU. Under torchrun the env says who we are; alone we are a world of one, so the same
-    FSDP2 and checkpoint code runs either way."""
+    """NCCL on GPU, gloo on CPU. Under torchrun the env says who we are; alone we are a world of
+    one, so the same FSDP2 and checkpoint code runs either way."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if "RANK" in os.environ:
         kwargs = {"device_id": device} if device.type == "cuda" else {}
@@ -323,8 +521,9 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
 
 def checkpoint_block(block: torch.nn.Module) -> None:
-    """Activation checkpointing of one block: recompute it in backward. The block's forward is wrapped in place
-    (not in a wrapper module), so parameter names stay those of the HF key table in model.py."""
+    """Activation checkpointing of one block: recompute it in backward. The block's forward is
+    wrapped in place (not in a wrapper module), so parameter names stay those of the HF key table
+    in model.py."""
     forward = block.forward
 
     def checkpointed_forward(*args, **kwargs):
@@ -333,75 +532,111 @@ def checkpoint_block(block: torch.nn.Module) -> None:
     block.forward = checkpointed_forward
 
 
-def apply_fsdp(model: Transformer, bf16: bool, activation_checkpointing: bool, compile: bool) -> None:
-    """torchtitan's order: activation checkpointing -> compile -> fully_shard per block, then the root (embedding,
-    final norm and head). Parameters stay fp32 and sharded; under bf16 each block computes in bf16 and gradients
-    are reduced in fp32 (AdamW at 2e-5 on bf16-stored weights would round most updates away)."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
-        MixedPrecisionPolicy()
+def apply_fsdp(model: Transformer, bf16: bool, activation_checkpointing: bool,
+               compile: bool) -> None:
+    """torchtitan's order: activation checkpointing -> compile -> fully_shard per block, then the
+    root (embedding, final norm and head). Parameters stay fp32 and sharded; under bf16 each block
+    computes in bf16 and gradients are reduced in fp32 (AdamW at 2e-5 on bf16-stored weights would
+    round most updates away)."""
+    # fp32: the RoPE tables (cos, sin) each block receives. FSDP would cast every floating input of
+    # a block to param_dtype; the hidden states need no cast (the bf16 embedding makes them bf16).
+    if bf16:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
+    else:
+        mp = MixedPrecisionPolicy()
     for block in model.layers:
         if activation_checkpointing:
             checkpoint_block(block)
         if compile:
-            block.compile()                      # in place: keeps the parameter names
+            # In place, so the parameter names stay. dynamic=True: the sequence length is symbolic
+            # from the first compile, so new lengths reuse the graph (one graph per kind of call:
+            # with or without a shared prompt) instead of recompiling until torch's automatic
+            # dynamic shapes kick in.
+            block.compile(dynamic=True)
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-    # dft_step touches the root's parameters (embedding, final norm, head) outside forward: FSDP must unshard them.
+    # dft_step touches the root's parameters (embedding, final norm, head) outside forward: FSDP
+    # must unshard them.
     register_fsdp_forward_method(model, "dft_step")
 
 
-def rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state().numpy().tobytes().hex()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device).numpy().tobytes().hex()
-    return state
+def make_optimizer(model: Transformer, cfg: TrainConfig,
+                   device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only; the fused kernel on CUDA (one launch for all
+    parameters), the default implementation elsewhere."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                             fused=True if device.type == "cuda" else None)
 
 
-def set_rng_state(state: dict, device: torch.device) -> None:
-    as_tensor = lambda h: torch.frombuffer(bytearray.fromhex(h), dtype=torch.uint8)  # noqa: E731
-    torch.set_rng_state(as_tensor(state["cpu"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(as_tensor(state["cuda"]), device)
+# ---------------------------------------------------------------------------------------------
+# Files: checkpoints, export, metrics
+# ---------------------------------------------------------------------------------------------
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `path` under a temporary name and rename it into place: a kill never leaves half a
+    file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, state: dict, keep_last: int, device) -> None:
-    """DCP shards of model + optimizer from every rank, then state.json; written under step_N.tmp and renamed to
-    step_N when complete, so a kill at any moment leaves either the whole checkpoint or an ignored .tmp."""
+def row_step(line: str) -> int | None:
+    """The step of a metrics.jsonl row; None for a half-written one (a killed run's last row)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, state: dict,
+                    keep_last: int) -> None:
+    """DCP shards of model + optimizer from every rank, then state.json; written under step_N.tmp
+    and renamed to step_N when complete, so a kill at any moment leaves either the whole
+    checkpoint or an ignored .tmp."""
     rank = dist.get_rank()
-    final, tmp = ckpt_dir / f"step_{step}", ckpt_dir / f"step_{step}.tmp"
+    final = ckpt_dir / f"step_{step}"
+    tmp = ckpt_dir / f"step_{step}.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
-    rngs = [None] * dist.get_world_size()
-    dist.all_gather_object(rngs, rng_state(device))
     if rank == 0:
-        with open(tmp / "state.json", "w") as f:
-            json.dump(state | {"rng": rngs}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        write_atomic(tmp / "state.json", json.dumps(state, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
-        done = sorted((d for d in ckpt_dir.glob("step_*") if d.name[5:].isdigit()), key=lambda d: int(d.name[5:]))
+        done = sorted((d for d in ckpt_dir.glob("step_*") if d.name[5:].isdigit()),
+                      key=lambda d: int(d.name[5:]))
         for old in done[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
 
 
 def load_checkpoint(ckpt: Path, model, optimizer) -> None:
-    """Fill the sharded model and optimizer from a DCP checkpoint (resharded if the world size changed)."""
+    """Fill the sharded model and optimizer from a DCP checkpoint (resharded if the world size
+    changed)."""
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(ckpt))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
 
 
 def export(model: Transformer, model_dir: Path, out: Path) -> Path:
-    """OUT/final in the HF layout: every rank gathers each tensor in turn, rank 0 writes shard by shard; then the
-    source's config.json (unchanged) and its tokenizer and generation files. Staged, then renamed into place."""
-    final, staging = out / "final", out / "final.partial"
+    """OUT/final in the HF layout: every rank gathers each tensor in turn, rank 0 writes shard by
+    shard; then the source's config.json (unchanged) and its tokenizer and generation files.
+    Staged, then renamed into place."""
+    final = out / "final"
+    staging = out / "final.partial"
     model.save_pretrained(staging)
     if dist.get_rank() == 0:
         for name in SIDE_FILES + ("config.json",):
@@ -413,111 +648,164 @@ def export(model: Transformer, model_dir: Path, out: Path) -> Path:
     return final
 
 
-@torch.no_grad()
-def evaluate(model, dataset, val_indices: list[int], cfg: TrainConfig, dft: DFTConfig, pad_id: int, device) -> dict:
-    """Loss parts over the held-out examples, each normalised by its count over the whole validation set."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = val_indices[rank::world]
-    batches = [collate([dataset[i] for i in mine[m:m + cfg.batch_size]], pad_id)
-               for m in range(0, len(mine), cfg.batch_size)]
-    # FSDP all-gathers inside every forward: all ranks must run the same number of them.
-    n_batches = math.ceil(math.ceil(len(val_indices) / world) / cfg.batch_size)
+# ---------------------------------------------------------------------------------------------
+# One step: micro-batches forward and backward, validation
+# ---------------------------------------------------------------------------------------------
+
+def global_counts(micro: list[dict], mode: str, dft: DFTConfig, device) -> dict:
+    """The number of targets of each loss part in these micro-batches on all ranks: what
+    model.dft_step divides each micro-batch's loss sums by, so that all of them add up to the
+    global mean. Known before any backward."""
     counts = torch.zeros(3, dtype=torch.long, device=device)
-    for batch in batches:
-        counts += torch.tensor(list(count_targets(batch, cfg.mode, dft).values()), device=device)
+    for batch in micro:
+        counts += torch.tensor(list(count_targets(batch, mode, dft).values()), device=device)
     dist.all_reduce(counts)
-    counts = dict(zip(("tft", "lc", "et"), counts.tolist()))
-    filler = collate([dataset[val_indices[0]]], pad_id)
-    sums = torch.zeros(4, device=device)
-    for m in range(n_batches):
-        batch = batches[m] if m < len(batches) else filler
-        out = model.dft_step({k: v.to(device) for k, v in batch.items()}, cfg.mode, dft, counts)
-        if m < len(batches):       # the filler only keeps this rank in step with the others
-            sums += torch.stack([out[k].float().detach() for k in ("loss", "tft", "lc", "et")])
+    return dict(zip(("tft", "lc", "et"), counts.tolist()))
+
+
+def on_device(batch: dict, device) -> dict:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def forward_backward(model, micro: list[dict], counts: dict, mode: str, dft: DFTConfig,
+                     device) -> torch.Tensor:
+    """This rank's micro-batches of one step, forward and backward (gradients accumulate);
+    -> the sums of their LOSS_PARTS."""
+    world = dist.get_world_size()
+    sums = torch.zeros(len(LOSS_PARTS), device=device)
+    for batch in micro:
+        parts = model.dft_step(on_device(batch, device), mode, dft, counts)
+        # FSDP2 averages gradients over ranks; each rank's loss is already its share of the
+        # global mean.
+        (parts["loss"] * world).backward()
+        sums += torch.stack([parts[k].float().detach() for k in LOSS_PARTS])
+    return sums
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[dict], plan: list, mode: str, dft: DFTConfig, pad_id: int,
+             device) -> dict:
+    """Loss parts over the held-out examples, split by `plan` (group_by_length's), each normalised
+    by its count over the whole validation set."""
+    groups = [group for group in plan[dist.get_rank()] if group]
+    micro = [collate([examples[i] for i in group], pad_id) for group in groups]
+    counts = global_counts(micro, mode, dft, device)
+    sums = torch.zeros(len(LOSS_PARTS), device=device)
+    for batch in micro:
+        parts = model.dft_step(on_device(batch, device), mode, dft, counts)
+        sums += torch.stack([parts[k].float() for k in LOSS_PARTS])
+    # FSDP all-gathers inside every forward: a rank left without examples runs one anyway, unused.
+    for _ in range(len(plan[0]) - len(micro)):
+        model.dft_step(on_device(collate(examples[:1], pad_id), device), mode, dft, counts)
     dist.all_reduce(sums)
-    return dict(zip(("val_loss", "val_tft", "val_lc", "val_et"), sums.tolist()))
+    return dict(zip(["val_" + part for part in LOSS_PARTS], sums.tolist()))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # The run
-# ---------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+
+def non_finite_stop(step: int, what: str, ckpt_dir: Path) -> SystemExit:
+    """The one-line stop for a loss or gradient norm that is not finite."""
+    newest = latest_checkpoint(ckpt_dir)
+    saved = f"the newest checkpoint is {newest}" if newest else "no checkpoint was written yet"
+    return SystemExit(f"step {step}: {what}; stopping ({saved}); try a lower --lr")
+
+
+def exit_with_one_line(stop: SystemExit) -> None:
+    """Print a one-line refusal once and exit with EXIT_ONE_LINE. Every rank checks the same inputs
+    (or the same all-reduced numbers), so rank 0 speaks for all. A SystemExit, unlike an
+    exception, leaves no traceback and no error file; torchrun itself still reports the failed
+    worker (its own traceback and a summary box follow)."""
+    if not isinstance(stop.code, str):
+        raise stop
+    if os.environ.get("RANK", "0") != "0":
+        time.sleep(RANK_0_GRACE_S)
+    print(stop.code, file=sys.stderr)
+    sys.exit(EXIT_ONE_LINE)
+
 
 @record
 def main(argv=None):
-    # Inputs first: every mistake a user can make shows up here, before any process group or allocation.
-    cfg = resolve_config(parse_args(argv), int(os.environ.get("WORLD_SIZE", "1")))
+    # Inputs first: every mistake a user can make shows up here, before any process group or
+    # allocation.
+    device = local_device()
+    cfg = resolve_config(parse_args(argv), int(os.environ.get("WORLD_SIZE", "1")), device.type)
     args, tokenizer, dataset, dft = check_inputs(cfg)
-    cfg.lc_layer, cfg.et_layer = dft.lc_layer, dft.et_layer
-    out, model_dir = Path(cfg.out), Path(cfg.model)
+    cfg = replace(cfg, dft=dft)
+    out = Path(cfg.out)
+    model_dir = Path(cfg.model)
     resume_from = latest_checkpoint(out / "ckpt")
-    resume = read_resume_state(resume_from, cfg) if resume_from else None
+    data = {"identity": data_identity(cfg.data), "meta": dataset.meta}
+    resume = read_resume_state(resume_from, cfg, data) if resume_from else None
     lc_type, et_type = dft.types(cfg.mode)
 
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        device = torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    bf16 = cfg.dtype == "bf16"
     rank, world = init_distributed(device)
     previous_handlers = {}
     try:
-        torch.manual_seed(cfg.seed)
+        # No global RNG: nothing in a step draws random numbers (no dropout; the data order has its
+        # own generators), so a resumed run repeats the uninterrupted one without any RNG state.
         is_main = rank == 0
 
-        # --- data: a held-out validation set, then one permutation of the rest per epoch -----------------------
+        # --- data: a held-out validation set, then one permutation of the rest per epoch -------
         split = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))
         val_indices = sorted(split[:cfg.val_size].tolist())
         train_indices = split[cfg.val_size:].sort().values
-        steps_per_epoch = len(train_indices) // cfg.global_batch        # the last partial batch of an epoch is dropped
+        # The last partial batch of an epoch is dropped.
+        steps_per_epoch = len(train_indices) // cfg.global_batch
         total_steps = cfg.epochs * steps_per_epoch
         warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
         last_step = min(total_steps, cfg.max_steps or total_steps)
+        pad_id = tokenizer.pad_id
+        val_examples = [dataset[i] for i in val_indices]
+        val_plan = group_by_length(pass_lengths(val_examples, lc_type, et_type, dft.prefix_share),
+                                   world, cfg.batch_size)
         if is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            resolved = asdict(cfg) | dict(device=device.type, bf16=bf16, lc_type=lc_type, et_type=et_type,
-                                          steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                                          warmup_steps=warmup_steps, train_examples=len(train_indices))
-            (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-            print(f"train.py: {cfg.mode} {cfg.lang} | {cfg.model} ({args.n_layers} blocks; LC layer {dft.lc_layer} "
-                  f"{lc_type}, ET layer {dft.et_layer} {et_type}) | {len(train_indices)} examples, {cfg.val_size} held "
-                  f"out | {steps_per_epoch} steps/epoch x {cfg.epochs} = {total_steps} steps | {world} x "
+            resolved = asdict(cfg) | dict(device=device.type, bf16=bf16, lc_type=lc_type,
+                                          et_type=et_type, steps_per_epoch=steps_per_epoch,
+                                          total_steps=total_steps, warmup_steps=warmup_steps,
+                                          train_examples=len(train_indices))
+            write_atomic(out / "config.json", json.dumps(resolved, indent=2) + "\n")
+            print(f"train.py: {cfg.mode} {cfg.lang} | {cfg.model} ({args.n_layers} blocks; LC "
+                  f"layer {dft.lc_layer} {lc_type}, ET layer {dft.et_layer} {et_type}) | "
+                  f"{len(train_indices)} examples, {cfg.val_size} held out | {steps_per_epoch} "
+                  f"steps/epoch x {cfg.epochs} = {total_steps} steps | {world} x "
                   f"{cfg.batch_size} x accumulation {cfg.grad_accum} = {cfg.global_batch} | "
                   f"{'bf16 mixed' if bf16 else 'fp32'} on {device.type} | {out}", file=sys.stderr)
 
-        # --- model: meta -> FSDP2 -> real (sharded) memory -> weights --------------------------------------------
+        # --- model: meta -> FSDP2 -> real (sharded) memory -> weights --------------------------
         with torch.device("meta"):
             model = Transformer(args)
         apply_fsdp(model, bf16, cfg.activation_checkpointing, cfg.compile)
         model.to_empty(device=device)
         if resume is None:
             load_weights(model, model_dir)
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999),
-                                      eps=1e-8)
+        optimizer = make_optimizer(model, cfg, device)
 
-        # --- resume ----------------------------------------------------------------------------------------------
+        # --- resume --------------------------------------------------------------------------
         step = 0
         metrics_file = out / "metrics.jsonl"
         if resume is not None:
             load_checkpoint(resume_from, model, optimizer)
             step = resume["step"]
-            if resume["world_size"] == world:
-                set_rng_state(resume["rng"][rank], device)
             if is_main:
-                print(f"train.py: resumed from {resume_from} (step {step}, epoch {resume['epoch']}, "
-                      f"example {resume['step_in_epoch'] * cfg.global_batch} of the epoch)", file=sys.stderr)
+                print(f"train.py: resumed from {resume_from} (step {step}, epoch "
+                      f"{resume['epoch']}, example {resume['step_in_epoch'] * cfg.global_batch} "
+                      f"of the epoch)", file=sys.stderr)
         if is_main:
-            for unfinished in (out / "ckpt").glob("step_*.tmp"):     # writes a killed run left behind
+            for unfinished in (out / "ckpt").glob("step_*.tmp"):     # a killed run's writes
                 shutil.rmtree(unfinished, ignore_errors=True)
-            # Steps after the checkpoint will be redone: drop their rows (a killed run may have logged them).
+            # Steps after the checkpoint will be redone: drop their rows (a killed run may have
+            # logged them, the last one maybe half-written: a row is appended before its step's
+            # checkpoint is saved).
             rows = metrics_file.read_text().splitlines() if metrics_file.exists() else []
-            metrics_file.write_text("".join(r + "\n" for r in rows if r.strip() and json.loads(r)["step"] <= step))
+            kept = [row for row in rows if row_step(row) is not None and row_step(row) <= step]
+            write_atomic(metrics_file, "".join(row + "\n" for row in kept))
 
-        # --- SIGTERM / SIGINT: finish the step, save, exit -------------------------------------------------------
+        # --- SIGTERM / SIGINT: finish the step, save, exit -------------------------------------
         stop_requested = []
 
         def on_signal(signum, frame):
@@ -526,95 +814,88 @@ def main(argv=None):
                 raise KeyboardInterrupt
             stop_requested.append(signum)
 
-        previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous_handlers[signum] = signal.signal(signum, on_signal)
 
-        # --- the loop --------------------------------------------------------------------------------------------
         def checkpoint_state(step):
-            return {"step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
-                    "world_size": world, "config": asdict(cfg),
-                    "scheduler": {"kind": "linear warmup + cosine to 0", "total_steps": total_steps,
-                                  "warmup_steps": warmup_steps, "max_lr": cfg.lr}}
+            return {"step": step, "epoch": step // steps_per_epoch,
+                    "step_in_epoch": step % steps_per_epoch, "world_size": world,
+                    "config": asdict(cfg), "data": data,
+                    "scheduler": {"kind": "linear warmup + cosine to 0",
+                                  "total_steps": total_steps, "warmup_steps": warmup_steps,
+                                  "max_lr": cfg.lr}}
 
-        pad_id = tokenizer.pad_id
-        bar = tqdm(total=last_step, initial=step, desc=f"{cfg.mode} {cfg.lang}", unit="step", disable=not is_main,
-                   dynamic_ncols=True)
-        order_epoch, order = None, None
+        # --- the loop --------------------------------------------------------------------------
+        order_epoch = None
+        order = None
         stopped = False
-        while step < last_step:
-            started = time.perf_counter()
-            epoch, step_in_epoch = divmod(step, steps_per_epoch)
-            if order_epoch != epoch:
-                order_epoch, order = epoch, epoch_order(train_indices, cfg.seed, epoch)
-            micro = [collate([dataset[i] for i in idx], pad_id)
-                     for idx in step_examples(order, step_in_epoch, rank, world, cfg.global_batch, cfg.batch_size)]
-            # The step's global target counts, known before any backward: each micro-batch's loss parts are sums
-            # divided by them, so all micro-batches of all ranks add up to the global mean.
-            counts = torch.zeros(3, dtype=torch.long, device=device)
-            for batch in micro:
-                counts += torch.tensor(list(count_targets(batch, cfg.mode, dft).values()), device=device)
-            dist.all_reduce(counts)
-            counts = dict(zip(("tft", "lc", "et"), counts.tolist()))
-            lr = get_lr(step, total_steps, warmup_steps, cfg.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        # Closed on every path: a bar left open would print itself after an error message.
+        with tqdm(total=last_step, initial=step, desc=f"{cfg.mode} {cfg.lang}", unit="step",
+                  disable=not is_main, dynamic_ncols=True) as bar:
+            while step < last_step and not stopped:
+                started = time.perf_counter()
+                epoch, step_in_epoch = divmod(step, steps_per_epoch)
+                if order_epoch != epoch:
+                    order_epoch = epoch
+                    order = epoch_order(train_indices, cfg.seed, epoch)
+                indices = step_indices(order, step_in_epoch, cfg.global_batch)
+                examples = [dataset[i] for i in indices]
+                lengths = pass_lengths(examples, lc_type, et_type, dft.prefix_share)
+                plan = group_by_length(lengths, world, cfg.batch_size)
+                micro = [collate([examples[i] for i in group], pad_id) for group in plan[rank]]
+                counts = global_counts(micro, cfg.mode, dft, device)
+                lr = get_lr(step, total_steps, warmup_steps, cfg.lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
 
-            sums = torch.zeros(4, device=device)                          # loss, tft, lc, et
-            tokens = 0
-            for batch in micro:
-                tokens += input_tokens(batch, lc_type, et_type)
-                parts = model.dft_step({k: v.to(device, non_blocking=True) for k, v in batch.items()},
-                                       cfg.mode, dft, counts)
-                # FSDP2 averages gradients over ranks; our per-rank losses are already shares of the global mean.
-                (parts["loss"] * world).backward()
-                sums += torch.stack([parts[k].float().detach() for k in ("loss", "tft", "lc", "et")])
-            stats = torch.cat([sums, torch.tensor([tokens, len(stop_requested)], device=device, dtype=torch.float)])
-            dist.all_reduce(stats)
-            loss, tft, lc, et, tokens, stop = stats.tolist()
-            if not math.isfinite(loss):
-                raise SystemExit(f"step {step + 1}: loss is {loss} (tft {tft}, lc {lc}, et {et}); stopping. The last "
-                                 f"checkpoint is in {out / 'ckpt'}; try a lower --lr")
+                sums = forward_backward(model, micro, counts, cfg.mode, dft, device)
+                stop = torch.tensor([len(stop_requested)], device=device, dtype=torch.float)
+                stats = torch.cat([sums, stop])
+                dist.all_reduce(stats)
+                parts = dict(zip(LOSS_PARTS, stats[:-1].tolist()))
+                stopped = stats[-1].item() > 0
+                if not math.isfinite(parts["loss"]):
+                    raise non_finite_stop(step + 1, f"loss is {parts['loss']} (tft {parts['tft']}, "
+                                          f"lc {parts['lc']}, et {parts['et']})", out / "ckpt")
+                params = [p for p in model.parameters() if p.grad is not None]
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+                if isinstance(grad_norm, DTensor):
+                    grad_norm = grad_norm.full_tensor()          # the norm over all ranks' shards
+                if not torch.isfinite(grad_norm):
+                    raise non_finite_stop(step + 1, f"gradient norm is {grad_norm.item()}",
+                                          out / "ckpt")
+                torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
 
-            if cfg.dump_grads and step == (resume["step"] if resume else 0):
-                grads = {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).cpu()
-                         for name, p in model.named_parameters()}
+                tokens = int(lengths.sum())                      # real tokens, all ranks
+                seconds = time.perf_counter() - started
+                row = {"step": step, "epoch": round(step / steps_per_epoch, 4), **parts, "lr": lr,
+                       "grad_norm": grad_norm.item(), "tokens": tokens,
+                       "padded_tokens": sum(padded_tokens(lengths[group])
+                                            for groups in plan for group in groups),
+                       "tokens_per_s": round(tokens / seconds, 1)}
+                if device.type == "cuda":
+                    peak = torch.cuda.max_memory_allocated(device)
+                    row["peak_mem_gib"] = round(peak / 2**30, 2)
+                if val_indices and (step % cfg.eval_every == 0 or step == last_step):
+                    row |= evaluate(model, val_examples, val_plan, cfg.mode, dft, pad_id, device)
                 if is_main:
-                    torch.save(grads, cfg.dump_grads)
-            params = [p for p in model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-            if isinstance(grad_norm, DTensor):
-                grad_norm = grad_norm.full_tensor()                       # the norm over all ranks' shards
-            if not torch.isfinite(grad_norm):
-                raise SystemExit(f"step {step + 1}: gradient norm is {grad_norm.item()}; stopping. The last "
-                                 f"checkpoint is in {out / 'ckpt'}; try a lower --lr")
-            torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            seconds = time.perf_counter() - started
-            row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "tft": tft, "lc": lc,
-                   "et": et, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": round(tokens / seconds, 1)}
-            if device.type == "cuda":
-                row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-            if val_indices and (step % cfg.eval_every == 0 or step == last_step):
-                row |= evaluate(model, dataset, val_indices, cfg, dft, pad_id, device)
-            if is_main:
-                with open(metrics_file, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
-                                **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}))
-                bar.update(1)
-            stopped = stop > 0
-            if step % cfg.save_every == 0 or step == last_step or stopped:
-                save_checkpoint(out / "ckpt", step, model, optimizer, checkpoint_state(step), cfg.keep_last, device)
-            if stopped:
-                break
-        bar.close()
+                    with open(metrics_file, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    val = {"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}
+                    bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{lr:.2e}",
+                                    tok_s=f"{row['tokens_per_s']:.0f}", **val)
+                    bar.update(1)
+                if step % cfg.save_every == 0 or step == last_step or stopped:
+                    save_checkpoint(out / "ckpt", step, model, optimizer, checkpoint_state(step),
+                                    cfg.keep_last)
 
         if stopped:
             if is_main:
-                print(f"train.py: stopped by signal after step {step}; checkpoint saved. Rerun the same command to "
-                      f"resume.", file=sys.stderr)
+                print(f"train.py: stopped by signal after step {step}; checkpoint saved. Rerun "
+                      f"the same command to resume.", file=sys.stderr)
             return
         final = export(model, model_dir, out)
         if is_main:
@@ -625,96 +906,8 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The demo: the whole pipeline on the embedded default, on CPU, in a few minutes
-# ---------------------------------------------------------------------------------------------------------------------
-
-DEMO_NOTE = ("A tiny random-init model trained for a few steps shows that the pipeline works end to end; its scores "
-             "say nothing about the method's effect (that takes LLaMA-2-7B / Gemma-2-2B, see README.md).")
-
-
-def run_demo(out: Path = Path("runs/demo")) -> None:
-    """tiny LLaMA-architecture checkpoint + tokenizer trained on the bundled texts -> the bundled vi sample prepared ->
-    2-process torchrun training in tft and dft-logits -> evaluate.py on the bundled benchmark samples -> a side-by-side
-    table and loss curves. Each stage is skipped when its output exists, and training resumes, so a rerun reuses what
-    finished."""
-    import subprocess
-
-    here = Path(__file__).resolve().parent
-    python = sys.executable
-    model, data = out / "tiny-llama", out / "prepared-vi"
-
-    def stage(title, done: bool, cmd):
-        print(f"\n=== {title}" + (" (done before: reused)" if done else ""), flush=True)
-        if not done:
-            print("$ " + " ".join(str(c) for c in cmd), flush=True)
-            subprocess.run([str(c) for c in cmd], check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-
-    print(DEMO_NOTE)
-    stage("tiny checkpoint", (model / "config.json").is_file(),
-          [python, here / "model.py", "--make-tiny", model, "--family", "llama"])
-    stage("prepare the bundled Vietnamese sample", (data / "meta.json").is_file(),
-          [python, here / "prepare_data.py", "--lang", "vi", "--tokenizer", model, "--out", data])
-    runs = {}
-    for mode in ("tft", "dft-logits"):
-        run = runs[mode] = out / mode
-        stage(f"train --mode {mode} (torchrun, 2 CPU processes)", (run / "final" / "config.json").is_file(),
-              [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", here / "train.py",
-               "--lang", "vi", "--model", model, "--data", data, "--out", run, "--mode", mode, "--epochs", "4",
-               "--global-batch", "16", "--batch-size", "4", "--lr", "2e-3", "--warmup-ratio", "0.1",
-               "--val-size", "8", "--eval-every", "5", "--save-every", "10"])
-        stage(f"evaluate the {mode} model on data/bench_sample", (run / "final" / "eval" / "results.json").is_file(),
-              [python, here / "evaluate.py", "--model", run / "final", "--langs", "vi,ar,zh", "--tasks", "all",
-               "--data-dir", here / "data" / "bench_sample", "--max-new-tokens", "16"])
-    print_demo_table(runs)
-    plot_losses(runs, out / "loss_curves.png")
-    print("\n" + DEMO_NOTE)
-
-
-def print_demo_table(runs: dict) -> None:
-    """Benchmarks and last training losses of each run, side by side."""
-    results = {mode: {(r["task"], r["lang"], r["metric"]): r["value"]
-                      for r in json.loads((run / "final" / "eval" / "results.json").read_text())}
-               for mode, run in runs.items()}
-    last = {mode: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
-            for mode, run in runs.items()}
-    modes = list(runs)
-    print("\n| task | lang | metric | " + " | ".join(modes) + " |\n|---|---|---|" + "---|" * len(modes))
-    main_metrics = {"f1", "acc", "mc1"}          # the metric the paper reports for each benchmark
-    for key in sorted(k for k in set().union(*results.values()) if k[2] in main_metrics):
-        cells = [f"{results[m][key]:.2f}" if key in results[m] else "–" for m in modes]
-        print(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
-    for part in ("loss", "tft", "lc", "et"):
-        cells = [f"{last[m][part]:.3f}" if last[m].get(part) else "–" for m in modes]
-        print(f"| train (last step) | vi | {part} | " + " | ".join(cells) + " |")
-
-
-def plot_losses(runs: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"\nloss-curve PNG skipped: matplotlib is not installed (pip install matplotlib to get {path})")
-        return
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharex=True)
-    for mode, run in runs.items():
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        for ax, part in zip(axes, ("tft", "lc", "et")):
-            points = [(r["step"], r[part]) for r in rows if r.get(part)]
-            if points:
-                ax.plot(*zip(*points), label=mode)
-    for ax, part in zip(axes, ("L_TFT", "L_LC", "L_ET")):
-        ax.set_title(part)
-        ax.set_xlabel("optimizer step")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"\nloss curves: {path}")
-
-
 if __name__ == "__main__":
-    if "--demo" in sys.argv[1:]:
-        run_demo()
-    else:
+    try:
         main()
+    except SystemExit as stop:
+        exit_with_one_line(stop)
