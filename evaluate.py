@@ -64,7 +64,8 @@ import torch
 from tqdm import tqdm
 
 from model import Tokenizer, Transformer, default_layers
-from prepare_data import SAMPLE_DIR, alpaca_prompt_ids, format_prompt, read_records, record_defect
+from prepare_data import (SAMPLE_DIR, alpaca_prompt_ids, format_prompt, load_tokenizer, read_records,
+                          record_defect)
 
 try:                                        # optional: only the logit lens's PNG needs it
     from matplotlib.figure import Figure    # no pyplot: no GUI backend, no global state
@@ -1024,16 +1025,16 @@ class LensResult:
     shown_top1: list[list[int]]  # [layer][position]: the lens's top-1 token there
 
 
-def lens_records(path: Path, n: int) -> list[dict]:
+def lens_records(path: Path, n: int, tok: Tokenizer) -> list[dict]:
     """The first `n` records of an Alpaca-format file (a JSON list of {instruction, input, output}); a malformed one
-    among them stops the run with one line naming the file, the record and the field."""
+    among them (for this tokenizer) stops the run with one line naming the file, the record and the field."""
 
     if not path.is_file():
         raise SystemExit(f"error: {path}: not found; pass --lens-data FILE.json, an Alpaca-format JSON list of "
                          "{instruction, input, output} (or --lens-lang one of " + "/".join(LENS_LANGS) + ")")
     records = read_records(path)[:n]
     for index, record in enumerate(records):
-        defect = record_defect(record)
+        defect = record_defect(record, sentencepiece=tok.sp is not None)
         if defect is not None:
             raise SystemExit(f"error: {path}: record {index}: {defect[1]} (fix the record or pass another --lens-data)")
     if not records:
@@ -1214,9 +1215,10 @@ def plot_lens(result: LensResult, i: int, j: int, path: Path) -> str:
 
 def run_logit_lens(args) -> Path:
     data = Path(args.lens_data) if args.lens_data else SAMPLE_DIR / f"alpaca_{args.lens_lang}.json"
-    records = lens_records(data, args.lens_examples)        # before the model loads: a bad file fails fast
+    tok = load_tokenizer(Path(args.model))
+    records = lens_records(data, args.lens_examples, tok)   # before the model loads: a bad file fails fast
     out = output_dir(args)
-    model, tok, dtype = load_model(args.model, args.device, args.dtype)
+    model, dtype = load_model(args.model, args.device, args.dtype)
     sequences, notes = lens_sequences(tok, records, model.args.max_seq_len)
     if not sequences:
         raise SystemExit(f"error: {data}: no record leaves a response position within max_seq_len="
@@ -1338,7 +1340,7 @@ def parse_args(argv=None):
     return args
 
 
-def load_model(path: str, device: str, dtype: str):
+def load_model(path: str, device: str, dtype: str) -> tuple[Transformer, torch.dtype]:
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is visible; pass --device cpu")
@@ -1346,11 +1348,10 @@ def load_model(path: str, device: str, dtype: str):
     if torch_dtype is None:
         torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        tok = Tokenizer(path)
         model = Transformer.from_pretrained(path, dtype=torch_dtype, device=device)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
-    return model.eval(), tok, torch_dtype
+    return model.eval(), torch_dtype
 
 
 def output_dir(args, *subdirs: str) -> Path:
@@ -1367,7 +1368,8 @@ def output_dir(args, *subdirs: str) -> Path:
 
 
 def run_prompt(args) -> None:
-    model, tok, _ = load_model(args.model, args.device, args.dtype)
+    tok = load_tokenizer(Path(args.model))
+    model, _ = load_model(args.model, args.device, args.dtype)
     ids = alpaca_prompt_ids(tok, args.prompt)
     ids = fit_prompt(ids, prompt_room(model, args.qa_max_new_tokens), Counter(), tok.bos_id is not None)
     generated = greedy_generate(model, tok, [ids], args.qa_max_new_tokens, stop_at_newline=False)
@@ -1421,7 +1423,8 @@ def run_benchmarks(args) -> Path:
         raise SystemExit(f"error: nothing to evaluate: no benchmark file for tasks {args.tasks} and "
                          f"languages {args.langs} under {args.data_dir}")
     out = output_dir(args, "predictions")
-    model, tok, dtype = load_model(args.model, args.device, args.dtype)
+    tok = load_tokenizer(Path(args.model))
+    model, dtype = load_model(args.model, args.device, args.dtype)
     protocol = Protocol(args.qa_max_new_tokens, args.qa_stop, args.mc_ties)
     counters, results = Counter(), []
     for (task, lang), cell in cells.items():
