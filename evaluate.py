@@ -63,7 +63,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from model import Tokenizer, Transformer, default_layers
+from model import Tokenizer, Transformer, default_layers, resolve_dtype, write_atomic
 from prepare_data import (SAMPLE_DIR, alpaca_prompt_ids, format_prompt, load_tokenizer, read_records,
                           record_defect)
 
@@ -993,13 +993,6 @@ def results_markdown(results: list[dict], cells: dict[tuple[str, str], Cell], ta
     return "\n".join(lines) + "\n"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write beside `path`, then rename: a crash never leaves a half-written file under its name."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The logit lens: what each layer would predict if the model stopped there (the paper reads i, j off it)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1236,7 +1229,7 @@ def run_logit_lens(args) -> Path:
               "Layer k = the residual stream after block k, read through the final norm and the output head "
               f"(the model's own output at k = {n_layers}). Rank 1 = the lens's top choice."]
     md = lens_markdown(result, tok, i, j, rule_notes, header, rule_notes + notes + [png])
-    write_text_atomic(out / "logit_lens.md", md)
+    write_atomic(out / "logit_lens.md", md)
     report = dict(model=str(args.model), family=family, n_layers=n_layers, vocab_size=model.args.vocab_size,
                   data=str(data), lang=args.lens_lang, examples=len(sequences), positions=result.positions,
                   device=str(args.device), dtype=str(dtype).replace("torch.", ""), layers=result.layers,
@@ -1244,7 +1237,7 @@ def run_logit_lens(args) -> Path:
                   first_example=dict(targets=[token_piece(tok, t) for t in result.shown_targets],
                                      top1=[[token_piece(tok, t) for t in ids] for ids in result.shown_top1]),
                   notes=notes)
-    write_text_atomic(out / "logit_lens.json",
+    write_atomic(out / "logit_lens.json",
                       json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(md)
     print(png)
@@ -1344,9 +1337,7 @@ def load_model(path: str, device: str, dtype: str) -> tuple[Transformer, torch.d
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is visible; pass --device cpu")
-    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype)
-    if torch_dtype is None:
-        torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch_dtype = torch.bfloat16 if resolve_dtype(dtype, device.type) == "bf16" else torch.float32
     try:
         model = Transformer.from_pretrained(path, dtype=torch_dtype, device=device)
     except (ValueError, OSError) as e:
@@ -1433,7 +1424,7 @@ def run_benchmarks(args) -> Path:
         bench = BENCHMARKS[task]
         metrics, records = evaluate_cell(model, tok, bench, lang, cell.rows, protocol,
                                          args.batch_size, counters)
-        write_text_atomic(out / "predictions" / f"{task}.{lang}.jsonl",
+        write_atomic(out / "predictions" / f"{task}.{lang}.jsonl",
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         label = caveat([cell])
         for metric in bench.metrics:
@@ -1449,7 +1440,7 @@ def run_benchmarks(args) -> Path:
         if cell.state == NO_LANGUAGE:
             notes.append(f"{task}/{lang}: the benchmark has no {lang} release ({NO_LANGUAGE} in the "
                          "table)")
-    write_text_atomic(out / "results.json",
+    write_atomic(out / "results.json",
                       json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     family = model.args.family
     header = [f"Model `{args.model}` (family {family}; paper rows: "
@@ -1464,7 +1455,7 @@ def run_benchmarks(args) -> Path:
         header.append(f"**{label}: {fix}.**")
     md = results_markdown(results, cells, args.tasks, args.langs, family,
                           Path(args.model).name or "model", header, notes)
-    write_text_atomic(out / "results.md", md)
+    write_atomic(out / "results.md", md)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'predictions'}/")
     if label:
         print(f"note: all numbers above: {label}; {fix}")

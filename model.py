@@ -34,10 +34,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from dsft_loss import feature_cosine_loss, logit_lens_ce
+from dsft_loss import IGNORE_INDEX, feature_cosine_loss, logit_lens_ce
 
-
-IGNORE = -100     # label of positions that are not supervised
+SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "sample"     # the bundled parallel Alpaca sample
+# Hub organisations of the model names people pass as --model, for the download command of a missing model.
+HUB_ORGS = {"llama": "meta-llama", "meta-llama": "meta-llama", "gemma": "google", "mistral": "mistralai",
+            "qwen": "Qwen"}
 
 
 class CheckpointError(ValueError):
@@ -234,13 +236,13 @@ def count_targets(batch: dict, mode: str, cfg: DFTConfig) -> dict[str, int]:
     for feature parts. train.py sums these over an optimizer step on all ranks and hands the totals to dft_step."""
     lc_type, et_type = cfg.types(mode)
     n_examples = batch["tft_tokens"].shape[0]
-    counts = {"tft": int((batch["tft_labels"] != IGNORE).sum()), "lc": 0, "et": 0}
+    counts = {"tft": int((batch["tft_labels"] != IGNORE_INDEX).sum()), "lc": 0, "et": 0}
     if lc_type == "logits":
-        counts["lc"] = int((lc_labels(batch, cfg) != IGNORE).sum())
+        counts["lc"] = int((lc_labels(batch, cfg) != IGNORE_INDEX).sum())
     elif lc_type == "feature":
         counts["lc"] = n_examples
     if et_type == "logits":
-        counts["et"] = int((batch["et_labels"] != IGNORE).sum())
+        counts["et"] = int((batch["et_labels"] != IGNORE_INDEX).sum())
     elif et_type == "feature":
         counts["et"] = n_examples
     return counts
@@ -251,7 +253,7 @@ def lc_labels(batch: dict, cfg: DFTConfig) -> torch.Tensor:
     also stand in x_tgt and could simply be copied. lc_content is in label space (marks labels, not tokens)."""
     if not cfg.lc_content_only:
         return batch["lc_labels"]
-    return batch["lc_labels"].masked_fill(batch["lc_content"] == 0, IGNORE)
+    return batch["lc_labels"].masked_fill(batch["lc_content"] == 0, IGNORE_INDEX)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -642,7 +644,7 @@ class Transformer(nn.Module):
         h_rest = self._run(rest, (k,), rest_mask, prefix=prefix)[0]                     # [B, n, D]
         h_seam = h_prompt.gather(1, (P - 1)[:, None, None].expand(-1, 1, h_prompt.shape[-1]))  # [B, 1, D]
         at = torch.cat([P[:, None] - 1, at], dim=1)                                     # [B, 1 + n]
-        return torch.cat([h_seam, h_rest], dim=1), labels.gather(1, at.clamp(max=T - 1)).masked_fill(at >= T, IGNORE)
+        return torch.cat([h_seam, h_rest], dim=1), labels.gather(1, at.clamp(max=T - 1)).masked_fill(at >= T, IGNORE_INDEX)
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.tok_embeddings.weight
@@ -672,6 +674,22 @@ class Transformer(nn.Module):
 
 CONFIG_NAME, SINGLE_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(flag: str, device_type: str) -> str:
+    """--dtype auto|bf16|fp32 of train.py and evaluate.py -> bf16 | fp32. auto: bf16 on CUDA, fp32 on CPU
+    (bf16 matmuls are ~100x slower than fp32 on CPUs)."""
+    return flag if flag != "auto" else "bf16" if device_type == "cuda" else "fp32"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `path` under a temporary name, then rename it into place: a kill never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def hf_names(args: ModelArgs) -> dict[str, str]:
@@ -711,12 +729,23 @@ def json_file(path: Path) -> dict:
     return value
 
 
+def missing_model_message(model_dir: Path, missing: str = CONFIG_NAME) -> str:
+    """One line: `missing` is not in model_dir; how to download the real model there, and a tiny random model
+    for a try-out (under its own name: a random model must never sit under a real model's name)."""
+    name = model_dir.name
+    org = next((o for prefix, o in HUB_ORGS.items() if name.lower().startswith(prefix)), "ORG")
+    tiny = Path("models/tiny-llama")
+    return (f"{model_dir}/{missing}: not found; download the model with: huggingface-cli download "
+            f"{org}/{name} --local-dir {model_dir} (gated models: accept the licence on the Hub first); or, "
+            f"for a try-out, make a tiny random model with: python model.py --make-tiny {tiny} --family llama, "
+            f"and pass --model {tiny}")
+
+
 def read_args(path) -> ModelArgs:
     path = Path(path)
     config = path / CONFIG_NAME
     if not config.is_file():
-        raise CheckpointError(f"{config}: not found; expected an HF checkpoint dir (config.json + *.safetensors), "
-                              f"e.g. `python model.py --make-tiny {path} --family llama` for a tiny one")
+        raise CheckpointError(missing_model_message(path))
     return ModelArgs.from_hf_config(json_file(config), str(config))
 
 
@@ -943,9 +972,7 @@ class Tokenizer:
             found = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
             path = found[0] if found else path
         if not path.is_file():
-            raise CheckpointError(f"{path}: no tokenizer.model or tokenizer.json there; they ship with the model "
-                                  "(e.g. meta-llama/Llama-2-7b-hf), or make a tiny one with "
-                                  f"`python model.py --make-tiny {path} --family llama`")
+            raise CheckpointError(missing_model_message(path, " or ".join(TOKENIZER_FILES)))
         self.path = path
         data = path.read_bytes()
         self.sha256 = hashlib.sha256(data).hexdigest()
@@ -1243,7 +1270,7 @@ def alpaca_texts(files) -> list[str]:
 
 def sample_texts() -> list[str]:
     """Texts of the bundled Alpaca sample (all languages)."""
-    return alpaca_texts(sorted((Path(__file__).parent / "data" / "sample").glob("alpaca_*.json")))
+    return alpaca_texts(sorted(SAMPLE_DIR.glob("alpaca_*.json")))
 
 
 def main(argv=None):

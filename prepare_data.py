@@ -58,11 +58,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import IGNORE, Tokenizer
+from model import IGNORE_INDEX, SAMPLE_DIR, Tokenizer
 
 FORMAT_VERSION = 2  # 2: parts stored whole, every sequence cut at meta's max_len on load (--overlong)
 TEMPLATE_ID = "alpaca-en/joint-v2"  # the template below; prompt encoded as one text, output on its own (docstring)
-SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "sample"
 DEFAULT_TOKENIZER = Path("models/Llama-2-7b-hf")  # train.py's default --model
 
 # Stanford Alpaca's prompts, used with English words for every language (as x-LLM does).
@@ -569,6 +568,13 @@ def format_report(report: dict, out: Path) -> str:
 # Reading prepared data (train.py)
 
 
+def prepare_command(mode: str, lang: str | None, tokenizer="MODEL_DIR", out=None) -> str:
+    """The command line that makes prepared data of a mode ("parallel" | "sft"): the fix named by every
+    one-line error about missing or unfit data."""
+    command = "python prepare_data.py " + ("--sft" if mode == "sft" else f"--lang {lang or 'LANG'}")
+    return command + f" --tokenizer {tokenizer}" + (f" --out {out}" if out else "")
+
+
 def check_meta(meta: dict, lang: str, mode: str, tokenizer_sha256: str, path) -> None:
     """One-line refusal of prepared data made for another mode, language or tokenizer.
 
@@ -577,8 +583,7 @@ def check_meta(meta: dict, lang: str, mode: str, tokenizer_sha256: str, path) ->
     """
     if mode not in ("parallel", "sft"):
         raise ValueError(f"mode={mode!r}; expected 'parallel' or 'sft'")
-    remake = ("python prepare_data.py --sft" if mode == "sft" else f"python prepare_data.py --lang {lang}") + \
-        f" --tokenizer MODEL_DIR --out {path}"
+    remake = prepare_command(mode, lang, out=path)
     where = f"{path}/meta.json"
     if meta.get("mode") != mode:
         raise SystemExit(f"{where}: mode={meta.get('mode')!r} data, but this run needs {mode!r} data; "
@@ -635,7 +640,7 @@ class PreparedDataset:
         x_en = x_en[:self.max_len]
         # x_en token k (k >= bos) sits at lc position prompt_len + k - bos and is the label of the
         # position before; a label lost to the cut is no content.
-        lc_content = span_mask(len(lc_tokens), en_spans, shift=prompt_len - bos - 1) * (lc_labels != IGNORE)
+        lc_content = span_mask(len(lc_tokens), en_spans, shift=prompt_len - bos - 1) * (lc_labels != IGNORE_INDEX)
         return {
             "tft_tokens": tft_tokens, "tft_labels": tft_labels, "tft_mask": torch.ones_like(tft_tokens),
             "tgt_prompt_len": prompt_len,
@@ -653,7 +658,7 @@ def supervise_continuation(prompt: np.ndarray, continuation: np.ndarray,
     """tokens = (prompt ; continuation) cut after max_len tokens (len(prompt) < max_len), and shifted
     labels supervising exactly the continuation's tokens that are left."""
     tokens = torch.from_numpy(np.concatenate([prompt, continuation])[:max_len])
-    labels = torch.full_like(tokens, IGNORE)
+    labels = torch.full_like(tokens, IGNORE_INDEX)
     labels[len(prompt) - 1:-1] = tokens[len(prompt):]
     return tokens, labels
 
@@ -685,8 +690,8 @@ def load_prepared(path) -> PreparedDataset:
     meta_file = path / "meta.json"
     rewrite = f"rerun prepare_data.py with --overwrite --out {path}"
     if not meta_file.is_file():
-        raise SystemExit(f"{meta_file}: not found; make the data with: python prepare_data.py --lang LANG "
-                         f"--tokenizer MODEL_DIR --out {path}  (or --sft for English-only data)")
+        raise SystemExit(f"{meta_file}: not found; make the data with: "
+                         f"{prepare_command('parallel', None, out=path)} (or --sft for English-only data)")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
@@ -738,7 +743,7 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         if isinstance(values[0], int):
             batch[key] = torch.tensor(values, dtype=torch.long)
             continue
-        fill = IGNORE if key.endswith("_labels") else pad_id if key.endswith("_tokens") else 0
+        fill = IGNORE_INDEX if key.endswith("_labels") else pad_id if key.endswith("_tokens") else 0
         padded = torch.full((len(values), max(len(v) for v in values)), fill, dtype=torch.long)
         for row, value in enumerate(values):
             padded[row, :len(value)] = value

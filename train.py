@@ -65,8 +65,9 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from model import (LOSS_TYPES, MODES, CheckpointError, DFTConfig, Tokenizer, Transformer,
-                   check_checkpoint, count_targets, load_weights, read_args)
-from prepare_data import check_meta, collate, data_identity, load_prepared
+                   check_checkpoint, count_targets, load_weights, missing_model_message, read_args,
+                   resolve_dtype, write_atomic)
+from prepare_data import check_meta, collate, data_identity, load_prepared, prepare_command
 
 DEFAULT_MODEL = "models/Llama-2-7b-hf"
 # Files of --model copied next to the exported weights (config.json is copied too, byte for byte).
@@ -80,8 +81,6 @@ RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_last", "eval_every", "batc
                      "dft.chunk_size", "dft.prefix_share"}
 LOSS_PARTS = ("loss", "tft", "lc", "et")
 # The Hub organisation of a model, by the start of its directory name (as the README's downloads).
-HUB_ORGS = {"llama": "meta-llama", "meta-llama": "meta-llama", "gemma": "google",
-            "mistral": "mistralai", "qwen": "Qwen"}
 # Exit status of a run refused or stopped with a one-line message; a crash exits with 1.
 EXIT_ONE_LINE = 2
 # How long the other ranks leave rank 0 to print a refusal they all reached (torchrun ends them when
@@ -391,23 +390,11 @@ def resolve_config(cfg: TrainConfig, world_size: int, device_type: str) -> Train
         raise SystemExit(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size "
                          f"{cfg.batch_size} x {world_size} process(es) = {per_step}; choose e.g. "
                          f"--global-batch {suggestion} or another --batch-size")
-    # bf16 matmuls are ~100x slower than fp32 on CPUs, and compiling costs more there than it saves.
-    dtype = cfg.dtype if cfg.dtype != "auto" else "bf16" if device_type == "cuda" else "fp32"
+    # Compiling costs more than it saves on CPUs.
+    dtype = resolve_dtype(cfg.dtype, device_type)
     compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
     return replace(cfg, lang=lang, data=data, out=out, dtype=dtype, compile=compile,
                    world_size=world_size, grad_accum=cfg.global_batch // per_step)
-
-
-def missing_model_message(model_dir: Path) -> str:
-    """One line: how to download the real model into model_dir, and the tiny random model for a
-    try-out (under its own name: a random model must never sit under a real model's name)."""
-    name = model_dir.name
-    org = next((o for prefix, o in HUB_ORGS.items() if name.lower().startswith(prefix)), "ORG")
-    tiny = Path("models/tiny-llama")
-    return (f"{model_dir}/config.json: not found; download the model with: huggingface-cli "
-            f"download {org}/{name} --local-dir {model_dir} (gated models: accept the licence on "
-            f"the Hub first); or, for a try-out, make a tiny random model with: python model.py "
-            f"--make-tiny {tiny} --family llama, and pass --model {tiny}")
 
 
 def in_flag_terms(error: ValueError) -> str:
@@ -442,15 +429,11 @@ def check_inputs(cfg: TrainConfig):
     dft = replace(cfg.dft, lc_layer=lc_layer, et_layer=et_layer)
 
     data_dir = Path(cfg.data)
-    make_data = "python prepare_data.py " + ("--sft" if cfg.mode == "sft" else f"--lang {cfg.lang}")
-    if cfg.model != DEFAULT_MODEL:
-        make_data += f" --tokenizer {cfg.model}"
-    if cfg.data != default_data(cfg.mode, cfg.lang):
-        make_data += f" --out {data_dir}"
-    if not (data_dir / "meta.json").is_file():
-        raise SystemExit(f"{data_dir}/meta.json: not found; make the data with: {make_data}")
-    dataset = load_prepared(data_dir)
     data_mode = "sft" if cfg.mode == "sft" else "parallel"
+    if not (data_dir / "meta.json").is_file():
+        raise SystemExit(f"{data_dir}/meta.json: not found; make the data with: "
+                         f"{prepare_command(data_mode, cfg.lang, cfg.model, data_dir)}")
+    dataset = load_prepared(data_dir)
     check_meta(dataset.meta, cfg.lang, data_mode, tokenizer.sha256, data_dir)
     train_size = len(dataset) - cfg.val_size
     if train_size < cfg.global_batch:
@@ -576,17 +559,6 @@ def make_optimizer(model: Transformer, cfg: TrainConfig,
 # ---------------------------------------------------------------------------------------------
 # Files: checkpoints, export, metrics
 # ---------------------------------------------------------------------------------------------
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `path` under a temporary name and rename it into place: a kill never leaves half a
-    file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 def row_step(line: str) -> int | None:
     """The step of a metrics.jsonl row; None for a half-written one (a killed run's last row)."""

@@ -16,7 +16,7 @@ from model import DFTConfig, Transformer, count_targets, default_layers
 transformers = pytest.importorskip("transformers", reason="transformers is the test-only reference")
 from test_model import assert_same_results, flex_on_cpu, hf_tiny, masks_seen  # noqa: E402,F401 (a fixture)
 
-IGNORE = -100
+IGNORE_INDEX = -100
 
 
 def make_example(g, vocab, eos):
@@ -38,7 +38,7 @@ def make_batch(examples):
 
     def seq(prompt, rest, supervised_from):
         tokens = prompt + rest
-        labels = [tokens[t + 1] if t + 1 >= supervised_from else IGNORE for t in range(len(tokens) - 1)] + [IGNORE]
+        labels = [tokens[t + 1] if t + 1 >= supervised_from else IGNORE_INDEX for t in range(len(tokens) - 1)] + [IGNORE_INDEX]
         return tokens, labels
 
     b = {k: [] for k in ["tft_tokens", "tft_labels", "lc_tokens", "lc_labels", "et_tokens", "et_labels",
@@ -61,14 +61,14 @@ def make_batch(examples):
         if k == "tgt_prompt_len":
             out[k] = torch.tensor(rows)
         else:
-            out[k] = pad(rows, IGNORE if k.endswith("labels") else 0)
+            out[k] = pad(rows, IGNORE_INDEX if k.endswith("labels") else 0)
     for kind in ("tft", "lc", "et", "en"):
         out[f"{kind}_mask"] = pad([[1] * len(x) for x in b[f"{kind}_tokens"]], 0)
     return out
 
 
 def ce_sum(logits, labels):
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def hf_logit_lens(ref, hidden):
@@ -105,9 +105,9 @@ def test_logits_losses_equal_reference(setup):
         tft_logits = ref(batch["tft_tokens"], attention_mask=batch["tft_mask"]).logits
         h_lc = ref(batch["lc_tokens"], attention_mask=batch["lc_mask"], output_hidden_states=True).hidden_states[1]
         h_et = ref(batch["et_tokens"], attention_mask=batch["et_mask"], output_hidden_states=True).hidden_states[2]
-    lc_labels = batch["lc_labels"].masked_fill(batch["lc_content"] == 0, IGNORE)
-    n_tft, n_lc, n_et = [(x != IGNORE).sum() for x in (batch["tft_labels"], lc_labels, batch["et_labels"])]
-    assert n_lc < (batch["lc_labels"] != IGNORE).sum()       # the template words really are left out
+    lc_labels = batch["lc_labels"].masked_fill(batch["lc_content"] == 0, IGNORE_INDEX)
+    n_tft, n_lc, n_et = [(x != IGNORE_INDEX).sum() for x in (batch["tft_labels"], lc_labels, batch["et_labels"])]
+    assert n_lc < (batch["lc_labels"] != IGNORE_INDEX).sum()       # the template words really are left out
     torch.testing.assert_close(out["tft"], ce_sum(tft_logits, batch["tft_labels"]) / n_tft, atol=1e-5, rtol=0)
     torch.testing.assert_close(out["lc"], ce_sum(hf_logit_lens(ref, h_lc), lc_labels) / n_lc, atol=1e-5, rtol=0)
     torch.testing.assert_close(out["et"], ce_sum(hf_logit_lens(ref, h_et), batch["et_labels"]) / n_et, atol=1e-5, rtol=0)
@@ -116,7 +116,7 @@ def test_logits_losses_equal_reference(setup):
     all_en = DFTConfig(lc_layer=1, et_layer=2, lc_content_only=False)
     with torch.no_grad():
         out = ours.dft_step(batch, "dft-logits", all_en, count_targets(batch, "dft-logits", all_en))
-    n_all = (batch["lc_labels"] != IGNORE).sum()
+    n_all = (batch["lc_labels"] != IGNORE_INDEX).sum()
     torch.testing.assert_close(out["lc"], ce_sum(hf_logit_lens(ref, h_lc), batch["lc_labels"]) / n_all, atol=1e-5, rtol=0)
 
 
@@ -317,7 +317,7 @@ def test_english_only_batch_runs_the_plain_loss(setup, mode):
     out = ours.dft_step(sft_batch, mode, cfg, count_targets(sft_batch, mode, cfg))
     with torch.no_grad():
         logits = ref(batch["tft_tokens"], attention_mask=batch["tft_mask"]).logits
-    n = (batch["tft_labels"] != IGNORE).sum()
+    n = (batch["tft_labels"] != IGNORE_INDEX).sum()
     torch.testing.assert_close(out["loss"].detach(), ce_sum(logits, batch["tft_labels"]) / n, atol=1e-5, rtol=0)
 
 

@@ -355,7 +355,12 @@ def one_line_error(fn, *needles):
 
 
 def test_missing_config(tmp_path):
-    one_line_error(lambda: Transformer.from_pretrained(tmp_path), "config.json", "not found")
+    """The fix names the download of the real model, and a tiny random model only under its own name."""
+    model_dir = tmp_path / "gemma-2-2b"
+    msg = one_line_error(lambda: Transformer.from_pretrained(model_dir), "config.json", "not found",
+                         f"huggingface-cli download google/gemma-2-2b --local-dir {model_dir}",
+                         "--make-tiny models/tiny-llama")
+    assert f"--make-tiny {model_dir}" not in msg
 
 
 def edit_config(path, **changes):
