@@ -2,7 +2,7 @@
 
     python tests/bench.py                      # CPU, a few minutes
     python tests/bench.py --device cuda        # adds tokens/s and MFU at Gemma-2-2B / LLaMA-2-7B shapes
-    python tests/bench.py --only model,dft     # sections: model, dft, prepare, decode, gpu
+    python tests/bench.py --only model,dft     # sections: model, dft, padding, prepare, decode, gpu
 
 Not collected by pytest and not a test: these machines are shared and noisy, so every comparison alternates its two
 sides (A B A B ...) and reports the median of the per-pair ratios.
@@ -18,13 +18,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import torch.distributed as dist  # noqa: E402
 from model import DFTConfig, ModelArgs, Transformer, count_targets, write_tiny_checkpoint  # noqa: E402
+from prepare_data import collate, load_prepared  # noqa: E402
+from train import (TrainConfig, apply_fsdp, forward_backward, global_counts, group_by_length,  # noqa: E402
+                   make_optimizer, on_device, pass_lengths, padded_tokens)
 
 SUMMARY: list[tuple[str, str, str]] = []    # (section, figure, value)
 
@@ -399,37 +404,102 @@ def bench_decode(device, quick):
     SUMMARY.append(("decode", "tokens/s ours / generate", f"{1 / r:.2f}x (goal >= 1.0)"))
 
 
-# --- gpu: tokens/s and MFU at real shapes --------------------------------------------------------------------------------
+# --- padding: what length grouping saves (train.group_by_length) ------------------------------------------------------
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+def sample_examples(workdir: Path) -> list[dict]:
+    """The 120 examples of the bundled vi sample, prepared with the bench's tokenizer (sample_batch's)."""
+    sample_batch(1, workdir)
+    data = load_prepared(workdir / "prepared-vi")
+    return [data[i] for i in range(len(data))]
 
 
-def train_step_rate(args: ModelArgs, device, mode: str, B: int, T: int, reps: int) -> dict:
-    """Median seconds of a full optimizer step (bf16 weights and AdamW) on random tokens: the prompt is the first half
-    of each row, the response the second; for dft-logits the English halves are the same tokens (shapes are what
-    matter here)."""
-    model = build(args, device, torch.bfloat16)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
-    g = torch.Generator().manual_seed(0)
-    toks = torch.randint(3, args.vocab_size, (B, T), generator=g).to(device)
-    half = T // 2
-    labels = torch.full_like(toks, -100)
-    labels[:, half - 1:-1] = toks[:, half:]
-    ones = torch.ones_like(toks)
-    batch = {"tft_tokens": toks, "tft_labels": labels, "tft_mask": ones, "tgt_prompt_len": torch.full((B,), half, device=device),
-             "lc_tokens": toks, "lc_labels": labels, "lc_mask": ones, "lc_content": (labels != -100).long(),
-             "et_tokens": toks, "et_labels": labels, "et_mask": ones}
-    ref_i, ref_j = (2, 15) if args.family == "llama" else (2, 12)
-    cfg = DFTConfig(lc_layer=min(ref_i, args.n_layers), et_layer=min(ref_j, args.n_layers))
-    counts = count_targets(batch, mode, cfg)
+def split_plans(lengths: torch.Tensor, world: int, batch_size: int, seed: int = 0):
+    """One step's examples in the seed's order, split the old way (each rank a contiguous slice, micro-batches
+    cut in order) and by train.group_by_length: -> (old plan, grouped plan), plan[rank][micro] = rows."""
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    per_rank = -(-len(order) // world)
+    old = [[order[r * per_rank:(r + 1) * per_rank][m:m + batch_size] for m in range(0, per_rank, batch_size)]
+           for r in range(world)]
+    return old, group_by_length(lengths, world, batch_size)
+
+
+def padded_over_real(lengths: torch.Tensor, plan) -> tuple[float, float]:
+    """(padded / real tokens of a step split by `plan`, the slowest rank's padded tokens / the mean rank's)."""
+    per_rank = [sum(padded_tokens(lengths[group]) for group in micro if group) for micro in plan]
+    return sum(per_rank) / int(lengths.sum()), max(per_rank) / (sum(per_rank) / len(per_rank))
+
+
+GPU_RUNS = (("tft", "tft", {}), ("dft-logits shared", "dft-logits", {}), ("dft-feature", "dft-feature", {}))
+
+
+def bench_padding(quick):
+    examples = sample_examples(Path(tempfile.mkdtemp(prefix="dft-pad-")))
+    rows = []
+    for label, mode, overrides in GPU_RUNS + (("dft-logits plain", "dft-logits", {"prefix_share": False}),):
+        cfg = DFTConfig(**overrides)
+        lc_type, et_type = cfg.types(mode)
+        lengths = pass_lengths(examples, lc_type, et_type, cfg.prefix_share)
+        for world in (1, 8):
+            old, grouped = split_plans(lengths, world, 4)
+            (before, _), (after, balance) = padded_over_real(lengths, old), padded_over_real(lengths, grouped)
+            rows.append((label, world, f"{before:.3f}", f"{after:.3f}", f"{balance:.3f}"))
+            if world == 8:
+                SUMMARY.append(("padding", f"{label}, 8 ranks x micro-batch 4",
+                                f"padded/real {before:.2f} -> {after:.2f} (goal <= 1.10)"))
+    table(f"padded / real tokens of one step of the bundled vi sample ({len(examples)} examples, micro-batch 4): "
+          "old contiguous split vs train.group_by_length (exact: the gradient does not depend on the split)",
+          ["mode", "ranks", "old split", "grouped", "slowest rank / mean (grouped)"], rows)
+
+
+# --- gpu: one optimizer step of the paper's models as train.py runs it ----------------------------------------------
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}      # dense bf16 FLOP/s
+REAL_SHAPES = {     # the paper's models, as their config.json give them (random weights: only shapes matter)
+    "LLaMA-2-7B": dict(family="llama", dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
+                       hidden_dim=11008, vocab_size=32000, norm_eps=1e-5),
+    "Gemma-2-2B": dict(family="gemma2", dim=2304, n_layers=26, n_heads=8, n_kv_heads=4, head_dim=256,
+                       hidden_dim=9216, vocab_size=256000, norm_eps=1e-6, tie_embeddings=True, norm_offset=1.0,
+                       mlp_act="gelu_tanh", embed_scale=2304 ** 0.5, sandwich_norm=True,
+                       query_scale=256 ** -0.5, attn_softcap=50.0, final_softcap=30.0, sliding_window=4096,
+                       sliding_layers=tuple(i % 2 == 0 for i in range(26))),
+}
+PAPER_RUN = dict(pairs=52_002, epochs=3, global_batch=128, gpus=8)
+
+
+def real_shape(name: str, quick: bool) -> ModelArgs:
+    """The real shape, or (quick, a dry run of the code path on CPU) the same family at width 128, 4 blocks."""
+    fields = dict(REAL_SHAPES[name])
+    if quick:
+        fields.update(dim=128, n_layers=4, n_heads=2, n_kv_heads=2 if fields["family"] == "llama" else 1,
+                      hidden_dim=256, vocab_size=4096, embed_scale=None if fields["family"] == "llama" else 128 ** 0.5)
+        if fields["family"] == "gemma2":
+            fields.update(sliding_layers=(True, False, True, False), sliding_window=64)
+    return ModelArgs(**fields)
+
+
+def gpu_step(args: ModelArgs, device, mode: str, cfg: DFTConfig, micro: list[dict], reps: int) -> dict:
+    """Median seconds of one optimizer step over `micro` (one rank's micro-batches) exactly as train.py runs it:
+    fp32 master weights under FSDP2 (a world of one), bf16 mixed precision, compiled blocks and fused AdamW on
+    CUDA; plus the graphs compiled and the peak memory."""
+    from torch._dynamo.utils import counters
+
+    cuda = device.type == "cuda"
+    model = build(args, device)
+    apply_fsdp(model, bf16=cuda, activation_checkpointing=False, compile=cuda)
+    optimizer = make_optimizer(model, TrainConfig(), device)
+    graphs_before = counters["stats"]["unique_graphs"]
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        model.dft_step(batch, mode, cfg, counts)["loss"].backward()
-        opt.step()
+        counts = global_counts(micro, mode, cfg, device)
+        forward_backward(model, micro, counts, mode, cfg, device)
+        params = [p for p in model.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     step()
-    if device.type == "cuda":
+    step()                                  # compiles happen in the first steps (lengths differ per micro-batch)
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(reps):
@@ -438,43 +508,93 @@ def train_step_rate(args: ModelArgs, device, mode: str, B: int, T: int, reps: in
         step()
         sync(device)
         times.append(time.perf_counter() - t0)
-    sec = statistics.median(times)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    n_params = sum(p.numel() for p in model.parameters())
-    del model, opt
-    return {"sec": sec, "flops": step_flops(args, batch, mode, cfg), "peak_gib": peak, "n_params": n_params}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+    del model, optimizer
+    return {"sec": statistics.median(times), "peak_gib": peak,
+            "graphs": counters["stats"]["unique_graphs"] - graphs_before}
+
+
+def flex_check(device, args: ModelArgs) -> str:
+    """bf16 logits of real tokens: flex_attention against the hand-written reference (2 blocks, padded rows)."""
+    model = build(ModelArgs(**{**asdict(args), "n_layers": 2, "sliding_layers": args.sliding_layers[:2]}),
+                  device, torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, args.vocab_size, (3, 300), generator=g).to(device)
+    mask = (torch.arange(300) < torch.tensor([[300], [211], [97]])).long().to(device)
+    with torch.no_grad():
+        model.use_flex = False
+        ref = model(tokens, attention_mask=mask)[mask.bool()].float()
+        model.use_flex = True
+        got = model(tokens, attention_mask=mask)[mask.bool()].float()
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    return f"flex vs reference, bf16 logits: max rel err {err:.1e} ({'OK' if err < 3e-2 else 'FAIL'})"
 
 
 def bench_gpu(device, quick):
-    name = torch.cuda.get_device_name(device)
+    """Tokens/s, MFU and memory of one rank's share of a step of the bundled sample at the paper's shapes, and the
+    paper's whole run projected from it. On CPU (--quick) this is a dry run of the code path at tiny shapes."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    rows = []
-    B, T = 4, 512
-    for family, dim, n_layers, vocab in (("gemma2", 2304, 26, 256000), ("llama", 4096, 32, 32000)):
-        args = reduced_config(family, n_layers, dim, vocab)
-        args.hidden_dim = 9216 if family == "gemma2" else 11008
-        for mode in ("tft", "dft-logits"):
-            for layers in (n_layers, n_layers // 2):           # fewer blocks if the whole model does not fit
-                args.n_layers = layers
-                args.sliding_layers = tuple(i % 2 == 0 for i in range(layers)) if family == "gemma2" else ()
-                try:
-                    r = train_step_rate(args, device, mode, B, T, 3 if quick else 6)
-                    break
-                except torch.OutOfMemoryError:
-                    torch.cuda.empty_cache()
-            mfu = r["flops"] / r["sec"] / peak if peak else float("nan")
-            rows.append((f"{family} {layers}/{n_layers} blocks, {r['n_params'] / 1e9:.2f}B params", mode,
-                         f"{B * T / r['sec']:.0f}", f"{100 * mfu:.1f}%", f"{r['peak_gib']:.1f}"))
-            SUMMARY.append(("gpu", f"{family} {mode}", f"{B * T / r['sec']:.0f} tok/s, MFU {100 * mfu:.1f}%"))
-            torch.cuda.empty_cache()
-    table(f"GPU training step, bf16 weights + AdamW, B={B}, T={T} ({name}); MFU = FLOP model / time / bf16 peak",
-          ["model", "mode", "tokens/s", "MFU", "peak GiB"], rows)
+    examples = sample_examples(Path(tempfile.mkdtemp(prefix="dft-gpu-")))
+    world, batch_size = PAPER_RUN["gpus"], 4
+    if not dist.is_initialized():          # train.py's FSDP2 code path needs a process group: a world of one
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    rows, notes = [], []
+    for shape in REAL_SHAPES:
+        args = real_shape(shape, quick)
+        if device.type == "cuda":
+            notes.append(f"{shape}: {flex_check(device, args)}")
+        for label, mode, overrides in GPU_RUNS:
+            cfg = DFTConfig(**overrides)
+            lc_type, et_type = cfg.types(mode)
+            lengths = pass_lengths(examples, lc_type, et_type, cfg.prefix_share)
+            plan = group_by_length(lengths, world, batch_size)
+            busiest = max(range(world), key=lambda r: sum(padded_tokens(lengths[g]) for g in plan[r]))
+            micro = [on_device(collate([examples[i] for i in group], 0), device) for group in plan[busiest]]
+            real = sum(int(lengths[group].sum()) for group in plan[busiest])
+            try:
+                r = gpu_step(args, device, mode, replace(cfg, lc_layer=None, et_layer=None), micro,
+                             2 if quick else 5)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                rows.append((shape, label, "out of memory", "", "", "", "", ""))
+                continue
+            flops = sum(step_flops(args, batch, mode, cfg) for batch in micro)
+            mfu = flops / r["sec"] / peak if peak else float("nan")
+            per_example = float(lengths.sum()) / len(examples)       # real tokens an example costs, all passes
+            # The sample is one step of len(examples) examples on `world` GPUs, paced by its busiest rank.
+            minutes = PAPER_RUN["pairs"] * PAPER_RUN["epochs"] / len(examples) * r["sec"] / 60
+            rows.append((shape, label, f"{real / r['sec']:,.0f}", f"{100 * mfu:.1f}%", f"{r['peak_gib']:.1f}",
+                         r["graphs"], f"{per_example:.0f}", f"{minutes:.0f}"))
+            SUMMARY.append(("gpu", f"{shape} {label}", f"{real / r['sec']:,.0f} real tok/s, MFU {100 * mfu:.1f}%, "
+                                                       f"paper run ~{minutes:.0f} min on {world} GPUs"))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    how = "bf16 mixed precision, compiled blocks, fused AdamW" if device.type == "cuda" else "fp32, eager"
+    table(f"one optimizer step as train.py runs it ({name}; FSDP2 world of one, {how}): the busiest of "
+          f"{world} ranks' micro-batches (group_by_length, micro-batch "
+          f"{batch_size}) of the bundled vi sample; MFU = FLOP model / time / dense bf16 peak",
+          ["model", "mode", "real tokens/s", "MFU", "peak GiB", "graphs compiled", "real tokens / example",
+           f"paper run, minutes on {world} GPUs"], rows)
+    print(f"\nProjection of the paper's run: {PAPER_RUN['pairs']:,} pairs x {PAPER_RUN['epochs']} epochs on {world} "
+          f"GPUs, each optimizer step as long as the timed share (the busiest rank's; group_by_length balances "
+          f"ranks to within ~10%) per {len(examples)} examples. Assumes: an H100 runs as fast as the GPU measured "
+          f"here (same dense bf16 peak); FSDP2's all-gathers and reduce-scatters hide behind compute on one node's "
+          f"NVLink; examples are as long as the bundled sample's under the bench's tokenizer (LLaMA-2's own "
+          f"tokenizer spends more tokens on Vietnamese: scale the minutes by your data's real tokens per example).")
+    for note in notes:
+        print(note)
+    if quick and device.type != "cuda":
+        print("(--quick on CPU: tiny shapes, a dry run of the code path; the figures mean nothing)")
+    dist.destroy_process_group()
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--only", default="model,dft,prepare,decode,gpu")
+    parser.add_argument("--only", default="model,dft,padding,prepare,decode,gpu",
+                        help="sections (gpu runs on CUDA, or on CPU as a dry run with --quick)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions")
     parser.add_argument("--memory-probe", nargs=4, metavar=("FAMILY", "RUN", "WORKDIR", "BATCH"), help=argparse.SUPPRESS)
     a = parser.parse_args()
@@ -493,7 +613,9 @@ def main():
         bench_prepare(a.quick)
     if "decode" in sections:
         bench_decode(device, a.quick)
-    if "gpu" in sections and device.type == "cuda":
+    if "padding" in sections:
+        bench_padding(a.quick)
+    if "gpu" in sections and (device.type == "cuda" or a.quick):
         bench_gpu(device, a.quick)
     table("summary", ["section", "figure", "value"], SUMMARY)
 
