@@ -51,6 +51,7 @@ import json
 import math
 import os
 import re
+import shutil
 import string
 import sys
 import tempfile
@@ -1345,17 +1346,27 @@ def load_model(path: str, device: str, dtype: str) -> tuple[Transformer, torch.d
     return model.eval(), torch_dtype
 
 
-def output_dir(args, *subdirs: str) -> Path:
-    """--out (default MODEL/eval) with `subdirs`, made and shown writable before any model loads."""
+def output_dir(args) -> Path:
+    """--out (default MODEL/eval), made and shown writable before any model loads."""
     out = Path(args.out) if args.out else Path(args.model) / "eval"
     try:
-        for path in (out, *(out / d for d in subdirs)):
-            path.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
     except OSError as e:
         raise SystemExit(f"error: --out {out}: cannot write there ({e.strerror or e}); pass a "
                          "writable directory") from None
     return out
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Put folder `new` at `path`, removing what was there. A kill in between leaves no folder at
+    `path` (the old one lies beside it as .NAME.old), never a mix of the two."""
+    old = path.with_name("." + path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    new.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def run_prompt(args) -> None:
@@ -1408,24 +1419,19 @@ def plan_cells(args) -> tuple[dict[tuple[str, str], Cell], list[str]]:
     return cells, notes
 
 
-def run_benchmarks(args) -> Path:
-    cells, notes = plan_cells(args)
-    if all(cell.state != "ok" for cell in cells.values()):
-        raise SystemExit(f"error: nothing to evaluate: no benchmark file for tasks {args.tasks} and "
-                         f"languages {args.langs} under {args.data_dir}")
-    out = output_dir(args, "predictions")
-    tok = load_tokenizer(Path(args.model))
-    model, dtype = load_model(args.model, args.device, args.dtype)
-    protocol = Protocol(args.qa_max_new_tokens, args.qa_stop, args.mc_ties)
+def score_cells(model, tok, cells: dict[tuple[str, str], Cell], protocol: Protocol,
+                batch_size: int, predictions: Path) -> tuple[list[dict], Counter]:
+    """results.json's rows for the cells read, and counts of what was cut or encoded apart; each
+    cell's predictions file goes into `predictions`."""
     counters, results = Counter(), []
     for (task, lang), cell in cells.items():
         if cell.state != "ok":
             continue
         bench = BENCHMARKS[task]
-        metrics, records = evaluate_cell(model, tok, bench, lang, cell.rows, protocol,
-                                         args.batch_size, counters)
-        write_atomic(out / "predictions" / f"{task}.{lang}.jsonl",
-                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        metrics, records = evaluate_cell(model, tok, bench, lang, cell.rows, protocol, batch_size,
+                                         counters)
+        (predictions / f"{task}.{lang}.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
         label = caveat([cell])
         for metric in bench.metrics:
             results.append(dict(task=task, lang=lang, metric=metric,
@@ -1434,14 +1440,34 @@ def run_benchmarks(args) -> Path:
                                 comparable=not label, caveat=label))
         print(f"{task}/{lang}: " + ", ".join(f"{m} {metrics[m]:.2f}" for m in bench.metrics)
               + f" (n={len(cell.rows)})" + (f" — {label}" if label else ""))
+    return results, counters
+
+
+def run_benchmarks(args) -> Path:
+    cells, notes = plan_cells(args)
+    if all(cell.state != "ok" for cell in cells.values()):
+        raise SystemExit(f"error: nothing to evaluate: no benchmark file for tasks {args.tasks} and "
+                         f"languages {args.langs} under {args.data_dir}")
+    out = output_dir(args)
+    tok = load_tokenizer(Path(args.model))
+    model, dtype = load_model(args.model, args.device, args.dtype)
+    protocol = Protocol(args.qa_max_new_tokens, args.qa_stop, args.mc_ties)
+    # The predictions are written aside and replace predictions/ only when every cell is done:
+    # that folder never holds an earlier run's files (its other tasks or languages).
+    staging = out / ".predictions.partial"
+    shutil.rmtree(staging, ignore_errors=True)              # what a killed run left
+    staging.mkdir()
+    try:
+        results, counters = score_cells(model, tok, cells, protocol, args.batch_size, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     notes += [f"protocol: {protocol.legend()}"]
     notes += [f"{name}: {count}" for name, count in counters.items() if count]
     for (task, lang), cell in cells.items():
         if cell.state == NO_LANGUAGE:
             notes.append(f"{task}/{lang}: the benchmark has no {lang} release ({NO_LANGUAGE} in the "
                          "table)")
-    write_atomic(out / "results.json",
-                      json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     family = model.args.family
     header = [f"Model `{args.model}` (family {family}; paper rows: "
               f"{PAPER_MODEL.get(family, '-')}), device {args.device}, dtype "
@@ -1455,6 +1481,9 @@ def run_benchmarks(args) -> Path:
         header.append(f"**{label}: {fix}.**")
     md = results_markdown(results, cells, args.tasks, args.langs, family,
                           Path(args.model).name or "model", header, notes)
+    replace_dir(staging, out / "predictions")
+    write_atomic(out / "results.json",
+                      json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     write_atomic(out / "results.md", md)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'predictions'}/")
     if label:
