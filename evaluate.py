@@ -1,45 +1,34 @@
-"""Zero-shot evaluation on the paper's 8 benchmarks, from their original release files, with the official metrics.
+"""Zero-shot evaluation on the paper's 8 benchmarks, from their original release files, with the
+official metrics.
 
     python evaluate.py --model OUT/final --langs vi,ar,zh --tasks all --data-dir BENCH_DIR
-    python evaluate.py --model OUT/final --tasks xnli,xcopa --limit 200          # a quick look
-    python evaluate.py --model OUT/final --prompt "Thủ đô của Việt Nam là gì?"   # greedy answer, Alpaca template
-    python evaluate.py --model OUT/final --logit-lens --lens-lang vi             # per-layer lens, suggested i, j
+    python evaluate.py --model OUT/final --tasks xnli,xcopa --limit 200         # a quick look
+    python evaluate.py --model OUT/final --prompt "Thủ đô của Việt Nam là gì?"  # greedy
+    python evaluate.py --model OUT/final --logit-lens --lens-lang vi            # per-layer lens
 
-Writes OUT/final/eval/results.json (rows {"task", "lang", "metric", "value", "n", "prompt", "file"}, value in
-[0, 100], "prompt" naming the protocol), results.md (the layout of the paper's Tables 1 and 2, the paper's rows for
-the same model family beside ours; then per task and language the protocol, split and file read and the rows
-skipped as bad) and predictions/<task>.<lang>.jsonl: one line per example, from which every value in results.json
-can be recomputed (each choice's log-likelihood and length, the pick and the gold; or the generation, the answer
-taken from it, the gold answers, F1 and EM).
+Writes into --out: results.json (rows {"task", "lang", "metric", "value" in [0, 100], "n",
+"prompt" naming the protocol, "file"}), results.md (the paper's Tables 1 and 2 with its rows for
+the model's family, then per task and language the file, split and protocol) and predictions/,
+this run's <task>.<lang>.jsonl files, one line per example: results.json is recomputable from them.
 
 BENCH_DIR holds the files exactly as the benchmarks release them (nothing is downloaded):
 
     xquad/xquad.{vi,ar,zh}.json                         SQuAD v1.1 json (XQuAD)
     mlqa/test-context-{l}-question-{l}.json             SQuAD v1.1 json (MLQA_V1/test)
-    mkqa/mkqa.jsonl.gz (or mkqa.jsonl)                  MKQA, all languages in one file (Chinese key zh_cn)
+    mkqa/mkqa.jsonl.gz (or mkqa.jsonl)                  MKQA, all languages in one file
     truthfulqa/{l}_validation.json                      Okapi's TruthfulQA translation
     mmlu/{l}_test.json                                  Okapi's MMLU translation
     xnli/xnli.test.tsv                                  XNLI-1.0, all languages in one file
     xcopa/test.{vi,zh}.jsonl                            XCOPA (no Arabic)
     xstorycloze/spring2016.val.{ar,zh}.tsv.split_20_80_eval.tsv    XStoryCloze (no Vietnamese)
 
-Protocol. Multiple choice: summed log-likelihood of each continuation given the context (acc) and the
-same divided by the continuation's length in characters (acc_norm, as lm-evaluation-harness); a tie for the best is
-never correct (--mc-ties first: the first best choice wins, as lm-evaluation-harness's argmax). Prompts: XNLI /
-XCOPA / XStoryCloze as lm-evaluation-harness, MMLU / TruthfulQA as Okapi's evaluation (the MMLU letter form of
-lm-evaluation-harness's Okapi port; the TruthfulQA question cleaned up as there). Generative QA: x-LLM's
-per-language prompts inside the Alpaca template, greedy decoding with the KV cache, at most --qa-max-new-tokens
-(64) new tokens; the answer ends at EOS or at the first newline after it began (--qa-stop newline), or at EOS only
-(--qa-stop eos, as x-LLM's scripts generate). F1 / EM of the official MLQA script for XQuAD, MLQA and MKQA alike
-(MKQA adds its aliases and its rule for unanswerable questions).
-
-Logit lens (--logit-lens): a few target-language Alpaca records (the bundled sample by default) as teacher-forced
-training sequences; at every response position, each layer's residual stream goes through the final norm and the
-output head. Per layer: the mean entropy of that distribution, the rank and probability of the true next token, and
-the top-1 tokens at a few positions of the first example; from the entropy curve's two drops (the paper: near layers
-2 and 15 of LLaMA-2-7B) a suggested --lc-layer / --et-layer (suggest_layers states the rule). Writes
-OUT/logit_lens.md, logit_lens.json and, where matplotlib is installed, logit_lens.png. Run it on a checkpoint before
-and after DFT to see what moved.
+Multiple choice: the log-likelihood of each choice (acc) and the same per character (acc_norm),
+prompts as lm-evaluation-harness (XNLI, XCOPA, XStoryCloze) and Okapi (MMLU, TruthfulQA).
+Generative QA: x-LLM's prompts in the Alpaca template, greedy decoding, the official MLQA script's
+F1 / EM (MKQA adds its aliases and its rule for unanswerable questions). The logit lens reads each
+layer's residual stream through the final norm and the output head on target-language Alpaca
+records and suggests --lc-layer / --et-layer from the entropy curve's drops (the paper: near
+layers 2 and 15 of LLaMA-2-7B); run it before and after DFT to see what moved.
 """
 from __future__ import annotations
 
@@ -49,8 +38,8 @@ import functools
 import gzip
 import json
 import math
-import os
 import re
+import shutil
 import string
 import sys
 import tempfile
@@ -64,8 +53,8 @@ import torch
 from tqdm import tqdm
 
 from model import Tokenizer, Transformer, default_layers, resolve_dtype, write_atomic
-from prepare_data import (SAMPLE_DIR, alpaca_prompt_ids, format_prompt, load_tokenizer, read_records,
-                          record_defect)
+from prepare_data import (SAMPLE_DIR, alpaca_prompt_ids, format_prompt, load_tokenizer,
+                          read_records, record_defect)
 
 try:                                        # optional: only the logit lens's PNG needs it
     from matplotlib.figure import Figure    # no pyplot: no GUI backend, no global state
@@ -77,9 +66,9 @@ LANGS = ("vi", "ar", "zh")          # the paper's languages; every table below h
 REPO_DIR = Path(__file__).resolve().parent
 BENCH_SAMPLE_DIR = SAMPLE_DIR.parent / "bench_sample"   # a few rows per benchmark: a format check
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Prompts (facts from the projects named; "I" marks our own choice where nobody states one)
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 # x-LLM's XQuAD / MLQA instruction and input per language (the input ends in a space, as there).
 QA_INSTRUCTION = {
@@ -112,10 +101,11 @@ XNLI_WORDS = {   # question word, then the label words for entailment, neutral, 
     "zh": ("正确", "是的", "所以", "不是的"),
 }
 XNLI_LABELS = ("entailment", "neutral", "contradiction")
-# lm-evaluation-harness XCOPA: the premise without its final period + " {connector}", then " {choice}".
-XCOPA_CONNECTORS = {"vi": {"cause": "bởi vì", "effect": "vì vậy"}, "zh": {"cause": "因为", "effect": "所以"}}
+# lm-evaluation-harness XCOPA: premise without its final period + " {connector}", then " {choice}".
+XCOPA_CONNECTORS = {"vi": {"cause": "bởi vì", "effect": "vì vậy"},
+                    "zh": {"cause": "因为", "effect": "所以"}}
 
-# Okapi's TruthfulQA context: the six English QA pairs of the original TruthfulQA "QA prompt", then the question.
+# Okapi's TruthfulQA context: the original TruthfulQA "QA prompt", six English QA pairs.
 TRUTHFULQA_PREFIX = (
     "Q: What is human life expectancy in the United States?\n"
     "A: Human life expectancy in the United States is 78 years.\n\n"
@@ -133,31 +123,29 @@ TRUTHFULQA_PREFIX = (
 MMLU_LETTERS = ("A", "B", "C", "D")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Metrics: the official MLQA script's normalisation, F1 and EM; MKQA's rule for unanswerable questions
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Metrics: the official MLQA script's normalisation, F1 and EM; MKQA's rule for unanswerable ones
+# --------------------------------------------------------------------------------------------------
 
-# Per-language article patterns of the MLQA script. Its Arabic pattern's first branch ("\s" + "ال" + "^") can never
-# match, so in effect every "ال" is replaced by a space, inside words too ("مالك" -> "م ك"): a quirk kept on purpose.
+# The MLQA script's article patterns, for English and our languages. Its Arabic pattern's first
+# branch ("\s" + "ال" + "^") can never match, so in effect every "ال" is replaced by a space,
+# inside words too ("مالك" -> "م ك"): a quirk kept on purpose.
 MLQA_ARTICLES = {
     "en": r"\b(a|an|the)\b",
-    "es": r"\b(un|una|unos|unas|el|la|los|las)\b",
-    "hi": None,
     "vi": r"\b(của|là|cái|chiếc|những)\b",
-    "de": r"\b(ein|eine|einen|einem|eines|einer|der|die|das|den|dem|des)\b",
     "ar": r"\sال^|ال",
     "zh": None,
 }
-CJK_CHAR = re.compile(r"[\u4e00-\u9fa5]")     # the MLQA script's range: CJK Unified Ideographs, basic block only
+CJK_CHAR = re.compile(r"[\u4e00-\u9fa5]")     # the MLQA script's range: basic CJK block only
 
 
 def is_punct(ch: str) -> bool:
-    """The MLQA script's punctuation: Unicode category P* plus ASCII string.punctuation (which adds $+<=>^`|~)."""
+    """The MLQA script's punctuation: Unicode category P* plus ASCII string.punctuation."""
     return ch in string.punctuation or unicodedata.category(ch).startswith("P")
 
 
 def mixed_segmentation(text: str) -> list[str]:
-    """MLQA's zh tokens: every CJK character and every punctuation mark alone, other runs split on whitespace."""
+    """MLQA's zh tokens: each CJK character and punctuation mark alone, the rest split on spaces."""
     tokens, run = [], ""
     for ch in text:
         if CJK_CHAR.match(ch) or is_punct(ch):
@@ -170,7 +158,6 @@ def mixed_segmentation(text: str) -> list[str]:
 
 
 def normalize_answer(text: str, lang: str) -> str:
-    """Lower case -> drop punctuation -> drop articles -> re-join the language's tokens with single spaces."""
     if lang not in MLQA_ARTICLES:
         raise ValueError(f"lang={lang!r}: the MLQA normalisation knows {sorted(MLQA_ARTICLES)}")
     text = "".join(ch for ch in text.lower() if not is_punct(ch))
@@ -191,55 +178,51 @@ def _token_f1(pred: list[str], gold: list[str]) -> float:
 def _answers(answers) -> list[str]:
     answers = [answers] if isinstance(answers, str) else list(answers)
     if not answers:
-        raise ValueError("answers is empty; the official scripts take the max over at least one gold answer")
+        raise ValueError("answers is empty; the official scripts take a max over the gold answers")
     return answers
 
 
 def qa_f1(prediction: str, answers, lang: str) -> float:
-    """The official MLQA script's F1 in [0, 1]: token overlap after its normalisation, max over the gold answers.
-    As there, nothing scores when no token is shared, so an empty prediction scores 0 even against an empty gold."""
+    """The official MLQA script's F1 in [0, 1]: token overlap after its normalisation, max over the
+    gold answers. As there, nothing scores without a shared token, even empty against empty."""
     pred = normalize_answer(prediction, lang).split()
     return max(_token_f1(pred, normalize_answer(a, lang).split()) for a in _answers(answers))
 
 
 def qa_em(prediction: str, answers, lang: str) -> float:
-    """Exact match (0 or 1) after the MLQA normalisation, max over the gold answers (MKQA's EM is the same)."""
+    """Exact match (0 or 1) after the MLQA normalisation, max over the gold answers (as MKQA's)."""
     pred = normalize_answer(prediction, lang)
     return float(max(pred == normalize_answer(a, lang) for a in _answers(answers)))
 
 
 def mkqa_f1(prediction: str, answers, lang: str) -> float:
-    """F1 with MKQA's official rule: against an empty gold ("No Answer": unanswerable / long_answer rows), or for an
-    empty prediction, the score is 1 when both are empty and 0 otherwise. Tokens as the MLQA
-    normalisation, so XQuAD, MLQA and MKQA are scored alike (MKQA's own script splits zh by
-    character and strips only ASCII punctuation)."""
+    """F1 with MKQA's official rule for an empty gold ("No Answer": unanswerable, long_answer) or
+    prediction: 1 when both are empty, else 0. Tokens as the MLQA normalisation, so the QA tasks
+    are scored alike (MKQA's script splits zh by character, strips only ASCII punctuation)."""
     pred = normalize_answer(prediction, lang).split()
-
-    def one(answer):
-        gold = normalize_answer(answer, lang).split()
-        return float(gold == pred) if not gold or not pred else _token_f1(pred, gold)
-    return max(one(a) for a in _answers(answers))
+    golds = [normalize_answer(a, lang).split() for a in _answers(answers)]
+    return max(float(gold == pred) if not gold or not pred else _token_f1(pred, gold)
+               for gold in golds)
 
 
 def pick_choice(scores, ties: str = "wrong") -> int | None:
-    """The index of the best-scoring choice. On a tie for the best: None under ties="wrong" (a tie
-    is never correct: Okapi puts the true TruthfulQA MC1 answer first, so breaking ties by order
-    would reward a model that cannot tell the choices apart), the first of them under
-    ties="first" (lm-evaluation-harness's argmax)."""
+    """The index of the best choice. A tie for the best: None under ties="wrong" (Okapi puts the
+    true TruthfulQA MC1 answer first, so breaking ties by order would reward a model that cannot
+    tell the choices apart), the first of them under "first" (lm-evaluation-harness's argmax)."""
     best = max(scores)
     winners = [i for i, s in enumerate(scores) if s == best]
     return winners[0] if ties == "first" or len(winners) == 1 else None
 
 
 def mc2_score(lls, true_mask) -> float:
-    """TruthfulQA MC2: probability mass of the true answers, the choices' likelihoods normalised to sum to 1."""
+    """TruthfulQA MC2: the true answers' share of the choices' likelihoods, normalised to sum 1."""
     probs = torch.tensor(lls, dtype=torch.float64).softmax(0)
     return float(probs[torch.tensor(true_mask)].sum())
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Readers for the original release files
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 class BadRow(Exception):
     """One malformed row; read_rows turns it into `{path}: {where}: {problem}`."""
@@ -268,8 +251,7 @@ def is_strings(value) -> bool:
 
 
 def checked(row, key: str, ok: Callable, expected: str, name: str | None = None):
-    """row[key] when ok(row[key]), else a BadRow naming the field, what it holds and what was
-    expected."""
+    """row[key] if ok(row[key]), else a BadRow naming the field, its value and what was expected."""
     value = row.get(key) if isinstance(row, dict) else None
     if not ok(value):
         shown = repr(value) if isinstance(row, dict) and key in row else "missing"
@@ -331,7 +313,9 @@ def json_rows(path: Path):
                 except json.JSONDecodeError as e:
                     yield f"line {n}", BadRow(f"not valid JSON ({e.msg})")
         return
-    decoder, pos, line, counted = json.JSONDecoder(), text.index("[") + 1, 1, 0
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    line, counted = 1, 0                                      # line `line` holds offset `counted`
     for row in parse_json(path, text):
         pos = JSON_GAP.match(text, pos).end()                 # where this row starts
         line += text.count("\n", counted, pos)
@@ -345,8 +329,7 @@ def tsv_rows(path: Path, need: tuple[str, ...]):
     `need` among them. A line with another number of fields arrives as a BadRow: a stray tab
     would shift every later field."""
     with open(path, encoding="utf-8", newline="") as f:
-        # QUOTE_NONE: the releases have unbalanced quotes
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)   # unbalanced quotes
         header = next(reader, [])
         missing = [c for c in need if c not in header]
         if missing:
@@ -355,8 +338,8 @@ def tsv_rows(path: Path, need: tuple[str, ...]):
         for fields in reader:
             where = f"line {reader.line_num}"
             if len(fields) != len(header):
-                yield where, BadRow(f"{len(fields)} tab-separated fields; expected "
-                                    f"{len(header)}, as in the header")
+                yield where, BadRow(f"{len(fields)} tab-separated fields; expected {len(header)}, "
+                                    "as in the header")
             else:
                 yield where, dict(zip(header, fields))
 
@@ -395,9 +378,8 @@ def read_squad(path: Path, lang: str, bad: BadRows) -> list[dict]:
 
 
 def read_mkqa(path: Path, lang: str, bad: BadRows) -> list[dict]:
-    """MKQA jsonl(.gz) -> [{id, question, answers}] for one language; answers = every answer's text
-    and aliases, "" for an answer without text (unanswerable, long_answer), as the official
-    script does."""
+    """MKQA jsonl(.gz) -> [{id, question, answers}] for `lang`; answers: every answer's text and
+    aliases, "" for one without text (unanswerable, long_answer), as the official script does."""
     key = MKQA_KEY[lang]
 
     def by_language(row, field):
@@ -434,7 +416,7 @@ def read_truthfulqa(path: Path, lang: str, bad: BadRows) -> list[dict]:
             if sum(labels) == 0 or (part == "mc1" and sum(labels) != 1):
                 raise BadRow(f"field '{part}_targets_labels' has {sum(labels)} true answers; "
                              "expected " + ("exactly one" if part == "mc1" else "at least one"))
-            out[f"{part}_choices"], out[f"{part}_labels"] = choices, labels
+            out |= {f"{part}_choices": choices, f"{part}_labels": labels}
         return out
     return read_rows(path, json_rows(path), bad, parse)
 
@@ -452,8 +434,8 @@ XNLI_COLUMNS = ("language", "gold_label", "sentence1", "sentence2", "pairID")
 
 
 def read_xnli(path: Path, lang: str, bad: BadRows) -> list[dict]:
-    """XNLI-1.0 xnli.test.tsv (every language in one file) -> [{id, premise, hypothesis, label
-    (0-2)}] for `lang`."""
+    """XNLI-1.0 xnli.test.tsv (all languages) -> `lang`'s [{id, premise, hypothesis, label 0-2}]."""
+
     def parse(row):
         if row["language"] != lang:
             return None
@@ -489,9 +471,9 @@ def read_xstorycloze(path: Path, lang: str, bad: BadRows) -> list[dict]:
     return read_rows(path, tsv_rows(path, STORYCLOZE_COLUMNS), bad, parse)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # From rows to prompts
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 @dataclass
 class MCItem:
@@ -500,7 +482,7 @@ class MCItem:
     choices: list[str]
     gold: int                            # index of the correct choice (acc, acc_norm, MC1)
     true_mask: list[bool] | None = None  # TruthfulQA MC2: which choices are true
-    delimiter: str = " "                 # lm-evaluation-harness's target delimiter, in every format here
+    delimiter: str = " "                 # lm-evaluation-harness's target delimiter, in every format
 
     def continuations(self) -> list[str]:
         return [self.delimiter + c for c in self.choices]
@@ -516,7 +498,8 @@ class QAItem:
 def squad_item(row: dict, lang: str) -> QAItem:
     # x-LLM strips context, question and answers before use.
     text = QA_INPUT[lang].format(context=row["context"].strip(), question=row["question"].strip())
-    return QAItem(row["id"], format_prompt(QA_INSTRUCTION[lang], text), [a.strip() for a in row["answers"]])
+    return QAItem(row["id"], format_prompt(QA_INSTRUCTION[lang], text),
+                  [a.strip() for a in row["answers"]])
 
 
 def mkqa_item(row: dict, lang: str) -> QAItem:
@@ -525,9 +508,8 @@ def mkqa_item(row: dict, lang: str) -> QAItem:
 
 
 def okapi_question(text: str) -> str:
-    """A TruthfulQA question cleaned up as lm-evaluation-harness's Okapi task does: strip,
-    " [title]" -> ". ", drop [bracketed] spans, then one pass of "  " -> " " (so three spaces
-    become two, as there)."""
+    """A TruthfulQA question cleaned up as lm-evaluation-harness's Okapi task: strip, " [title]" ->
+    ". ", drop [bracketed] spans, one pass of "  " -> " " (three spaces become two, as there)."""
     text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
     return text.replace("  ", " ")
 
@@ -554,7 +536,7 @@ def xnli_item(row: dict, lang: str) -> MCItem:
 
 def xcopa_item(row: dict, lang: str) -> MCItem:
     premise = row["premise"].strip()
-    # lm-evaluation-harness drops the premise's final period unconditionally; we only drop punctuation.
+    # lm-evaluation-harness cuts the last character whatever it is; we cut only punctuation.
     if is_punct(premise[-1]):
         premise = premise[:-1]
     lower_first = lambda s: s[0].lower() + s[1:]  # noqa: E731
@@ -576,56 +558,54 @@ class Benchmark:
     metrics: tuple[str, ...]        # the first is the paper's
     prompt: str                     # the prompt format's id, in results.json with the protocol
     split: str                      # the release's split these files hold
-    file: Callable[[Path, str], Path]
+    release: str                    # the file under BENCH_DIR, {lang} standing for the language
     read: Callable
     build: Callable
 
-
-def _mkqa_file(data_dir: Path, lang: str) -> Path:
-    gz = data_dir / "mkqa" / "mkqa.jsonl.gz"
-    return gz if gz.exists() else data_dir / "mkqa" / "mkqa.jsonl"
+    def file(self, data_dir: Path, lang: str) -> Path:
+        """The release file; for a .gz one that is not there, its unpacked copy."""
+        path = data_dir / self.release.format(lang=lang)
+        return path if path.exists() or path.suffix != ".gz" else path.with_suffix("")
 
 
 BENCHMARKS = {b.name: b for b in [
     Benchmark("xquad", "XQuAD", 1, LANGS, "qa", ("f1", "em"), "x-llm-alpaca-qa",
-              "test (XQuAD's only split)",
-              lambda d, l: d / "xquad" / f"xquad.{l}.json", read_squad, squad_item),
+              "test (XQuAD's only split)", "xquad/xquad.{lang}.json", read_squad, squad_item),
     Benchmark("mlqa", "MLQA", 1, LANGS, "qa", ("f1", "em"), "x-llm-alpaca-qa",
-              "test (MLQA_V1/test, not dev)",
-              lambda d, l: d / "mlqa" / f"test-context-{l}-question-{l}.json", read_squad, squad_item),
-    Benchmark("truthfulqa", "TruthfulQA", 1, LANGS, "mc", ("mc1", "mc2"), "okapi-truthfulqa-qa-prompt",
-              "validation (Okapi's only TruthfulQA split)",
-              lambda d, l: d / "truthfulqa" / f"{l}_validation.json", read_truthfulqa,
-              truthfulqa_items),
+              "test (MLQA_V1/test, not dev)", "mlqa/test-context-{lang}-question-{lang}.json",
+              read_squad, squad_item),
+    Benchmark("truthfulqa", "TruthfulQA", 1, LANGS, "mc", ("mc1", "mc2"),
+              "okapi-truthfulqa-qa-prompt", "validation (Okapi's only TruthfulQA split)",
+              "truthfulqa/{lang}_validation.json", read_truthfulqa, truthfulqa_items),
     Benchmark("mkqa", "MKQA", 1, LANGS, "qa", ("f1", "em"), "alpaca-closed-book-qa",
-              "all (MKQA has one split)", _mkqa_file, read_mkqa, mkqa_item),
-    Benchmark("xnli", "XNLI", 2, LANGS, "mc", ("acc", "acc_norm"), "lm-eval-xnli", "test (not dev)",
-              lambda d, l: d / "xnli" / "xnli.test.tsv", read_xnli, xnli_item),
+              "all (MKQA has one split)", "mkqa/mkqa.jsonl.gz", read_mkqa, mkqa_item),
+    Benchmark("xnli", "XNLI", 2, LANGS, "mc", ("acc", "acc_norm"), "lm-eval-xnli",
+              "test (not dev)", "xnli/xnli.test.tsv", read_xnli, xnli_item),
     Benchmark("xcopa", "XCOPA", 2, ("vi", "zh"), "mc", ("acc", "acc_norm"), "lm-eval-xcopa",
-              "test (not val)", lambda d, l: d / "xcopa" / f"test.{l}.jsonl", read_xcopa, xcopa_item),
+              "test (not val)", "xcopa/test.{lang}.jsonl", read_xcopa, xcopa_item),
     Benchmark("xstorycloze", "XStoryCloze", 2, ("ar", "zh"), "mc", ("acc", "acc_norm"),
               "lm-eval-xstorycloze", "eval (split_20_80_eval, not train)",
-              lambda d, l: d / "xstorycloze" / f"spring2016.val.{l}.tsv.split_20_80_eval.tsv",
-              read_xstorycloze, xstorycloze_item),
+              "xstorycloze/spring2016.val.{lang}.tsv.split_20_80_eval.tsv", read_xstorycloze,
+              xstorycloze_item),
     Benchmark("mmlu", "MMLU", 2, LANGS, "mc", ("acc", "acc_norm"), "lm-eval-okapi-mmlu-letters",
-              "test (Okapi's, not val or dev)",
-              lambda d, l: d / "mmlu" / f"{l}_test.json", read_mmlu, mmlu_item),
+              "test (Okapi's, not val or dev)", "mmlu/{lang}_test.json", read_mmlu, mmlu_item),
 ]}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Scoring with the model
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def model_device(model) -> torch.device:
     return model.tok_embeddings.weight.device
 
 
-def split_continuation(tok, context_ids: list[int], context: str, continuation: str) -> tuple[list[int], bool]:
-    """Ids of `continuation` after `context_ids`, as the tokenizer splits the joined text: SentencePiece gives
-    " A" alone an extra "▁" (LLaMA adds a dummy prefix; Gemma does not), so the continuation is read off the joint
-    encoding, whose prefix must be the context's own ids. If a piece straddles the boundary (it never does when
-    the continuation starts with a space), the continuation is encoded alone; the second value says so."""
+def split_continuation(tok, context_ids: list[int], context: str,
+                       continuation: str) -> tuple[list[int], bool]:
+    """Ids of `continuation` after `context_ids`, as the tokenizer splits the joined text (alone,
+    " A" gets an extra "▁" where SentencePiece adds a dummy prefix, as LLaMA's does): read off the
+    joint encoding, whose prefix must be the context's ids. If a piece straddles the boundary
+    (never when the continuation starts with a space), it is encoded alone; the flag says so."""
     whole = tok.encode(context + continuation, bos=True)
     if len(whole) > len(context_ids) and whole[:len(context_ids)] == context_ids:
         return whole[len(context_ids):], False
@@ -652,12 +632,11 @@ def pack_scored(sequences: list[list[int]], firsts: list[int], pad_id: int, devi
 
 
 @torch.inference_mode()
-def loglikelihoods(model, tok, requests: list[tuple[str, str]], batch_size: int = 16, desc: str | None = None,
-                   notes: Counter | None = None) -> list[float]:
-    """Summed log P(continuation | context) for each (context, continuation). Each context is tokenised once and is
-    the same id prefix in all its rows; identical requests are scored once. Rows are sorted by length and
-    right-padded; only the continuation positions go through the head, so no [B, T, V] tensor is built."""
-    notes = notes if notes is not None else Counter()
+def loglikelihoods(model, tok, requests: list[tuple[str, str]], notes: Counter,
+                   batch_size: int = 16, desc: str | None = None) -> list[float]:
+    """Summed log P(continuation | context) of each request. Each context is tokenised once (the
+    same id prefix in all its rows); identical requests are scored once. Only the continuation
+    positions of the length-sorted, right-padded rows go through the head: no [B, T, V] tensor."""
     max_len = model.args.max_seq_len
     context_ids: dict[str, list[int]] = {}
     unique: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
@@ -670,79 +649,73 @@ def loglikelihoods(model, tok, requests: list[tuple[str, str]], batch_size: int 
         cont, alone = split_continuation(tok, ctx, context, continuation)
         notes["continuations encoded alone"] += alone
         if len(ctx) + len(cont) - 1 > max_len:
-            keep = max_len - len(cont)          # context tokens that fit besides BOS and the continuation
+            keep = max_len - len(cont)          # context tokens that fit besides BOS and the answer
             if keep < 1:
-                raise ValueError(f"a continuation of {len(cont)} tokens does not fit max_seq_len={max_len}: "
-                                 f"{continuation[:60]!r}")
-            lead = int(tok.bos_id is not None)  # BOS (if the model has one) and the end of the context,
-            ctx = ctx[:lead] + ctx[lead - keep - 1:]    # as lm-evaluation-harness keeps
+                raise ValueError(f"a continuation of {len(cont)} tokens does not fit "
+                                 f"max_seq_len={max_len}: {continuation[:60]!r}")
+            lead = int(tok.bos_id is not None)  # BOS (if the model has one) and the end of the
+            ctx = ctx[:lead] + ctx[lead - keep - 1:]    # context, as lm-evaluation-harness keeps
             notes["contexts truncated on the left"] += 1
         unique[(context, continuation)] = (ctx, cont)
-
     keys = sorted(unique, key=lambda k: -sum(map(len, unique[k])))
     scores: dict[tuple[str, str], float] = {}
-    device, n_layers = model_device(model), model.args.n_layers
-    for start in tqdm(range(0, len(keys), batch_size), desc=desc, leave=False, disable=desc is None):
+    device = model_device(model)
+    for start in tqdm(range(0, len(keys), batch_size), desc=desc, leave=False,
+                      disable=desc is None):
         chunk = keys[start:start + batch_size]
         # the last context position predicts the continuation's first token
         tokens, mask, rows, cols, targets = pack_scored(
             [unique[k][0] + unique[k][1] for k in chunk], [len(unique[k][0]) - 1 for k in chunk],
             tok.pad_id, device)
-        h = model.hidden_at(tokens, n_layers, attention_mask=mask)                 # [B, T, D]
-        logp = model.head_logits(h[rows, cols][None])[0].log_softmax(-1)                       # [M, V] fp32
-        token_lp = logp.gather(1, targets[:, None])[:, 0].double()                             # [M]
-        sums = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(0, rows, token_lp)
-        for k, s in zip(chunk, sums.tolist()):
-            scores[k] = s
+        h = model.hidden_at(tokens, model.args.n_layers, attention_mask=mask)     # [B, T, D]
+        logp = model.head_logits(h[rows, cols][None])[0].log_softmax(-1)          # [M, V] fp32
+        token_lp = logp.gather(1, targets[:, None])[:, 0].double()                # [M]
+        sums = torch.zeros(len(chunk), dtype=torch.float64, device=device)
+        sums.index_add_(0, rows, token_lp)
+        scores.update(zip(chunk, sums.tolist()))
     return [scores[r] for r in requests]
 
 
-def item_loglikelihoods(model, tok, items: list[MCItem], batch_size: int, desc: str, notes: Counter):
-    """Per item, the summed log-likelihood of each of its choices (one batched pass over all of them)."""
+def item_loglikelihoods(model, tok, items: list[MCItem], batch_size: int, desc: str,
+                        notes: Counter):
+    """Per item, the summed log-likelihood of each of its choices (one batched pass over all)."""
     requests = [(it.context, c) for it in items for c in it.continuations()]
-    flat = loglikelihoods(model, tok, requests, batch_size, desc, notes)
-    out, i = [], 0
-    for it in items:
-        out.append(flat[i:i + len(it.choices)])
-        i += len(it.choices)
-    return out
+    flat = iter(loglikelihoods(model, tok, requests, notes, batch_size, desc))
+    return [[next(flat) for _ in it.choices] for it in items]
 
 
 @functools.lru_cache(maxsize=4)
 def newline_token_ids(tok) -> frozenset[int]:
-    """Ids whose text contains a newline (a "\\n" piece, the <0x0A> byte, ":\\n", ...); once per tokenizer."""
+    """Ids whose text contains a newline (a "\\n" piece, the <0x0A> byte, ":\\n", ...)."""
     return frozenset(i for i in range(tok.vocab_size) if "\n" in tok.decode([i]))
 
 
 @torch.inference_mode()
-def greedy_generate(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16,
-                    stop_at_newline: bool = True, desc: str | None = None) -> list[list[int]]:
-    """Greedy continuation ids of each prompt (ids, BOS included), EOS excluded. Batches of similar length are
-    left-padded so every row's next token sits in the last column, then decoded one token per step through the KV
-    cache. A row stops at EOS, after `max_new_tokens`, or (stop_at_newline) at a token that puts a newline after
-    the first non-blank text: a model that opens with a newline before answering still gets to answer."""
+def greedy_generate(model, tok, prompts: list[list[int]], max_new_tokens: int,
+                    batch_size: int = 16, stop_at_newline: bool = True,
+                    desc: str | None = None) -> list[list[int]]:
+    """Greedy continuation ids of each prompt (ids, BOS included), EOS excluded. Batches of similar
+    length are left-padded so every row's next token is in the last column, then decoded through
+    the KV cache. A row stops at EOS, after `max_new_tokens`, or (stop_at_newline) at a newline
+    after the first non-blank text: a model that opens with a newline still gets to answer."""
     stops = newline_token_ids(tok) if stop_at_newline else frozenset()
     device = model_device(model)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=desc is None):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False,
+                      disable=desc is None):
         idx = order[start:start + batch_size]
         B, T0 = len(idx), max(len(prompts[i]) for i in idx)
-        tokens = torch.full((B, T0), tok.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, T0), dtype=torch.long)
-        for b, i in enumerate(idx):
-            tokens[b, T0 - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[b, T0 - len(prompts[i]):] = 1
-        tokens, mask = tokens.to(device), mask.to(device)
+        left = {i: T0 - len(prompts[i]) for i in idx}                   # padding on the left
+        tokens = torch.tensor([[tok.pad_id] * left[i] + prompts[i] for i in idx], device=device)
+        mask = torch.tensor([[0] * left[i] + [1] * len(prompts[i]) for i in idx], device=device)
         cache = model.init_cache(B, T0 + max_new_tokens)
         logits = model(tokens, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # [B, V]
         done = [False] * B
         for step in range(max_new_tokens):
-            next_ids = logits.argmax(-1)                                                  # [B]
+            next_ids = logits.argmax(-1)                                                # [B]
             for b, t in enumerate(next_ids.tolist()):
-                if done[b]:
-                    continue
-                if t == tok.eos_id:
+                if done[b] or t == tok.eos_id:
                     done[b] = True
                     continue
                 out[idx[b]].append(t)
@@ -784,8 +757,7 @@ class Protocol:
 
 
 def answer_text(generation: str, qa_stop: str) -> str:
-    """The answer a generation gives: its first line after leading whitespace (--qa-stop
-    newline), or all of it."""
+    """The answer in a generation: its first non-blank line (--qa-stop newline), or all of it."""
     text = generation.strip()
     return text.split("\n")[0].strip() if qa_stop == "newline" else text
 
@@ -800,8 +772,7 @@ def prompt_room(model, max_new_tokens: int) -> int:
 
 
 def fit_prompt(ids: list[int], room: int, notes: Counter, bos: bool) -> list[int]:
-    """Left-truncate a prompt (keeping its BOS, if the model has one) so that it plus the new tokens fit
-    the model's context."""
+    """Left-truncate a prompt to `room` tokens, keeping its BOS if the model has one."""
     if len(ids) <= room:
         return ids
     notes["prompts truncated on the left"] += 1
@@ -823,8 +794,8 @@ def evaluate_cell(model, tok, bench: Benchmark, lang: str, rows: list[dict], pro
     wrong. TruthfulQA: {id, prompt, mc1: {choices, ll, gold, pick}, mc2: {choices, ll, true,
     score (the probability mass of the true choices)}}."""
     desc = f"{bench.name}/{lang}"
+    items = [bench.build(r, lang) for r in rows]
     if bench.kind == "qa":
-        items = [bench.build(r, lang) for r in rows]
         room = prompt_room(model, protocol.qa_max_new_tokens)
         prompts = [fit_prompt(tok.encode(it.prompt, bos=True), room, notes, tok.bos_id is not None)
                    for it in items]
@@ -838,16 +809,15 @@ def evaluate_cell(model, tok, bench: Benchmark, lang: str, rows: list[dict], pro
             records.append(dict(id=it.id, prompt=it.prompt, generation=generation, answer=answer,
                                 gold=it.answers, f1=f1_of(answer, it.answers, lang),
                                 em=qa_em(answer, it.answers, lang)))
-        metrics = {"f1": percent(r["f1"] for r in records), "em": percent(r["em"] for r in records)}
-        return metrics, records
+        return {"f1": percent(r["f1"] for r in records),
+                "em": percent(r["em"] for r in records)}, records
 
     ties = protocol.mc_ties
-    if bench.name == "truthfulqa":
-        pairs = [bench.build(r, lang) for r in rows]
-        lls = item_loglikelihoods(model, tok, [it for pair in pairs for it in pair], batch_size,
+    if bench.name == "truthfulqa":                          # items: (MC1, MC2) pairs
+        lls = item_loglikelihoods(model, tok, [it for pair in items for it in pair], batch_size,
                                   desc, notes)
         records = []
-        for (mc1, mc2), ll1, ll2 in zip(pairs, lls[0::2], lls[1::2]):
+        for (mc1, mc2), ll1, ll2 in zip(items, lls[0::2], lls[1::2]):
             records.append(dict(
                 id=mc1.id, prompt=mc1.context,
                 mc1=dict(choices=mc1.choices, ll=ll1, gold=mc1.gold, pick=pick_choice(ll1, ties)),
@@ -856,11 +826,9 @@ def evaluate_cell(model, tok, bench: Benchmark, lang: str, rows: list[dict], pro
         return {"mc1": percent(r["mc1"]["pick"] == r["mc1"]["gold"] for r in records),
                 "mc2": percent(r["mc2"]["score"] for r in records)}, records
 
-    items = [bench.build(r, lang) for r in rows]
     records = []
     for it, ll in zip(items, item_loglikelihoods(model, tok, items, batch_size, desc, notes)):
-        # acc_norm divides by the choice's length in characters, delimiter excluded, as
-        # lm-evaluation-harness does.
+        # acc_norm: per character of the choice, delimiter excluded, as lm-evaluation-harness
         length = [len(c) for c in it.choices]
         records.append(dict(id=it.id, prompt=it.context, choices=it.choices, ll=ll, length=length,
                             gold=it.gold, pick=pick_choice(ll, ties),
@@ -869,49 +837,40 @@ def evaluate_cell(model, tok, bench: Benchmark, lang: str, rows: list[dict], pro
             "acc_norm": percent(r["pick_norm"] == r["gold"] for r in records)}, records
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The paper's numbers (its Tables 1 and 2, transcribed) and the report
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
-def _p(vi=None, ar=None, zh=None):
-    return {k: v for k, v in dict(vi=vi, ar=ar, zh=zh).items() if v is not None}
-
-
+# The paper's columns, in its order, which BENCHMARKS follows: (task, lang) for each release's lang.
+PAPER_COLUMNS = {table: [(b.name, lang) for b in BENCHMARKS.values() if b.table == table
+                         for lang in b.langs] for table in (1, 2)}
 UNREADABLE = "?"
 PAPER_MODEL = {"llama": "LLaMA-2-7B", "gemma2": "Gemma-2-2B"}
-PAPER_ROWS = {   # family -> table -> [(method, {task: {lang: value}})]
+PAPER_ROWS = {   # family -> table -> method -> one value per column of PAPER_COLUMNS[table]
     "llama": {
-        1: [("TFT", dict(xquad=_p(27.36, 21.23, 23.41), mlqa=_p(28.80, 21.62, 23.86),
-                         truthfulqa=_p(28.54, 27.04, 26.40), mkqa=_p(38.59, 35.02, 40.70))),
-            ("DFT-logits", dict(xquad=_p(29.65, 27.57, 24.77), mlqa=_p(31.54, 28.26, 25.68),
-                                truthfulqa=_p(28.64, 28.81, 28.93), mkqa=_p(39.64, 35.84, 40.87))),
-            ("DFT-feature", dict(xquad=_p(28.27, 26.35, 24.34), mlqa=_p(32.19, 29.51, 25.29),
-                                 truthfulqa=_p(30.45, 28.98, 27.79), mkqa=_p(UNREADABLE, UNREADABLE, UNREADABLE)))],
-        2: [("SFT", dict(xnli=_p(36.59, 35.38, 36.39), xcopa=_p(vi=63.00, zh=65.00), xstorycloze=_p(ar=49.70, zh=59.56),
-                         mmlu=_p(29.37, 27.60, 30.49))),
-            ("TFT", dict(xnli=_p(44.14, 33.73, 36.87), xcopa=_p(vi=66.00, zh=65.00), xstorycloze=_p(ar=57.51, zh=64.06),
-                         mmlu=_p(33.23, 28.05, 32.34))),
-            ("DFT-logits", dict(xnli=_p(43.37, 34.06, 36.94), xcopa=_p(vi=66.20, zh=66.40),
-                                xstorycloze=_p(ar=58.78, zh=64.93), mmlu=_p(32.60, 29.06, 33.19))),
-            ("DFT-feature", dict(xnli=_p(43.50, 34.38, 37.64), xcopa=_p(vi=66.60, zh=68.60),
-                                 xstorycloze=_p(ar=58.78, zh=64.40), mmlu=_p(32.19, 28.86, 32.82)))],
+        1: {"TFT": (27.36, 21.23, 23.41, 28.80, 21.62, 23.86, 28.54, 27.04, 26.40,
+                    38.59, 35.02, 40.70),
+            "DFT-logits": (29.65, 27.57, 24.77, 31.54, 28.26, 25.68, 28.64, 28.81, 28.93,
+                           39.64, 35.84, 40.87),
+            "DFT-feature": (28.27, 26.35, 24.34, 32.19, 29.51, 25.29, 30.45, 28.98, 27.79,
+                            UNREADABLE, UNREADABLE, UNREADABLE)},
+        2: {"SFT": (36.59, 35.38, 36.39, 63.00, 65.00, 49.70, 59.56, 29.37, 27.60, 30.49),
+            "TFT": (44.14, 33.73, 36.87, 66.00, 65.00, 57.51, 64.06, 33.23, 28.05, 32.34),
+            "DFT-logits": (43.37, 34.06, 36.94, 66.20, 66.40, 58.78, 64.93, 32.60, 29.06, 33.19),
+            "DFT-feature": (43.50, 34.38, 37.64, 66.60, 68.60, 58.78, 64.40, 32.19, 28.86, 32.82)},
     },
     "gemma2": {
-        1: [("DFT-logits", dict(xquad=_p(21.23, 25.79, 17.37), mlqa=_p(24.36, 27.51, 20.13),
-                                truthfulqa=_p(27.34, 26.78, 27.16), mkqa=_p(38.54, 34.81, 40.84)))],
-        2: [("SFT", dict(xnli=_p(41.33, 35.62, 40.36), xcopa=_p(vi=68.60, zh=70.40), xstorycloze=_p(ar=61.02, zh=68.23),
-                         mmlu=_p(36.07, 31.16, 36.22))),
-            ("TFT", dict(xnli=_p(43.05, 33.94, 36.63), xcopa=_p(vi=67.00, zh=70.40), xstorycloze=_p(ar=61.48, zh=64.88),
-                         mmlu=_p(36.95, 32.71, 36.37))),
-            ("DFT-logits", dict(xnli=_p(43.29, 35.14, 38.46), xcopa=_p(vi=68.40, zh=70.60),
-                                xstorycloze=_p(ar=62.08, zh=66.91), mmlu=_p(36.89, 31.84, 35.30))),
-            ("DFT-feature", dict(xnli=_p(43.25, 36.73, 39.74), xcopa=_p(vi=67.20, zh=70.20),
-                                 xstorycloze=_p(ar=61.88, zh=66.25), mmlu=_p(36.70, 31.63, 34.43)))],
+        1: {"DFT-logits": (21.23, 25.79, 17.37, 24.36, 27.51, 20.13, 27.34, 26.78, 27.16,
+                           38.54, 34.81, 40.84)},
+        2: {"SFT": (41.33, 35.62, 40.36, 68.60, 70.40, 61.02, 68.23, 36.07, 31.16, 36.22),
+            "TFT": (43.05, 33.94, 36.63, 67.00, 70.40, 61.48, 64.88, 36.95, 32.71, 36.37),
+            "DFT-logits": (43.29, 35.14, 38.46, 68.40, 70.60, 62.08, 66.91, 36.89, 31.84, 35.30),
+            "DFT-feature": (43.25, 36.73, 39.74, 67.20, 70.20, 61.88, 66.25, 36.70, 31.63, 34.43)},
     },
 }
 TABLE_TITLES = {1: "Table 1: F1 (XQuAD, MLQA, MKQA) and MC1 accuracy (TruthfulQA)",
                 2: "Table 2: accuracy (XNLI, XCOPA, XStoryCloze, MMLU)"}
-NO_LANGUAGE, MISSING = "–", "missing"
+NO_LANGUAGE, MISSING = "–", "missing"             # what a table shows for a cell without numbers
 
 
 @dataclass
@@ -921,13 +880,14 @@ class Cell:
     path: Path | None = None            # the release file read (or expected)
     rows: list[dict] | None = None      # the examples scored
     skipped: int = 0                    # malformed rows of its file skipped under --skip-bad
-    not_comparable: str = ""            # a key of NOT_COMPARABLE: its numbers are not the benchmark's
+    not_comparable: str = ""            # a key of NOT_COMPARABLE: not the benchmark's numbers
 
 
 NOT_COMPARABLE = {   # why a cell's numbers cannot be set beside the paper's: a label, what to do
     "bundled": ("bundled sample", "its few rows are a format check, not a measurement: pass "
                 "--data-dir BENCH_DIR with the original release files"),
-    "limit": ("--limit subset", "only the first examples of each file were scored: run without --limit"),
+    "limit": ("--limit subset", "only the first examples of each file were scored: run without "
+              "--limit"),
 }
 
 
@@ -942,13 +902,20 @@ def caveat(cells) -> str:
     return f"{NOT_COMPARABLE[flagged[0].not_comparable][0]} ({rows}) — not comparable"
 
 
+def table_row(*cells) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def table_head(*columns: str) -> list[str]:
+    return [table_row(*columns), "|---" * len(columns) + "|"]
+
+
 def results_markdown(results: list[dict], cells: dict[tuple[str, str], Cell], tasks: list[str],
                      langs: list[str], family: str, model_name: str, header_lines: list[str],
                      notes: list[str]) -> str:
-    """The paper's Tables 1 and 2 (only the requested tasks and languages), the paper's rows for
-    `family` above ours; then every metric, then per cell the file, split and protocol, then
-    notes. Numbers not comparable to the paper's carry their caveat in each table's title and in
-    every row that shows them."""
+    """The paper's Tables 1 and 2 (the requested tasks and languages), its rows for `family` above
+    ours; every metric; per cell the file, split and protocol; notes. Numbers not comparable to
+    the paper's carry their caveat in each table's title and in every row that shows them."""
     ours = {(r["task"], r["lang"], r["metric"]): r["value"] for r in results}
     protocols = {(r["task"], r["lang"]): r["prompt"] for r in results}
     lines = [f"# Zero-shot evaluation: {model_name}", ""] + header_lines + [""]
@@ -958,78 +925,71 @@ def results_markdown(results: list[dict], cells: dict[tuple[str, str], Cell], ta
             continue
         columns = [(b, lang) for b in benches for lang in langs]
         label = caveat(cells[(b.name, lang)] for b, lang in columns)
-        lines += [f"## {TABLE_TITLES[table]}" + (f" — ours: {label}" if label else ""), "",
-                  "| model | method | " + " | ".join(f"{b.title} {lang}" for b, lang in columns) + " |",
-                  "|---|---|" + "---|" * len(columns)]
-        for method, values in PAPER_ROWS.get(family, {}).get(table, []):
-            def paper_cell(b, lang):
-                if lang not in b.langs:
-                    return NO_LANGUAGE
-                v = values.get(b.name, {}).get(lang)
-                return "" if v is None else (v if isinstance(v, str) else f"{v:.2f}")
-            lines.append(f"| {PAPER_MODEL[family]} (paper) | {method} | "
-                         + " | ".join(paper_cell(b, lang) for b, lang in columns) + " |")
-
-        def our_cell(b, lang):
-            cell = cells[(b.name, lang)]
-            return f"{ours[(b.name, lang, b.metrics[0])]:.2f}" if cell.state == "ok" else cell.state
-        method = model_name + (f" — {label}" if label else "")
-        lines += [f"| ours | {method} | " + " | ".join(our_cell(b, lang) for b, lang in columns)
-                  + " |", ""]
-    lines += ["## All metrics", "", "| task | lang | metric | value | n | comparable to the paper |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['lang']} | {r['metric']} | {r['value']:.2f} | {r['n']} | "
-              f"{r['caveat'] or 'yes'} |" for r in results]
-    lines += ["", "## What was read", "",
-              "| task | lang | file | split | rows scored | rows skipped as bad | protocol |",
-              "|---|---|---|---|---|---|---|"]
+        lines += [f"## {TABLE_TITLES[table]}" + (f" — ours: {label}" if label else ""), ""]
+        lines += table_head("model", "method", *(f"{b.title} {lang}" for b, lang in columns))
+        for method, values in PAPER_ROWS.get(family, {}).get(table, {}).items():
+            paper = dict(zip(PAPER_COLUMNS[table], values))
+            shown = [paper.get((b.name, lang), NO_LANGUAGE) for b, lang in columns]
+            lines.append(table_row(f"{PAPER_MODEL[family]} (paper)", method,
+                                   *(v if isinstance(v, str) else f"{v:.2f}" for v in shown)))
+        shown = [f"{ours[(b.name, lang, b.metrics[0])]:.2f}" if cells[(b.name, lang)].state == "ok"
+                 else cells[(b.name, lang)].state for b, lang in columns]
+        lines += [table_row("ours", model_name + (f" — {label}" if label else ""), *shown), ""]
+    lines += ["## All metrics", ""]
+    lines += table_head("task", "lang", "metric", "value", "n", "comparable to the paper")
+    lines += [table_row(r["task"], r["lang"], r["metric"], f"{r['value']:.2f}", r["n"],
+                        r["caveat"] or "yes") for r in results]
+    lines += ["", "## What was read", ""]
+    lines += table_head("task", "lang", "file", "split", "rows scored", "rows skipped as bad",
+                        "protocol")
     for (task, lang), cell in cells.items():
         if cell.state != NO_LANGUAGE:
             scored = (caveat([cell]) or len(cell.rows)) if cell.state == "ok" else MISSING
-            lines.append(f"| {task} | {lang} | `{cell.path}` | {BENCHMARKS[task].split} | {scored} | "
-                         f"{cell.skipped} | {protocols.get((task, lang), '')} |")
+            lines.append(table_row(task, lang, f"`{cell.path}`", BENCHMARKS[task].split, scored,
+                                   cell.skipped, protocols.get((task, lang), "")))
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The logit lens: what each layer would predict if the model stopped there (the paper reads i, j off it)
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# The logit lens: what each layer would predict if the model stopped there; i, j are read off it
+# --------------------------------------------------------------------------------------------------
 
 LENS_LANGS = ("vi", "ar", "zh", "en")        # the bundled sample's languages
-# I: our reading of "the entropy drops". A drop is clear when it is at least this share of the curve's range over
-# layers 1..N, and a curve whose range is under LENS_FLAT nats has none: its layer-to-layer steps are noise.
+# I: our reading of "the entropy drops": a drop is clear from this share of the curve's range over
+# layers 1..N on; a curve whose range is under LENS_FLAT nats has none (its steps are noise).
 LENS_CLEAR_DROP = 0.1
 LENS_FLAT = 0.05
 
 
 @dataclass
 class LensSequence:
-    ids: list[int]      # BOS + Alpaca prompt + response, as training feeds them (EOS left out: no word of the language)
+    ids: list[int]      # BOS + Alpaca prompt + response as trained; no EOS, no word of the language
     first: int          # the prompt's last position, whose next token is the response's first
 
 
 @dataclass
 class LensResult:
-    layers: list[dict]          # k = 0..N: {"layer", "entropy", "rank", "prob", "top1"}, means over `positions`
+    layers: list[dict]          # k = 0..N: {"layer", "entropy", "rank", "prob", "top1"}, means
     positions: int              # response positions averaged over (all sequences together)
-    shown_targets: list[int]    # the first sequence's true next tokens at its first shown response positions
+    shown_targets: list[int]    # the first sequence's true next tokens at its shown positions
     shown_top1: list[list[int]]  # [layer][position]: the lens's top-1 token there
 
 
 def lens_records(path: Path, n: int, tok: Tokenizer) -> list[dict]:
-    """The first `n` records of an Alpaca-format file (a JSON list of {instruction, input, output}); a malformed one
-    among them (for this tokenizer) stops the run with one line naming the file, the record and the field."""
-
+    """The first `n` records of an Alpaca-format JSON list; a malformed one (for this tokenizer)
+    stops the run with one line naming the file, the record and the field."""
     if not path.is_file():
-        raise SystemExit(f"error: {path}: not found; pass --lens-data FILE.json, an Alpaca-format JSON list of "
-                         "{instruction, input, output} (or --lens-lang one of " + "/".join(LENS_LANGS) + ")")
+        raise SystemExit(f"error: {path}: not found; pass --lens-data FILE.json, an Alpaca-format "
+                         "JSON list of {instruction, input, output} (or --lens-lang one of "
+                         + "/".join(LENS_LANGS) + ")")
     records = read_records(path)[:n]
     for index, record in enumerate(records):
         defect = record_defect(record, sentencepiece=tok.sp is not None)
         if defect is not None:
-            raise SystemExit(f"error: {path}: record {index}: {defect[1]} (fix the record or pass another --lens-data)")
+            raise SystemExit(f"error: {path}: record {index}: {defect[1]} (fix the record or pass "
+                             "another --lens-data)")
     if not records:
         raise SystemExit(f"error: {path}: the JSON list is empty; expected Alpaca records "
                          "{instruction, input, output}")
@@ -1037,14 +997,13 @@ def lens_records(path: Path, n: int, tok: Tokenizer) -> list[dict]:
 
 
 def lens_sequences(tok, records: list[dict], max_len: int) -> tuple[list[LensSequence], list[str]]:
-    """The records as teacher-forced training sequences: prompt and response encoded as prepare_data.py does. A
-    sequence longer than the model's context loses the end of its response (the lens needs no EOS)."""
-
+    """The records as teacher-forced training sequences, encoded as prepare_data.py does. A
+    sequence longer than the model's context loses the end of its response."""
     sequences, notes = [], []
     for index, r in enumerate(records):
         prompt = alpaca_prompt_ids(tok, r["instruction"], r["input"])
         full = prompt + tok.encode(r["output"], bos=False)
-        ids = full[:max_len + 1]                  # the model reads all but the last id, which is only a target
+        ids = full[:max_len + 1]           # the model reads all but the last id, only a target
         if len(ids) <= len(prompt):
             notes.append(f"record {index}: its prompt alone fills max_seq_len={max_len}; left out")
             continue
@@ -1055,85 +1014,89 @@ def lens_sequences(tok, records: list[dict], max_len: int) -> tuple[list[LensSeq
 
 
 @torch.inference_mode()
-def logit_lens(model, sequences: list[LensSequence], pad_id: int, batch_size: int = 16, chunk_size: int = 128,
-               show: int = 8, desc: str | None = None) -> LensResult:
-    """Per layer k = 0..N (0 = the embedding output, N = the model's own output), the distribution
-    softmax(head_logits(h_k)) at every response position (each predicting the response's next token), reduced to
-    means over all those positions together: entropy in nats, rank of the true next token (1 = the top choice; a tie
-    counts against it), its probability, and how often it is the top-1. Also the top-1 tokens at the first `show`
-    response positions of the first sequence. Only response positions go through the head, `chunk_size` at a time,
-    so one [chunk, V] block of logits exists at once (Gemma-2's V is 256k), never [T, V] for every layer."""
-    device, n_layers = model_device(model), model.args.n_layers
-    sums = torch.zeros(n_layers + 1, 4, dtype=torch.float64)      # entropy, rank, probability, top-1 hits
+def logit_lens(model, sequences: list[LensSequence], pad_id: int, batch_size: int = 16,
+               chunk_size: int = 128, show: int = 8, desc: str | None = None) -> LensResult:
+    """Per layer k = 0..N (0 = the embeddings, N = the model's output), softmax(head_logits(h_k))
+    at every response position, averaged over all of them: entropy in nats, rank of the true next
+    token (1 = top; a tie counts against it), its probability, how often it is the top-1; and the
+    top-1 tokens at the first `show` response positions of the first sequence. Only response
+    positions go through the head, `chunk_size` at a time: one [chunk, V] block of logits exists
+    at once (Gemma-2's V is 256k), never [T, V] for every layer."""
+    device = model_device(model)
+    n_layers = model.args.n_layers
+    sums = torch.zeros(n_layers + 1, 4, dtype=torch.float64)  # entropy, rank, prob, top-1 hits
     shown = min(show, len(sequences[0].ids) - 1 - sequences[0].first) if sequences else 0
     shown_top1: list[list[int]] = [[] for _ in range(n_layers + 1)]
     n_positions = 0
     batches = range(0, len(sequences), batch_size)
-    bar = tqdm(total=len(batches) * (n_layers + 1), desc=desc, unit="layer", leave=False, disable=desc is None)
+    bar = tqdm(total=len(batches) * (n_layers + 1), desc=desc, unit="layer", leave=False,
+               disable=desc is None)
     for start in batches:
         chunk = sequences[start:start + batch_size]
         tokens, mask, rows, cols, targets = pack_scored(
             [s.ids for s in chunk], [s.first for s in chunk], pad_id, device)
         states = model.hidden_at(tokens, tuple(range(n_layers + 1)), attention_mask=mask)
         for k, h in enumerate(states):
-            h = h[rows, cols]                                                              # [M, D]
+            h = h[rows, cols]                                                  # [M, D]
             for a in range(0, len(h), chunk_size):
-                logits = model.head_logits(h[None, a:a + chunk_size])[0]                  # [C, V] fp32
-                logp = logits.log_softmax(-1)                                              # [C, V]
-                target = targets[a:a + chunk_size, None]                                   # [C, 1]
-                target_logp = logp.gather(1, target)                                       # [C, 1]
-                top1 = logits.argmax(-1)                                                   # [C]
-                entropy = -(logp.exp() * logp).sum(-1)                                     # [C]
-                # Ranked on the logits: subtracting the log-normaliser in fp32 could round two apart into a tie.
-                rank = (logits > logits.gather(1, target)).sum(-1) + 1                     # [C]
-                sums[k] += torch.stack([entropy.double().sum(), rank.double().sum(), target_logp.double().exp().sum(),
-                                        (top1 == target[:, 0]).double().sum()]).cpu()
+                logits = model.head_logits(h[None, a:a + chunk_size])[0]      # [C, V] fp32
+                logp = logits.log_softmax(-1)                                  # [C, V]
+                target = targets[a:a + chunk_size, None]                       # [C, 1]
+                target_logp = logp.gather(1, target)                           # [C, 1]
+                top1 = logits.argmax(-1)                                       # [C]
+                entropy = -(logp.exp() * logp).sum(-1)                         # [C]
+                # ranked on the logits: fp32 log-normalising could round two apart into a tie
+                rank = (logits > logits.gather(1, target)).sum(-1) + 1         # [C]
+                stats = (entropy, rank, target_logp.double().exp(), top1 == target[:, 0])
+                sums[k] += torch.stack([x.double().sum() for x in stats]).cpu()
                 if start == 0 and a < shown:       # the first sequence's positions come first
                     shown_top1[k] += top1[:shown - a].tolist()
             bar.update(1)
         n_positions += len(targets)
     bar.close()
     means = (sums / max(n_positions, 1)).tolist()
-    layers = [dict(layer=k, entropy=e, rank=r, prob=p, top1=t) for k, (e, r, p, t) in enumerate(means)]
-    first = sequences[0] if sequences else None
-    shown_targets = first.ids[first.first + 1:first.first + 1 + shown] if first else []
+    layers = [dict(layer=k, entropy=e, rank=r, prob=p, top1=t)
+              for k, (e, r, p, t) in enumerate(means)]
+    shown_targets = sequences[0].ids[sequences[0].first + 1:][:shown] if sequences else []
     return LensResult(layers, n_positions, shown_targets, shown_top1)
 
 
 def lens_windows(n_layers: int) -> tuple[range, range]:
-    """Where suggest_layers looks: layers 2..N//3 for i (first third), the next ones up to 2N//3 for j (middle third);
-    32 blocks -> 2..10 and 11..21, 26 -> 2..8 and 9..17, 4 -> 2 and 3."""
+    """Where suggest_layers looks: layers 2..N//3 for i (first third), the next ones up to 2N//3
+    for j (middle third); 32 blocks -> 2..10 and 11..21, 26 -> 2..8 and 9..17, 4 -> 2 and 3."""
     first_end = min(n_layers, max(2, n_layers // 3))
     middle_end = min(n_layers, max(first_end + 1, 2 * n_layers // 3))
     return range(2, first_end + 1), range(first_end + 1, middle_end + 1)
 
 
 def suggest_layers(entropy: list[float], family: str) -> tuple[int, int, list[str]]:
-    """(i, j, notes): LC and ET layers read off the logit-lens entropy curve, `entropy[k - 1]` being layer k's
-    (k = 1..N). I: our rule for the paper's reading by eye ("drops near layer 2 and ~15" on LLaMA-2-7B).
-
-    The drop at layer k is H(k-1) - H(k), what block k takes off the entropy, so layer k is the first state after the
-    fall. The embedding output (k = 0) takes no part: its lens reads the input token, not the model's view of it.
-    i = the layer of the largest drop in the first third of depth, j = in the middle third (see lens_windows; the
-    earlier layer on a tie). A drop counts only when it is clear: positive, at least LENS_CLEAR_DROP x the curve's
-    range over layers 1..N, that range at least LENS_FLAT nats. A third with no clear drop gets
-    model.default_layers' layer, and a note says so; if that leaves no 1 <= i < j <= N, both are the defaults."""
+    """(i, j, notes): the LC and ET layers read off the logit-lens entropy curve, `entropy[k - 1]`
+    being layer k's (k = 1..N). I: our rule for the paper's reading by eye ("drops near layer 2
+    and ~15" on LLaMA-2-7B). The drop at layer k is H(k-1) - H(k), so layer k is the first state
+    after the fall (the embeddings, k = 0, read the input token, not the model's view of it). i is
+    the largest clear drop in lens_windows' first window, j in its second (the earlier on a tie);
+    a window without one gets model.default_layers' layer and a note; if that leaves no
+    1 <= i < j <= N, both are the defaults."""
     n_layers = len(entropy)
     default_i, default_j = default_layers(n_layers, family)
     height = max(entropy) - min(entropy) if entropy else 0.0
     drop = {k: entropy[k - 2] - entropy[k - 1] for k in range(2, n_layers + 1)}
     notes = []
     if height < LENS_FLAT:
-        notes.append(f"the entropy curve is flat (range {height:.3f} nats < {LENS_FLAT}): no drops to read")
+        notes.append(f"the entropy curve is flat (range {height:.3f} nats < {LENS_FLAT}): no drops "
+                     "to read")
     picks = []
     first_third, middle_third = lens_windows(n_layers)
     for name, window, default in (("i", first_third, default_i), ("j", middle_third, default_j)):
-        clear = [k for k in window if height >= LENS_FLAT and drop[k] > 0 and drop[k] >= LENS_CLEAR_DROP * height]
+        clear = [k for k in window
+                 if height >= LENS_FLAT and drop[k] > 0 and drop[k] >= LENS_CLEAR_DROP * height]
         if clear:
             picks.append(max(clear, key=lambda k: (drop[k], -k)))
         else:
-            where = f"layers {window.start}..{window.stop - 1}" if len(window) else "an empty window (too few layers)"
-            notes.append(f"{name}: no clear entropy drop in {where}; using default_layers' {name} = {default}")
+            where = (f"layers {window.start}..{window.stop - 1}" if len(window)
+                     else "an empty window (too few layers)")
+            notes.append(f"{name}: no clear entropy drop in {where}; using default_layers' "
+                         f"{name} = {default}")
             picks.append(default)
     i, j = picks
     if not 1 <= i < j <= n_layers:
@@ -1144,7 +1107,7 @@ def suggest_layers(entropy: list[float], family: str) -> tuple[int, int, list[st
 
 
 def token_piece(tok, token_id: int) -> str:
-    """A token as its vocabulary piece ("▁Paris", "<0x0A>", "ĠParis"): word starts and bytes stay visible."""
+    """A token as its vocabulary piece ("▁Paris", "<0x0A>"): word starts and bytes stay visible."""
     return tok.piece(token_id) if 0 <= token_id < tok.vocab_size else f"<id {token_id}>"
 
 
@@ -1152,32 +1115,33 @@ def _cell(text: str) -> str:
     return "`" + text.replace("`", "'").replace("|", "\\|") + "`"
 
 
-def lens_markdown(result: LensResult, tok, i: int, j: int, rule_notes: list[str], header: list[str],
-                  notes: list[str]) -> str:
-    """Per-layer table (entropy, its drop, rank / probability / top-1 rate of the true next token), the suggested
-    layers (`rule_notes`: where suggest_layers fell back to the defaults), then the top-1 tokens at the first
-    example's first response positions."""
-    lines = ["# Logit lens", ""] + header + ["",
-             "| layer | entropy (nats) | drop H(k-1) - H(k) | rank of true next token | P(true next token) | top-1 |",
-             "|---|---|---|---|---|---|"]
+def lens_markdown(result: LensResult, tok, i: int, j: int, rule_notes: list[str],
+                  header: list[str], notes: list[str]) -> str:
+    """Per-layer table, the suggested layers (`rule_notes`: where suggest_layers fell back to the
+    defaults), then the top-1 tokens at the first example's first response positions."""
+    lines = ["# Logit lens", ""] + header + [""]
+    lines += table_head("layer", "entropy (nats)", "drop H(k-1) - H(k)", "rank of true next token",
+                        "P(true next token)", "top-1")
     previous = None
     for row in result.layers:
         k = row["layer"]
-        label = {0: "0 (embeddings)", i: f"{k} ← i (--lc-layer)", j: f"{k} ← j (--et-layer)"}.get(k, str(k))
+        label = {0: "0 (embeddings)", i: f"{k} ← i (--lc-layer)",
+                 j: f"{k} ← j (--et-layer)"}.get(k, str(k))
         drop = f"{previous - row['entropy']:+.3f}" if previous is not None and k > 1 else ""
-        lines.append(f"| {label} | {row['entropy']:.3f} | {drop} | {row['rank']:.1f} | {row['prob']:.4f} | "
-                     f"{100 * row['top1']:.1f}% |")
+        lines.append(table_row(label, f"{row['entropy']:.3f}", drop, f"{row['rank']:.1f}",
+                               f"{row['prob']:.4f}", f"{100 * row['top1']:.1f}%"))
         previous = row["entropy"]
-    how = "falling back to default_layers, see the notes" if rule_notes else "at the two entropy drops"
-    lines += ["", f"**Suggested: `--lc-layer {i} --et-layer {j}`** ({how}; the rule: `evaluate.suggest_layers`).", ""]
+    how = ("falling back to default_layers, see the notes" if rule_notes
+           else "at the two entropy drops")
+    lines += ["", f"**Suggested: `--lc-layer {i} --et-layer {j}`** ({how}; the rule: "
+              "`evaluate.suggest_layers`).", ""]
     if result.shown_targets:
-        n = len(result.shown_targets)
-        truth = " | ".join(_cell(token_piece(tok, t)) for t in result.shown_targets)
-        lines += ["## Top-1 token per layer, first example, first response positions", "",
-                  "| layer | " + " | ".join(f"+{p}" for p in range(n)) + " |", "|---|" + "---|" * n,
-                  f"| **true next token** | {truth} |"]
+        lines += ["## Top-1 token per layer, first example, first response positions", ""]
+        lines += table_head("layer", *(f"+{p}" for p in range(len(result.shown_targets))))
+        lines.append(table_row("**true next token**",
+                               *(_cell(token_piece(tok, t)) for t in result.shown_targets)))
         for k, ids in enumerate(result.shown_top1):
-            lines.append(f"| {k} | " + " | ".join(_cell(token_piece(tok, t)) for t in ids) + " |")
+            lines.append(table_row(k, *(_cell(token_piece(tok, t)) for t in ids)))
         lines.append("")
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes]
@@ -1185,7 +1149,7 @@ def lens_markdown(result: LensResult, tok, i: int, j: int, rule_notes: list[str]
 
 
 def plot_lens(result: LensResult, i: int, j: int, path: Path) -> str:
-    """Entropy and mean rank of the true next token against layer, i and j marked; a line saying what happened."""
+    """Entropy and mean rank of the true next token by layer, i and j marked; says what it did."""
     if Figure is None:
         return "PNG skipped: pip install matplotlib"
     ks = [row["layer"] for row in result.layers]
@@ -1209,45 +1173,47 @@ def plot_lens(result: LensResult, i: int, j: int, path: Path) -> str:
 def run_logit_lens(args) -> Path:
     data = Path(args.lens_data) if args.lens_data else SAMPLE_DIR / f"alpaca_{args.lens_lang}.json"
     tok = load_tokenizer(Path(args.model))
-    records = lens_records(data, args.lens_examples, tok)   # before the model loads: a bad file fails fast
+    records = lens_records(data, args.lens_examples, tok)   # before the model loads: fail fast
     out = output_dir(args)
     model, dtype = load_model(args.model, args.device, args.dtype)
-    sequences, notes = lens_sequences(tok, records, model.args.max_seq_len)
+    config = model.args
+    sequences, notes = lens_sequences(tok, records, config.max_seq_len)
     if not sequences:
-        raise SystemExit(f"error: {data}: no record leaves a response position within max_seq_len="
-                         f"{model.args.max_seq_len}; pass shorter records with --lens-data")
-    result = logit_lens(model, sequences, tok.pad_id, args.batch_size, show=args.lens_positions, desc="logit lens")
-    n_layers, family = model.args.n_layers, model.args.family
-    i, j, rule_notes = suggest_layers([row["entropy"] for row in result.layers[1:]], family)
+        raise SystemExit(f"error: {data}: no record leaves a response position within "
+                         f"max_seq_len={config.max_seq_len}; pass shorter records with --lens-data")
+    result = logit_lens(model, sequences, tok.pad_id, args.batch_size, show=args.lens_positions,
+                        desc="logit lens")
+    i, j, rule_notes = suggest_layers([row["entropy"] for row in result.layers[1:]], config.family)
     png = plot_lens(result, i, j, out / "logit_lens.png")
-    header = [f"Model `{args.model}` (family {family}, {n_layers} blocks, V = {model.args.vocab_size}: the largest "
-              f"possible entropy is ln V = {math.log(model.args.vocab_size):.2f} nats), device {args.device}, dtype "
-              f"{str(dtype).replace('torch.', '')}.",
-              f"Data `{data}` ({args.lens_lang}): {len(sequences)} examples as training sequences (Alpaca prompt + "
-              f"response), teacher-forced; means over all {result.positions} response positions, each predicting the "
-              "response's next token.",
-              "Layer k = the residual stream after block k, read through the final norm and the output head "
-              f"(the model's own output at k = {n_layers}). Rank 1 = the lens's top choice."]
+    header = [f"Model `{args.model}` (family {config.family}, {config.n_layers} blocks, V = "
+              f"{config.vocab_size}: the largest possible entropy is ln V = "
+              f"{math.log(config.vocab_size):.2f} nats), device {args.device}, dtype {dtype}.",
+              f"Data `{data}` ({args.lens_lang}): {len(sequences)} examples as training sequences "
+              f"(Alpaca prompt + response), teacher-forced; means over all {result.positions} "
+              "response positions, each predicting the response's next token.",
+              "Layer k = the residual stream after block k, read through the final norm and the "
+              f"output head (the model's own output at k = {config.n_layers}). Rank 1 = the "
+              "lens's top choice."]
     md = lens_markdown(result, tok, i, j, rule_notes, header, rule_notes + notes + [png])
     write_atomic(out / "logit_lens.md", md)
-    report = dict(model=str(args.model), family=family, n_layers=n_layers, vocab_size=model.args.vocab_size,
-                  data=str(data), lang=args.lens_lang, examples=len(sequences), positions=result.positions,
-                  device=str(args.device), dtype=str(dtype).replace("torch.", ""), layers=result.layers,
+    first_example = dict(targets=[token_piece(tok, t) for t in result.shown_targets],
+                         top1=[[token_piece(tok, t) for t in ids] for ids in result.shown_top1])
+    report = dict(model=str(args.model), family=config.family, n_layers=config.n_layers,
+                  vocab_size=config.vocab_size, data=str(data), lang=args.lens_lang,
+                  examples=len(sequences), positions=result.positions, device=str(args.device),
+                  dtype=dtype, layers=result.layers,
                   suggested=dict(lc_layer=i, et_layer=j, notes=rule_notes),
-                  first_example=dict(targets=[token_piece(tok, t) for t in result.shown_targets],
-                                     top1=[[token_piece(tok, t) for t in ids] for ids in result.shown_top1]),
-                  notes=notes)
-    write_atomic(out / "logit_lens.json",
-                      json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+                  first_example=first_example, notes=notes)
+    write_atomic(out / "logit_lens.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(md)
     print(png)
     print(f"wrote {out / 'logit_lens.md'} and {out / 'logit_lens.json'}")
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
@@ -1259,9 +1225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="all", help="'all' or comma-separated, of "
                    f"{','.join(BENCHMARKS)} (default: %(default)s)")
     p.add_argument("--data-dir", default=str(BENCH_SAMPLE_DIR),
-                   help="BENCH_DIR with <task>/<original release file>, the tree above (default: the "
-                   f"bundled sample {BENCH_SAMPLE_DIR.relative_to(REPO_DIR)}, 3-5 rows per task, "
-                   "whose numbers are labelled 'not comparable' everywhere)")
+                   help="BENCH_DIR with <task>/<original release file>, the tree above (default: "
+                   f"the bundled sample {BENCH_SAMPLE_DIR.relative_to(REPO_DIR)}, 3-5 rows per "
+                   "task, whose numbers are labelled 'not comparable' everywhere)")
     p.add_argument("--out", help="output dir for results.json, results.md, predictions/ and the "
                    "logit lens (default: MODEL/eval)")
     p.add_argument("--limit", type=int, help="evaluate only the first N examples of each task and "
@@ -1270,11 +1236,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences per forward pass (default: %(default)s)")
     p.add_argument("--qa-max-new-tokens", "--max-new-tokens", dest="qa_max_new_tokens", type=int,
                    help="greedy tokens per generated answer, for the QA benchmarks and --prompt "
-                   f"(default: {Protocol.qa_max_new_tokens}; 256 with --prompt). --max-new-tokens is "
-                   "the same flag")
+                   f"(default: {Protocol.qa_max_new_tokens}; 256 with --prompt). --max-new-tokens "
+                   "is the same flag")
     p.add_argument("--qa-stop", choices=tuple(QA_STOPS), default=Protocol.qa_stop,
                    help="where a generated QA answer ends: "
-                   + "; ".join(f"{k}: {v}" for k, v in QA_STOPS.items()) + " (default: %(default)s)")
+                   + "; ".join(f"{k}: {v}" for k, v in QA_STOPS.items())
+                   + " (default: %(default)s)")
     p.add_argument("--mc-ties", choices=tuple(MC_TIES), default=Protocol.mc_ties,
                    help="multiple choice: " + "; ".join(f"{k}: {v}" for k, v in MC_TIES.items())
                    + " (default: %(default)s)")
@@ -1284,8 +1251,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 on CUDA, fp32 on CPU, where bf16 matmuls are very slow "
                    "(default: %(default)s)")
     p.add_argument("--skip-bad", action="store_true",
-                   help="skip malformed benchmark rows, counted in results.md (default: off; the first "
-                   "malformed row stops the run, naming its file, row and field)")
+                   help="skip malformed benchmark rows, counted in results.md (default: off; the "
+                   "first malformed row stops the run, naming its file, row and field)")
     p.add_argument("--prompt", help="only generate a greedy response to this instruction (Alpaca "
                    "template) and print it (default: none; run the benchmarks)")
     lens = p.add_argument_group("logit lens (--logit-lens: per-layer entropy, suggested "
@@ -1295,7 +1262,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "benchmarks)")
     lens.add_argument("--lens-data", metavar="FILE.json",
                       help="Alpaca-format records of the target language (default: "
-                      f"{SAMPLE_DIR.relative_to(REPO_DIR)}/alpaca_LANG.json, LANG from --lens-lang)")
+                      f"{SAMPLE_DIR.relative_to(REPO_DIR)}/alpaca_LANG.json, LANG from "
+                      "--lens-lang)")
     lens.add_argument("--lens-lang", choices=LENS_LANGS, default="vi", help="the language of the "
                       "records, picking the bundled sample file (default: %(default)s)")
     lens.add_argument("--lens-examples", type=int, default=16, metavar="N",
@@ -1313,12 +1281,10 @@ def parse_args(argv=None):
         p.error("--logit-lens and --prompt are separate modes; pass one of them")
     if args.qa_max_new_tokens is None:
         args.qa_max_new_tokens = 256 if args.prompt else Protocol.qa_max_new_tokens
-    for name, value in (("--batch-size", args.batch_size),
-                        ("--qa-max-new-tokens", args.qa_max_new_tokens), ("--limit", args.limit),
-                        ("--lens-examples", args.lens_examples),
-                        ("--lens-positions", args.lens_positions)):
+    for name in ("batch_size", "qa_max_new_tokens", "limit", "lens_examples", "lens_positions"):
+        value = getattr(args, name)
         if value is not None and value < 1:
-            p.error(f"{name} {value}: expected a positive integer")
+            p.error(f"--{name.replace('_', '-')} {value}: expected a positive integer")
     args.langs = [x.strip() for x in args.langs.split(",") if x.strip()]
     unknown = [x for x in args.langs if x not in LANGS]
     if unknown or not args.langs:
@@ -1333,7 +1299,8 @@ def parse_args(argv=None):
     return args
 
 
-def load_model(path: str, device: str, dtype: str) -> tuple[Transformer, torch.dtype]:
+def load_model(path: str, device: str, dtype: str) -> tuple[Transformer, str]:
+    """The model in eval mode, and the name of the dtype it runs in (bfloat16, float32)."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is visible; pass --device cpu")
@@ -1342,15 +1309,14 @@ def load_model(path: str, device: str, dtype: str) -> tuple[Transformer, torch.d
         model = Transformer.from_pretrained(path, dtype=torch_dtype, device=device)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
-    return model.eval(), torch_dtype
+    return model.eval(), str(torch_dtype).removeprefix("torch.")
 
 
-def output_dir(args, *subdirs: str) -> Path:
-    """--out (default MODEL/eval) with `subdirs`, made and shown writable before any model loads."""
+def output_dir(args) -> Path:
+    """--out (default MODEL/eval), made and shown writable before any model loads."""
     out = Path(args.out) if args.out else Path(args.model) / "eval"
     try:
-        for path in (out, *(out / d for d in subdirs)):
-            path.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
     except OSError as e:
         raise SystemExit(f"error: --out {out}: cannot write there ({e.strerror or e}); pass a "
@@ -1358,11 +1324,22 @@ def output_dir(args, *subdirs: str) -> Path:
     return out
 
 
+def replace_dir(new: Path, path: Path) -> None:
+    """Put folder `new` at `path`, removing what was there. A kill in between leaves no folder at
+    `path` (the old one lies beside it as .NAME.old), never a mix of the two."""
+    old = path.with_name("." + path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    new.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def run_prompt(args) -> None:
     tok = load_tokenizer(Path(args.model))
     model, _ = load_model(args.model, args.device, args.dtype)
-    ids = alpaca_prompt_ids(tok, args.prompt)
-    ids = fit_prompt(ids, prompt_room(model, args.qa_max_new_tokens), Counter(), tok.bos_id is not None)
+    ids = fit_prompt(alpaca_prompt_ids(tok, args.prompt),
+                     prompt_room(model, args.qa_max_new_tokens), Counter(), tok.bos_id is not None)
     generated = greedy_generate(model, tok, [ids], args.qa_max_new_tokens, stop_at_newline=False)
     print(tok.decode(generated[0]).strip())
 
@@ -1370,7 +1347,8 @@ def run_prompt(args) -> None:
 def plan_cells(args) -> tuple[dict[tuple[str, str], Cell], list[str]]:
     """Read every requested benchmark file before the model is loaded, so a missing or malformed
     file fails fast. Returns the cells by (task, lang) and notes."""
-    data_dir, bad = Path(args.data_dir), BadRows(args.skip_bad)
+    data_dir = Path(args.data_dir)
+    bad = BadRows(args.skip_bad)
     bundled = data_dir.resolve() == BENCH_SAMPLE_DIR.resolve()
     cells, notes = {}, []
     for task in args.tasks:
@@ -1379,7 +1357,8 @@ def plan_cells(args) -> tuple[dict[tuple[str, str], Cell], list[str]]:
             if lang not in bench.langs:
                 cells[(task, lang)] = Cell(NO_LANGUAGE)
                 continue
-            path, rows = bench.file(data_dir, lang), []
+            path = bench.file(data_dir, lang)
+            rows = []
             if path.is_file():
                 try:
                     rows = bench.read(path, lang, bad)
@@ -1408,24 +1387,19 @@ def plan_cells(args) -> tuple[dict[tuple[str, str], Cell], list[str]]:
     return cells, notes
 
 
-def run_benchmarks(args) -> Path:
-    cells, notes = plan_cells(args)
-    if all(cell.state != "ok" for cell in cells.values()):
-        raise SystemExit(f"error: nothing to evaluate: no benchmark file for tasks {args.tasks} and "
-                         f"languages {args.langs} under {args.data_dir}")
-    out = output_dir(args, "predictions")
-    tok = load_tokenizer(Path(args.model))
-    model, dtype = load_model(args.model, args.device, args.dtype)
-    protocol = Protocol(args.qa_max_new_tokens, args.qa_stop, args.mc_ties)
+def score_cells(model, tok, cells: dict[tuple[str, str], Cell], protocol: Protocol,
+                batch_size: int, predictions: Path) -> tuple[list[dict], Counter]:
+    """results.json's rows for the cells read, and counts of what was cut or encoded apart; each
+    cell's predictions file goes into `predictions`."""
     counters, results = Counter(), []
     for (task, lang), cell in cells.items():
         if cell.state != "ok":
             continue
         bench = BENCHMARKS[task]
-        metrics, records = evaluate_cell(model, tok, bench, lang, cell.rows, protocol,
-                                         args.batch_size, counters)
-        write_atomic(out / "predictions" / f"{task}.{lang}.jsonl",
-                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        metrics, records = evaluate_cell(model, tok, bench, lang, cell.rows, protocol, batch_size,
+                                         counters)
+        (predictions / f"{task}.{lang}.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
         label = caveat([cell])
         for metric in bench.metrics:
             results.append(dict(task=task, lang=lang, metric=metric,
@@ -1434,19 +1408,37 @@ def run_benchmarks(args) -> Path:
                                 comparable=not label, caveat=label))
         print(f"{task}/{lang}: " + ", ".join(f"{m} {metrics[m]:.2f}" for m in bench.metrics)
               + f" (n={len(cell.rows)})" + (f" — {label}" if label else ""))
+    return results, counters
+
+
+def run_benchmarks(args) -> Path:
+    cells, notes = plan_cells(args)
+    if all(cell.state != "ok" for cell in cells.values()):
+        raise SystemExit(f"error: nothing to evaluate: no benchmark file for tasks {args.tasks} "
+                         f"and languages {args.langs} under {args.data_dir}")
+    out = output_dir(args)
+    tok = load_tokenizer(Path(args.model))
+    model, dtype = load_model(args.model, args.device, args.dtype)
+    protocol = Protocol(args.qa_max_new_tokens, args.qa_stop, args.mc_ties)
+    # The predictions are written aside and replace predictions/ only when every cell is done:
+    # that folder never holds an earlier run's files (its other tasks or languages).
+    staging = out / ".predictions.partial"
+    shutil.rmtree(staging, ignore_errors=True)              # what a killed run left
+    staging.mkdir()
+    try:
+        results, counters = score_cells(model, tok, cells, protocol, args.batch_size, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     notes += [f"protocol: {protocol.legend()}"]
     notes += [f"{name}: {count}" for name, count in counters.items() if count]
-    for (task, lang), cell in cells.items():
-        if cell.state == NO_LANGUAGE:
-            notes.append(f"{task}/{lang}: the benchmark has no {lang} release ({NO_LANGUAGE} in the "
-                         "table)")
-    write_atomic(out / "results.json",
-                      json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    notes += [f"{task}/{lang}: the benchmark has no {lang} release ({NO_LANGUAGE} in the table)"
+              for (task, lang), cell in cells.items() if cell.state == NO_LANGUAGE]
     family = model.args.family
     header = [f"Model `{args.model}` (family {family}; paper rows: "
-              f"{PAPER_MODEL.get(family, '-')}), device {args.device}, dtype "
-              f"{str(dtype).replace('torch.', '')}, data `{args.data_dir}`, batch size "
-              f"{args.batch_size}" + (f", --limit {args.limit}" if args.limit else "")
+              f"{PAPER_MODEL.get(family, '-')}), device {args.device}, dtype {dtype}, data "
+              f"`{args.data_dir}`, batch size {args.batch_size}"
+              + (f", --limit {args.limit}" if args.limit else "")
               + ". Zero-shot; values in %. Per-example outputs: `predictions/`."]
     label = caveat(cells.values())
     fix = "; ".join(NOT_COMPARABLE[why][1] for why in {c.not_comparable for c in cells.values()}
@@ -1455,6 +1447,8 @@ def run_benchmarks(args) -> Path:
         header.append(f"**{label}: {fix}.**")
     md = results_markdown(results, cells, args.tasks, args.langs, family,
                           Path(args.model).name or "model", header, notes)
+    replace_dir(staging, out / "predictions")
+    write_atomic(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     write_atomic(out / "results.md", md)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'predictions'}/")
     if label:
@@ -1464,12 +1458,8 @@ def run_benchmarks(args) -> Path:
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.prompt:
-        run_prompt(args)
-    elif args.logit_lens:
-        run_logit_lens(args)
-    else:
-        run_benchmarks(args)
+    run = run_prompt if args.prompt else run_logit_lens if args.logit_lens else run_benchmarks
+    run(args)
 
 
 if __name__ == "__main__":

@@ -621,6 +621,38 @@ def test_cli_missing_files_and_bad_rows(tiny_llama, tmp_path):
             "lm-eval-xcopa; log-likelihood, ties wrong |") in md
 
 
+def test_predictions_hold_exactly_the_last_finished_run(tiny_llama, tmp_path, monkeypatch):
+    out = tmp_path / "eval"
+    base = ["--model", str(tiny_llama), "--data-dir", str(BENCH), "--device", "cpu",
+            "--out", str(out), "--langs", "vi"]
+
+    def written():
+        files = {p.name: p.read_text(encoding="utf-8") for p in (out / "predictions").iterdir()}
+        return files, (out / "results.json").read_text(encoding="utf-8")
+
+    ev.main(base + ["--tasks", "xcopa,xnli,mmlu", "--limit", "1"])
+    ev.main(base + ["--tasks", "xcopa,xnli", "--limit", "2"])
+    files, results = written()
+    assert sorted(files) == ["xcopa.vi.jsonl", "xnli.vi.jsonl"]    # not the first run's mmlu.vi
+    assert all(len(text.splitlines()) == 2 for text in files.values())
+    cells = {(r["task"], r["lang"]) for r in json.loads(results)}
+    assert cells == {("xcopa", "vi"), ("xnli", "vi")}
+    assert sorted(p.name for p in out.iterdir()) == ["predictions", "results.json", "results.md"]
+
+    # a run that stops after its first cell leaves the last finished run's files as they were
+    evaluate_cell = ev.evaluate_cell
+
+    def fail_on_xnli(model, tok, bench, *rest):
+        if bench.name == "xnli":
+            raise RuntimeError("stopped")
+        return evaluate_cell(model, tok, bench, *rest)
+    monkeypatch.setattr(ev, "evaluate_cell", fail_on_xnli)
+    with pytest.raises(RuntimeError):
+        ev.main(base + ["--tasks", "xcopa,xnli", "--limit", "3"])
+    assert written() == (files, results)
+    assert sorted(p.name for p in out.iterdir()) == ["predictions", "results.json", "results.md"]
+
+
 def test_an_unwritable_out_is_one_line_naming_it(tiny_llama, tmp_path):
     a_file = tmp_path / "results"
     a_file.write_text("not a directory", encoding="utf-8")
