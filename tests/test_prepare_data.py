@@ -6,6 +6,7 @@ or by encoding the source texts here and laying out the expected label lists by 
 """
 
 import errno
+import hashlib
 import json
 import re
 import shutil
@@ -561,6 +562,20 @@ def test_check_meta_refuses_other_lang_mode_or_tokenizer(prepared_vi, tiny_llama
         with pytest.raises(SystemExit) as stop:
             pd.check_meta(meta, *args, out)
         assert expected in str(stop.value) and str(out) in str(stop.value) and "\n" not in str(stop.value)
+
+
+def test_meta_holds_what_an_audit_needs_and_no_field_nothing_reads(prepared_vi, tokenizer_dir,
+                                                                   tmp_path):
+    _, out, _ = prepared_vi
+    meta = json.loads((out / "meta.json").read_text())
+    assert set(meta) == {"format_version", "created_by", "lang", "mode", "num_examples",
+                         "tokenizer_sha256", "bos_id", "max_len", "overlong", "template", "counts",
+                         "sources"}
+    sha256 = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()  # noqa: E731
+    assert meta["tokenizer_sha256"] == sha256(tokenizer_dir / "tokenizer.model")
+    for side, name in (("en", "alpaca_en.json"), ("tgt", "alpaca_vi.json")):
+        source = tmp_path / name
+        assert meta["sources"][side] == {"path": str(source), "sha256": sha256(source)}
 
 
 def test_load_prepared_damaged_directories(prepared_vi, tmp_path):

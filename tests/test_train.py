@@ -60,6 +60,9 @@ def alpaca_pairs(n: int = 48):
                        "output": f"{a} plus {b} is {a + b}."})
             vi.append({"instruction": f"{a} cộng {b} bằng bao nhiêu?", "input": "",
                        "output": f"{a} cộng {b} là {a + b}."})
+        if k % 6 == 1:  # a long answer (~330 tokens), for truncated data
+            en[-1]["output"] = " ".join([en[-1]["output"]] * 30)
+            vi[-1]["output"] = " ".join([vi[-1]["output"]] * 30)
     return en, vi
 
 
@@ -74,7 +77,12 @@ def setup(tmp_path_factory):
     texts = template * 4 + [r[k] for r in en + vi for k in fields if r[k]]
     for family in ("llama", "gemma2"):
         write_tiny_checkpoint(root / family, family, texts, vocab_size=320)
-        prepare(root, root / f"{family}-vi", "--tokenizer", root / family)
+        # Truncated data for the tests below (2 processes, resume): 400 tokens cut the long answers
+        # (tft, et) and the lc sequences of the pairs with an input, keeping content in every one.
+        report = prepare(root, root / f"{family}-vi", "--tokenizer", root / family,
+                         "--max-len", 400)
+        assert not report["dropped"]
+        assert sum(stats["truncated"] > 0 for stats in report["sequences"].values()) >= 2
     return root
 
 
@@ -83,7 +91,7 @@ def prepare(setup, out, *flags):
     sides = ["--en", setup / "en.json"]
     if "--sft" not in flags:
         sides += ["--tgt", setup / "vi.json"] + ([] if "--lang" in flags else ["--lang", "vi"])
-    prepare_data.main([str(a) for a in sides + ["--out", out, *flags]])
+    return prepare_data.main([str(a) for a in sides + ["--out", out, *flags]])
 
 
 def model_flags(setup, family):
