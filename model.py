@@ -36,11 +36,6 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from dsft_loss import IGNORE_INDEX, feature_cosine_loss, logit_lens_ce
 
-SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "sample"     # the bundled parallel Alpaca sample
-# Hub organisations of the model names people pass as --model, for the download command of a missing model.
-HUB_ORGS = {"llama": "meta-llama", "meta-llama": "meta-llama", "gemma": "google", "mistral": "mistralai",
-            "qwen": "Qwen"}
-
 
 class CheckpointError(ValueError):
     """A problem with a checkpoint a user handed us; the message is one line naming file, field and fix."""
@@ -178,82 +173,6 @@ class ModelArgs:
             args["eos_id"] = args["eos_id"][0]
         return cls(**args)
 
-
-# The deep supervision's settings (METHOD.md §3-4). "(I)" marks our choices where the paper is silent.
-MODES = ("sft", "tft", "dft-logits", "dft-feature")
-LOSS_TYPES = ("logits", "feature", "none")
-
-
-@dataclass
-class DFTConfig:
-    lc_type: str | None = None        # None: set by the mode; "logits" | "feature" | "none" mixes (the paper allows it)
-    et_type: str | None = None
-    lc_layer: int | None = None       # 1-based block count i; None: default_layers
-    et_layer: int | None = None       # j
-    lc_weight: float = 1.0            # the paper's loss is unweighted (I: weights exposed; 0 skips the pass)
-    et_weight: float = 1.0
-    lc_content_only: bool = True      # (I) LC predicts x_en's instruction+input, not the English template words
-    pooling: str = "mean"             # (I) feature losses: mean over the query's content tokens | "last"
-    detach_teacher: bool = True       # (I) the English side of a feature loss is a teacher: no gradient
-    teacher_norm: bool = True         # (I) the ET teacher h_N(x_en) is the final-norm output, as HF's last hidden state
-    chunk_size: int = 1024            # tokens per chunk of the logit-lens cross-entropy
-    prefix_share: bool = True         # logits LC/ET: run only the English suffix on the TFT pass's x_tgt keys/values
-
-    def types(self, mode: str) -> tuple[str, str]:
-        """The (LC, ET) loss types a mode runs: "logits" | "feature" | "none"."""
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r}; expected one of {', '.join(MODES)}")
-        base = {"sft": "none", "tft": "none", "dft-logits": "logits", "dft-feature": "feature"}[mode]
-        lc, et = self.lc_type or base, self.et_type or base
-        if mode == "sft" and (lc, et) != ("none", "none"):
-            raise ValueError("mode 'sft' trains on English data only: it has no LC/ET losses (drop --lc-type/--et-type)")
-        for name, t in (("lc_type", lc), ("et_type", et)):
-            if t not in LOSS_TYPES:
-                raise ValueError(f"{name}={t!r}; expected one of {', '.join(LOSS_TYPES)}")
-        return (lc if self.lc_weight else "none"), (et if self.et_weight else "none")
-
-    def layers(self, args: ModelArgs) -> tuple[int, int]:
-        i_default, j_default = default_layers(args.n_layers, args.family)
-        i = self.lc_layer if self.lc_layer is not None else i_default
-        j = self.et_layer if self.et_layer is not None else j_default
-        for name, k in (("lc_layer", i), ("et_layer", j)):
-            if not 1 <= k <= args.n_layers:
-                raise ValueError(f"{name}={k}: the model has {args.n_layers} blocks; expected 1..{args.n_layers}")
-        return i, j
-
-
-def default_layers(n_layers: int, family: str) -> tuple[int, int]:
-    """(i, j) for LC and ET: LLaMA-2-7B (32 blocks) 2 and 15 (the paper's best ET layer; LC where its entropy curve
-    says conversion ends), Gemma-2-2B (26) 2 and 12 (I: the same relative depth); other depths scale."""
-    ref_depth, ref_j = (26, 12) if family == "gemma2" else (32, 15)
-    i = max(1, round(2 * n_layers / ref_depth))
-    j = min(n_layers, max(i + 1, round(ref_j * n_layers / ref_depth)))
-    return i, j
-
-
-def count_targets(batch: dict, mode: str, cfg: DFTConfig) -> dict[str, int]:
-    """How many targets each loss part has in this micro-batch: supervised tokens for cross-entropy parts, examples
-    for feature parts. train.py sums these over an optimizer step on all ranks and hands the totals to dft_step."""
-    lc_type, et_type = cfg.types(mode)
-    n_examples = batch["tft_tokens"].shape[0]
-    counts = {"tft": int((batch["tft_labels"] != IGNORE_INDEX).sum()), "lc": 0, "et": 0}
-    if lc_type == "logits":
-        counts["lc"] = int((lc_labels(batch, cfg) != IGNORE_INDEX).sum())
-    elif lc_type == "feature":
-        counts["lc"] = n_examples
-    if et_type == "logits":
-        counts["et"] = int((batch["et_labels"] != IGNORE_INDEX).sum())
-    elif et_type == "feature":
-        counts["et"] = n_examples
-    return counts
-
-
-def lc_labels(batch: dict, cfg: DFTConfig) -> torch.Tensor:
-    """LC targets: all of x_en, or (default) only its instruction+input tokens, since the English template words
-    also stand in x_tgt and could simply be copied. lc_content is in label space (marks labels, not tokens)."""
-    if not cfg.lc_content_only:
-        return batch["lc_labels"]
-    return batch["lc_labels"].masked_fill(batch["lc_content"] == 0, IGNORE_INDEX)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -573,78 +492,9 @@ class Transformer(nn.Module):
         return self.head_logits(h[:, -1:] if last_only else h)
 
     def dft_step(self, batch: dict, mode: str, cfg: DFTConfig, counts: dict) -> dict:
-        """One micro-batch of L = L_TFT + w_LC L_LC + w_ET L_ET (METHOD.md §3). Each part is this micro-batch's sum
-        divided by the optimizer step's global count (count_targets, summed over micro-batches and ranks), so the
-        parts of all micro-batches on all ranks add up to the global mean. No [B, T, V] logits tensor is built."""
-        lc_type, et_type = cfg.types(mode)
-        i, j = cfg.layers(self.args)
-        N = self.args.n_layers
-        zero = torch.zeros((), device=batch["tft_tokens"].device)
-
-        def ce(h, labels, frozen_head):
-            return logit_lens_ce(h, self.norm, self.head_weight, labels, cfg.chunk_size, self.args.final_softcap,
-                                 "sum", freeze_head=frozen_head)
-
-        def cosine(student, teacher, teacher_content):
-            return feature_cosine_loss(student, teacher, batch["tgt_content"], teacher_content, cfg.pooling,
-                                       cfg.detach_teacher, "sum")
-
-        def per(part, total):
-            return total / max(counts[part], 1)
-
-        # L_TFT: the ordinary next-token loss on [x_tgt ; y_tgt]; head and final norm train. By causality the same
-        # pass holds h_i(x_tgt) and h_j(x_tgt) at the prompt positions: the feature losses' students, for free.
-        share = cfg.prefix_share and "logits" in (lc_type, et_type)
-        if share and not is_right_padded(batch["tft_mask"], batch["lc_mask"], batch["et_mask"]):
-            raise ValueError("dft_step: prefix sharing (prefix_share, train.py --prefix-share) reads x_tgt at the "
-                             "start of each row: pad the batch on the right, as prepare_data.collate does, or turn "
-                             "it off")
-        tft_kv = [] if share else None
-        h_i, h_j, h_N = self._run(batch["tft_tokens"], (i, j, N), batch["tft_mask"], record_kv=tft_kv)
-        parts = {"tft": per("tft", ce(h_N, batch["tft_labels"], False)), "lc": zero, "et": zero}
-
-        # Logits-based: blocks 1..i on [x_tgt ; x_en] predict x_en, blocks 1..j on [x_tgt ; y_en] predict y_en,
-        # through the frozen final norm + head (the logit lens). x_tgt's states in these sequences are, by
-        # causality, exactly those of the TFT pass: the shared path runs only the English part on its keys/values.
-        for kind, loss_type, k, h_tft in (("lc", lc_type, i, h_i), ("et", et_type, j, h_j)):
-            if loss_type != "logits":
-                continue
-            labels = lc_labels(batch, cfg) if kind == "lc" else batch["et_labels"]
-            if share:
-                h, labels = self._continue_prompt(batch, kind, k, h_tft, tft_kv, labels)
-            else:
-                h = self.hidden_at(batch[f"{kind}_tokens"], k, batch[f"{kind}_mask"])
-            parts[kind] = per(kind, ce(h, labels, True))
-
-        # Feature-based: one pass of the English query gives the teachers h_i(x_en) (LC) and h_N(x_en) (ET).
-        teacher_layers = tuple(k for k, t in ((i, lc_type), (N, et_type)) if t == "feature")
-        if teacher_layers:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.detach_teacher):
-                en = dict(zip(teacher_layers, self.hidden_at(batch["en_tokens"], teacher_layers, batch["en_mask"])))
-                if et_type == "feature" and cfg.teacher_norm:
-                    en[N] = self.norm(en[N])
-            if lc_type == "feature":
-                parts["lc"] = per("lc", cosine(h_i, en[i], batch["en_content"]))
-            if et_type == "feature":
-                parts["et"] = per("et", cosine(h_j, en[N], batch["en_content"]))
-
-        parts["loss"] = parts["tft"] + cfg.lc_weight * parts["lc"] + cfg.et_weight * parts["et"]
-        return parts
-
-    def _continue_prompt(self, batch, kind: str, k: int, h_prompt, prompt_kv: list, labels):
-        """Layer-k states and labels of the `kind` sequence [x_tgt ; rest] from position P-1 on, running blocks 1..k
-        on `rest` only, attending to x_tgt's keys and values from the TFT pass (h_prompt: that pass's layer-k states).
-        The seam: rest's first token is predicted from x_tgt's last position, whose state only the TFT pass has."""
-        tokens, mask, P = batch[f"{kind}_tokens"], batch[f"{kind}_mask"], batch["tgt_prompt_len"]
-        B, T = tokens.shape
-        n_rest = max(int((mask.sum(1) - P).max()), 1)
-        at = P[:, None] + torch.arange(n_rest, device=tokens.device)                    # [B, n] positions of rest
-        rest, rest_mask = tokens.gather(1, at.clamp(max=T - 1)), mask.gather(1, at.clamp(max=T - 1)) * (at < T)
-        prefix = SharedPrefix([(kk[:, :, :int(P.max())], vv[:, :int(P.max())]) for kk, vv in prompt_kv[:k]], P)
-        h_rest = self._run(rest, (k,), rest_mask, prefix=prefix)[0]                     # [B, n, D]
-        h_seam = h_prompt.gather(1, (P - 1)[:, None, None].expand(-1, 1, h_prompt.shape[-1]))  # [B, 1, D]
-        at = torch.cat([P[:, None] - 1, at], dim=1)                                     # [B, 1 + n]
-        return torch.cat([h_seam, h_rest], dim=1), labels.gather(1, at.clamp(max=T - 1)).masked_fill(at >= T, IGNORE_INDEX)
+        """One micro-batch of the DFT loss (the module function dft_step below). A method, so that FSDP2
+        can register it as a forward method and unshard the root's parameters for it."""
+        return dft_step(self, batch, mode, cfg, counts)
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.tok_embeddings.weight
@@ -666,6 +516,173 @@ class Transformer(nn.Module):
 
     def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None):
         save_pretrained(self, path, max_shard_bytes, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Deep supervision (DFT): losses on inner layers of the model above. S: the paper states it;
+# I: our inference where it is silent (a DFTConfig field with that default).
+#
+#   L = L_TFT + L_LC + L_ET                          (S; I: weighted by lc_weight, et_weight)
+#   L_TFT = -log P(y_tgt | x_tgt; blocks 1..N, head)  ordinary fine-tuning                (S)
+# Logits-based: the head (final norm (I) + W_out) reads an inner layer, frozen (S: LC, I: ET):
+#   L_LC = -log P(x_en | x_tgt; blocks 1..i, head)   on the sequence [x_tgt ; x_en] (I)  (S)
+#   L_ET = -log P(y_en | x_tgt; blocks 1..j, head)   on the sequence [x_tgt ; y_en] (I)  (S)
+# Feature-based: h_k = residual stream after block k, pooled over the query's content (I):
+#   L_LC = 1 - cos(h_i(x_en), h_i(x_tgt))                                                 (S)
+#   L_ET = 1 - cos(h_N(x_en), h_j(x_tgt))        h_N(x_en) after the final norm (I)       (S)
+# ---------------------------------------------------------------------------------------------------------------------
+
+# sft: English pairs, tft: target-language pairs, both L_TFT alone; the dft modes add LC and ET.
+MODES = ("sft", "tft", "dft-logits", "dft-feature")
+LOSS_TYPES = ("logits", "feature", "none")
+
+
+@dataclass
+class DFTConfig:
+    lc_type: str | None = None        # None: set by the mode; "logits" | "feature" | "none" mixes (the paper allows it)
+    et_type: str | None = None
+    lc_layer: int | None = None       # 1-based block count i; None: default_layers
+    et_layer: int | None = None       # j
+    lc_weight: float = 1.0            # the paper's loss is unweighted (I: weights exposed; 0 skips the pass)
+    et_weight: float = 1.0
+    lc_content_only: bool = True      # (I) LC predicts x_en's instruction+input, not the English template words
+    pooling: str = "mean"             # (I) feature losses: mean over the query's content tokens | "last"
+    detach_teacher: bool = True       # (I) the English side of a feature loss is a teacher: no gradient
+    teacher_norm: bool = True         # (I) the ET teacher h_N(x_en) is the final-norm output, as HF's last hidden state
+    chunk_size: int = 1024            # tokens per chunk of the logit-lens cross-entropy
+    prefix_share: bool = True         # logits LC/ET: run only the English suffix on the TFT pass's x_tgt keys/values
+
+    def types(self, mode: str) -> tuple[str, str]:
+        """The (LC, ET) loss types a mode runs: "logits" | "feature" | "none"."""
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}; expected one of {', '.join(MODES)}")
+        base = {"sft": "none", "tft": "none", "dft-logits": "logits", "dft-feature": "feature"}[mode]
+        lc, et = self.lc_type or base, self.et_type or base
+        if mode == "sft" and (lc, et) != ("none", "none"):
+            raise ValueError("mode 'sft' trains on English data only: it has no LC/ET losses (drop --lc-type/--et-type)")
+        for name, t in (("lc_type", lc), ("et_type", et)):
+            if t not in LOSS_TYPES:
+                raise ValueError(f"{name}={t!r}; expected one of {', '.join(LOSS_TYPES)}")
+        return (lc if self.lc_weight else "none"), (et if self.et_weight else "none")
+
+    def layers(self, args: ModelArgs) -> tuple[int, int]:
+        i_default, j_default = default_layers(args.n_layers, args.family)
+        i = self.lc_layer if self.lc_layer is not None else i_default
+        j = self.et_layer if self.et_layer is not None else j_default
+        for name, k in (("lc_layer", i), ("et_layer", j)):
+            if not 1 <= k <= args.n_layers:
+                raise ValueError(f"{name}={k}: the model has {args.n_layers} blocks; expected 1..{args.n_layers}")
+        return i, j
+
+
+def default_layers(n_layers: int, family: str) -> tuple[int, int]:
+    """(i, j) for LC and ET: LLaMA-2-7B (32 blocks) 2 and 15 (the paper's best ET layer; LC where its entropy curve
+    says conversion ends), Gemma-2-2B (26) 2 and 12 (I: the same relative depth); other depths scale."""
+    ref_depth, ref_j = (26, 12) if family == "gemma2" else (32, 15)
+    i = max(1, round(2 * n_layers / ref_depth))
+    j = min(n_layers, max(i + 1, round(ref_j * n_layers / ref_depth)))
+    return i, j
+
+
+def lc_labels(batch: dict, cfg: DFTConfig) -> torch.Tensor:
+    """LC targets: all of x_en, or (default) only its instruction+input tokens, since the English template words
+    also stand in x_tgt and could simply be copied. lc_content is in label space (marks labels, not tokens)."""
+    if not cfg.lc_content_only:
+        return batch["lc_labels"]
+    return batch["lc_labels"].masked_fill(batch["lc_content"] == 0, IGNORE_INDEX)
+
+
+def count_targets(batch: dict, mode: str, cfg: DFTConfig) -> dict[str, int]:
+    """How many targets each loss part has in this micro-batch: supervised tokens for cross-entropy parts, examples
+    for feature parts. train.py sums these over an optimizer step on all ranks and hands the totals to dft_step."""
+    lc_type, et_type = cfg.types(mode)
+    n_examples = batch["tft_tokens"].shape[0]
+    counts = {"tft": int((batch["tft_labels"] != IGNORE_INDEX).sum()), "lc": 0, "et": 0}
+    if lc_type == "logits":
+        counts["lc"] = int((lc_labels(batch, cfg) != IGNORE_INDEX).sum())
+    elif lc_type == "feature":
+        counts["lc"] = n_examples
+    if et_type == "logits":
+        counts["et"] = int((batch["et_labels"] != IGNORE_INDEX).sum())
+    elif et_type == "feature":
+        counts["et"] = n_examples
+    return counts
+
+
+def dft_step(model: Transformer, batch: dict, mode: str, cfg: DFTConfig, counts: dict) -> dict:
+    """One micro-batch of L = L_TFT + w_LC L_LC + w_ET L_ET. Each part is this micro-batch's sum
+    divided by the optimizer step's global count (count_targets, summed over micro-batches and ranks), so the
+    parts of all micro-batches on all ranks add up to the global mean. No [B, T, V] logits tensor is built."""
+    lc_type, et_type = cfg.types(mode)
+    i, j = cfg.layers(model.args)
+    N = model.args.n_layers
+    zero = torch.zeros((), device=batch["tft_tokens"].device)
+
+    def ce(h, labels, frozen_head):
+        return logit_lens_ce(h, model.norm, model.head_weight, labels, cfg.chunk_size, model.args.final_softcap,
+                             "sum", freeze_head=frozen_head)
+
+    def cosine(student, teacher, teacher_content):
+        return feature_cosine_loss(student, teacher, batch["tgt_content"], teacher_content, cfg.pooling,
+                                   cfg.detach_teacher, "sum")
+
+    def per(part, total):
+        return total / max(counts[part], 1)
+
+    # L_TFT: the ordinary next-token loss on [x_tgt ; y_tgt]; head and final norm train. By causality the same
+    # pass holds h_i(x_tgt) and h_j(x_tgt) at the prompt positions: the feature losses' students, for free.
+    share = cfg.prefix_share and "logits" in (lc_type, et_type)
+    if share and not is_right_padded(batch["tft_mask"], batch["lc_mask"], batch["et_mask"]):
+        raise ValueError("dft_step: prefix sharing (prefix_share, train.py --prefix-share) reads x_tgt at the "
+                         "start of each row: pad the batch on the right, as prepare_data.collate does, or turn "
+                         "it off")
+    tft_kv = [] if share else None
+    h_i, h_j, h_N = model._run(batch["tft_tokens"], (i, j, N), batch["tft_mask"], record_kv=tft_kv)
+    parts = {"tft": per("tft", ce(h_N, batch["tft_labels"], False)), "lc": zero, "et": zero}
+
+    # Logits-based: blocks 1..i on [x_tgt ; x_en] predict x_en, blocks 1..j on [x_tgt ; y_en] predict y_en,
+    # through the frozen final norm + head (the logit lens). x_tgt's states in these sequences are, by
+    # causality, exactly those of the TFT pass: the shared path runs only the English part on its keys/values.
+    for kind, loss_type, k, h_tft in (("lc", lc_type, i, h_i), ("et", et_type, j, h_j)):
+        if loss_type != "logits":
+            continue
+        labels = lc_labels(batch, cfg) if kind == "lc" else batch["et_labels"]
+        if share:
+            h, labels = continue_prompt(model, batch, kind, k, h_tft, tft_kv, labels)
+        else:
+            h = model.hidden_at(batch[f"{kind}_tokens"], k, batch[f"{kind}_mask"])
+        parts[kind] = per(kind, ce(h, labels, True))
+
+    # Feature-based: one pass of the English query gives the teachers h_i(x_en) (LC) and h_N(x_en) (ET).
+    teacher_layers = tuple(k for k, t in ((i, lc_type), (N, et_type)) if t == "feature")
+    if teacher_layers:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.detach_teacher):
+            en = dict(zip(teacher_layers, model.hidden_at(batch["en_tokens"], teacher_layers, batch["en_mask"])))
+            if et_type == "feature" and cfg.teacher_norm:
+                en[N] = model.norm(en[N])
+        if lc_type == "feature":
+            parts["lc"] = per("lc", cosine(h_i, en[i], batch["en_content"]))
+        if et_type == "feature":
+            parts["et"] = per("et", cosine(h_j, en[N], batch["en_content"]))
+
+    parts["loss"] = parts["tft"] + cfg.lc_weight * parts["lc"] + cfg.et_weight * parts["et"]
+    return parts
+
+
+def continue_prompt(model: Transformer, batch, kind: str, k: int, h_prompt, prompt_kv: list, labels):
+    """Layer-k states and labels of the `kind` sequence [x_tgt ; rest] from position P-1 on, running blocks 1..k
+    on `rest` only, attending to x_tgt's keys and values from the TFT pass (h_prompt: that pass's layer-k states).
+    The seam: rest's first token is predicted from x_tgt's last position, whose state only the TFT pass has."""
+    tokens, mask, P = batch[f"{kind}_tokens"], batch[f"{kind}_mask"], batch["tgt_prompt_len"]
+    B, T = tokens.shape
+    n_rest = max(int((mask.sum(1) - P).max()), 1)
+    at = P[:, None] + torch.arange(n_rest, device=tokens.device)                    # [B, n] positions of rest
+    rest, rest_mask = tokens.gather(1, at.clamp(max=T - 1)), mask.gather(1, at.clamp(max=T - 1)) * (at < T)
+    prefix = SharedPrefix([(kk[:, :, :int(P.max())], vv[:, :int(P.max())]) for kk, vv in prompt_kv[:k]], P)
+    h_rest = model._run(rest, (k,), rest_mask, prefix=prefix)[0]                     # [B, n, D]
+    h_seam = h_prompt.gather(1, (P - 1)[:, None, None].expand(-1, 1, h_prompt.shape[-1]))  # [B, 1, D]
+    at = torch.cat([P[:, None] - 1, at], dim=1)                                     # [B, 1 + n]
+    return torch.cat([h_seam, h_rest], dim=1), labels.gather(1, at.clamp(max=T - 1)).masked_fill(at >= T, IGNORE_INDEX)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -727,6 +744,11 @@ def json_file(path: Path) -> dict:
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: a JSON {type(value).__name__}, expected an object; re-download {path.name}")
     return value
+
+
+# Hub organisations of the model names people pass as --model, for the download command of a missing model.
+HUB_ORGS = {"llama": "meta-llama", "meta-llama": "meta-llama", "gemma": "google", "mistral": "mistralai",
+            "qwen": "Qwen"}
 
 
 def missing_model_message(model_dir: Path, missing: str = CONFIG_NAME) -> str:
@@ -1260,6 +1282,9 @@ def write_tiny_checkpoint(path, family: str, texts, vocab_size: int | None = Non
         os.replace(f, path / f.name)
     staging.rmdir()
     return path
+
+
+SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "sample"     # the bundled parallel Alpaca sample
 
 
 def alpaca_texts(files) -> list[str]:
