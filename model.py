@@ -30,8 +30,11 @@ from pathlib import Path
 import sentencepiece as spm
 import tokenizers
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from dsft_loss import IGNORE_INDEX, feature_cosine_loss, logit_lens_ce
@@ -255,10 +258,11 @@ def compiled_flex_attention():
 # ---------------------------------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, offset: float):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.eps, self.offset = eps, offset
-        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = args.norm_eps
+        self.offset = args.norm_offset
+        self.weight = nn.Parameter(torch.empty(args.dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32: norm statistics and scale (Gemma-2 applies its (1 + w) in fp32 too).
@@ -275,7 +279,6 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.length = 0
-        self.max_len = max_len
 
 
 @dataclass
@@ -289,7 +292,7 @@ class SharedPrefix:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int):
+    def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.scale = args.query_scale if args.query_scale is not None else args.head_dim ** -0.5
@@ -356,7 +359,7 @@ class MLP(nn.Module):
         self.w_gate = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.w_up = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.w_down = nn.Linear(args.hidden_dim, args.dim, bias=False)
-        self.act = F.silu if args.mlp_act == "silu" else (lambda x: F.gelu(x, approximate="tanh"))
+        self.act = F.silu if args.mlp_act == "silu" else functools.partial(F.gelu, approximate="tanh")
 
     def forward(self, x):
         return self.w_down(self.act(self.w_gate(x)) * self.w_up(x))
@@ -365,12 +368,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
-        self.attention = Attention(args, layer_id)
+        self.attention = Attention(args)
         self.feed_forward = MLP(args)
-        norm = lambda: RMSNorm(args.dim, args.norm_eps, args.norm_offset)  # noqa: E731
-        self.attn_norm, self.ffn_norm = norm(), norm()
-        self.attn_post_norm = norm() if args.sandwich_norm else None
-        self.ffn_post_norm = norm() if args.sandwich_norm else None
+        self.attn_norm = RMSNorm(args)
+        self.ffn_norm = RMSNorm(args)
+        self.attn_post_norm = RMSNorm(args) if args.sandwich_norm else None
+        self.ffn_post_norm = RMSNorm(args) if args.sandwich_norm else None
         self.sliding = bool(args.sliding_layers and args.sliding_layers[layer_id])
 
     def forward(self, x, cos, sin, masks, kv_slot=None, start=0, past=None):
@@ -392,7 +395,7 @@ class Transformer(nn.Module):
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps, args.norm_offset)
+        self.norm = RMSNorm(args)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         # Attention where a mask is needed (padding other than on the right, Gemma-2's softcap and window, prefix
         # sharing): True flex_attention, False the reference (SDPA with a boolean mask, by hand under a softcap);
@@ -400,7 +403,7 @@ class Transformer(nn.Module):
         self.use_flex: bool | None = None
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
+    def init_weights(self, generator: torch.Generator | None = None):
         """Random init for from-scratch tiny models (real runs load weights); separate from __init__ so that a
         meta-device build allocates nothing."""
         device = generator.device if generator is not None else None     # None: each parameter's own device
@@ -409,7 +412,7 @@ class Transformer(nn.Module):
             if name.endswith("norm.weight"):
                 p.copy_(1.0 - self.args.norm_offset + 0.1 * noise)
             else:
-                p.copy_(std * noise)
+                p.copy_(0.02 * noise)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -514,8 +517,8 @@ class Transformer(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
 
-    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None):
-        save_pretrained(self, path, max_shard_bytes, dtype)
+    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30):
+        save_pretrained(self, path, max_shard_bytes)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -792,8 +795,6 @@ def checkpoint_files(path) -> list[Path]:
 
 def check_checkpoint(path, model: Transformer) -> list[Path]:
     """Read only the safetensors headers and raise one error listing every missing, unexpected or wrong-shape tensor."""
-    from safetensors import SafetensorError, safe_open
-
     ours = {name: p.shape for name, p in model.named_parameters()}
     expected = {hf: (name, ours[name]) for name, hf in hf_names(model.args).items()}
     files, seen, problems = checkpoint_files(path), set(), []
@@ -820,8 +821,6 @@ def check_checkpoint(path, model: Transformer) -> list[Path]:
 
 def iter_checkpoint(path, model: Transformer, files: list[Path] | None = None):
     """Yield (our name, tensor) file by file, after checking the whole checkpoint's headers against the model."""
-    from safetensors import safe_open
-
     files = files if files is not None else check_checkpoint(path, model)
     ours = {hf: name for name, hf in hf_names(model.args).items()}
     for f in files:
@@ -836,15 +835,14 @@ def load_weights(model: nn.Module, path) -> None:
 
     Under torchrun only rank 0 reads the files; each shard file is broadcast to the other ranks, which keep just
     their slice, so no rank ever holds more than one shard file plus its own share of the model."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
+    if not dist.is_initialized():
         state = {}
         for name, tensor in iter_checkpoint(path, model):
             p = model.get_parameter(name)
             state[name] = tensor.to(device=p.device, dtype=p.dtype)
         model.load_state_dict(state, strict=True, assign=True)
         return
+    # Imported here: DTensor pulls in sympy, ~2 s at every start of the scripts that never shard.
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     rank = dist.get_rank()
@@ -885,8 +883,6 @@ class ShardWriter:
         self.pending_bytes += nbytes
 
     def _flush(self):
-        from safetensors.torch import save_file
-
         name = f"shard-{len(self.shards):05d}.safetensors"
         save_file(self.pending, str(self.tmp / name), metadata={"format": "pt"})
         self.shards.append((name, list(self.pending)))
@@ -914,15 +910,14 @@ class ShardWriter:
         os.rename(self.tmp, self.path)
 
 
-def save_pretrained(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None):
+def save_pretrained(model: Transformer, path, max_shard_bytes: int = 5 * 2**30):
     """Write `model` in the HF layout. Under FSDP every rank must call this (each full tensor is gathered in the same
     order on all ranks); rank 0 writes. dtype defaults to the source checkpoint's torch_dtype."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor     # here, not at the top: as in load_weights
 
-    is_writer = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    is_writer = not dist.is_initialized() or dist.get_rank() == 0
     args = model.args
-    dtype = dtype or DTYPES.get(args.torch_dtype or "", None)
+    dtype = DTYPES.get(args.torch_dtype or "")
     writer = ShardWriter(path, max_shard_bytes) if is_writer else None
     for name, hf in hf_names(args).items():
         t = model.get_parameter(name).detach()
@@ -933,7 +928,7 @@ def save_pretrained(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, 
     if writer is not None:
         config = dict(args.hf_config) or hf_config_of(args)
         writer.close({CONFIG_NAME: json.dumps(config, indent=2) + "\n"})
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_initialized():
         dist.barrier()      # nobody reads the export before rank 0 has renamed it into place
 
 
