@@ -480,8 +480,7 @@ class Transformer(nn.Module):
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:
         """final norm -> head -> final softcap, fp32 [B, T, V]: the output at N, else the lens."""
         # fp32: final logits and their softcap.
-        logits = F.linear(self.norm(h), self.head_weight).float()
-        return softcap(logits, self.args.final_softcap)
+        return softcap(F.linear(self.norm(h), self.head_weight).float(), self.args.final_softcap)
 
     def forward(self, tokens, attention_mask=None, cache: KVCache | None = None, last_only: bool = False):
         """Logits [B, T, V] (fp32); last_only: [B, 1, V] (a prefill; Gemma-2's V is 256k)."""
