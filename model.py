@@ -656,17 +656,16 @@ def dft_step(model: Transformer, batch: dict, mode: str, cfg: DFTConfig, counts:
         sums[kind] = lens_ce(h, labels, True)
 
     # Feature-based: one pass of the English query gives both teachers, h_i(x_en), h_N(x_en).
-    teacher_layers = tuple(k for k, t in ((i, lc_type), (N, et_type)) if t == "feature")
-    if teacher_layers:
+    pairs = {"lc": (lc_type, h_i, i), "et": (et_type, h_j, N)}        # kind -> (type, student, layer)
+    feature = [kind for kind, (loss_type, _, _) in pairs.items() if loss_type == "feature"]
+    if feature:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.detach_teacher):
-            h_en = model.hidden_at(batch["en_tokens"], teacher_layers, batch["en_mask"])
-            en = dict(zip(teacher_layers, h_en))
-            if et_type == "feature" and cfg.teacher_norm:
-                en[N] = model.norm(en[N])
-        if lc_type == "feature":
-            sums["lc"] = feature_loss(h_i, en[i])
-        if et_type == "feature":
-            sums["et"] = feature_loss(h_j, en[N])
+            layers = tuple(pairs[kind][2] for kind in feature)
+            teachers = dict(zip(feature, model.hidden_at(batch["en_tokens"], layers, batch["en_mask"])))
+            if "et" in teachers and cfg.teacher_norm:
+                teachers["et"] = model.norm(teachers["et"])
+        for kind in feature:
+            sums[kind] = feature_loss(pairs[kind][1], teachers[kind])
 
     parts = {part: total / max(counts[part], 1) for part, total in sums.items()}
     parts["loss"] = parts["tft"] + cfg.lc_weight * parts["lc"] + cfg.et_weight * parts["et"]
@@ -1034,10 +1033,10 @@ class Tokenizer:
     def _bos(self, bos: bool) -> list[int]:
         return [self.bos_id] if bos and self.bos_id is not None else []
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool = True) -> list[int]:
         ids = (self.sp.encode(text) if self.sp is not None
                else self.bpe.encode(text, add_special_tokens=False).ids)
-        return self._bos(bos) + ids + [self.eos_id] * eos
+        return self._bos(bos) + ids
 
     def encode_with_offsets(self, text: str, bos: bool = True):
         """(ids, each token's [start, end) in characters of `text`) from one encoding; a token

@@ -204,7 +204,7 @@ def alpaca_prompt_ids(tokenizer, instruction: str, input: str = "") -> list[int]
 def encode_side(tokenizer, record: dict) -> EncodedSide:
     prompt, spans = encode_prompt(tokenizer, record["instruction"], record["input"])
     # A text of its own, so the response starts a word ("▁Paris") whatever the prompt ends in.
-    output = tokenizer.encode(record["output"], bos=False, eos=False)
+    output = tokenizer.encode(record["output"], bos=False)
     return EncodedSide(
         prompt=np.asarray(prompt, dtype=np.int32),
         response=np.asarray(output + [tokenizer.eos_id], dtype=np.int32),

@@ -31,7 +31,7 @@ def make_example(g, vocab, eos):
 
 
 def make_batch(examples):
-    """The DESIGN.md §3 batch, built by hand (right-padded, labels shifted)."""
+    """The batch of prepare_data.collate, built by hand (right-padded, labels shifted)."""
     def pad(rows, value):
         T = max(len(x) for x in rows)
         return torch.tensor([x + [value] * (T - len(x)) for x in rows])
@@ -144,6 +144,32 @@ def test_feature_losses_equal_separate_passes(setup, pooling):
     torch.testing.assert_close(out["et"], torch.stack(et).mean(), atol=1e-5, rtol=0)
 
 
+def test_feature_lc_at_the_last_layer_keeps_its_teacher_unnormed(setup):
+    """With --lc-layer N the LC teacher is the raw residual stream h_N(x_en), while the ET teacher is the
+    final-norm output (teacher_norm): one English pass serves both, and the norm must reach only ET's."""
+    ref, ours, batch = setup
+    N = ours.args.n_layers
+    cfg = DFTConfig(lc_layer=N, et_layer=2)
+    with torch.no_grad():
+        out = ours.dft_step(batch, "dft-feature", cfg, count_targets(batch, "dft-feature", cfg))
+    raw = {}
+    hook = ref.model.layers[-1].register_forward_hook(
+        lambda module, args, output: raw.update(h=output[0] if isinstance(output, tuple) else output))
+    lc = []
+    try:
+        for b in range(batch["tft_tokens"].shape[0]):
+            p, n_en = int(batch["tgt_prompt_len"][b]), int(batch["en_mask"][b].sum())
+            with torch.no_grad():
+                ref(batch["tft_tokens"][b:b + 1, :p])
+                student = raw["h"][0, batch["tgt_content"][b, :p].bool()].mean(0)
+                ref(batch["en_tokens"][b:b + 1, :n_en])
+                teacher = raw["h"][0, batch["en_content"][b, :n_en].bool()].mean(0)
+            lc.append(1 - F.cosine_similarity(student, teacher, dim=0))
+    finally:
+        hook.remove()
+    torch.testing.assert_close(out["lc"], torch.stack(lc).mean(), atol=1e-5, rtol=0)
+
+
 def test_micro_batches_add_up_to_the_global_mean(setup):
     """Parts normalised by the global counts: two halves' losses and gradients sum to the whole batch's."""
     _, ours, batch = setup
@@ -249,7 +275,7 @@ def test_training_lowers_every_part_and_moves_head_and_norm(tiny_llama, mode):
     first = None
     for _ in range(8):
         out = model.dft_step(batch, mode, cfg, counts)
-        first = first or {k: float(v) for k, v in out.items()}
+        first = first or {k: float(v.detach()) for k, v in out.items()}
         opt.zero_grad()
         out["loss"].backward()
         opt.step()

@@ -318,7 +318,7 @@ def test_tokenizer_round_trip_and_ids(tiny_llama, tiny_gemma2):
         tok = Tokenizer(path)
         assert (tok.bos_id, tok.eos_id, tok.pad_id) == (bos, eos, pad)
         text = "Xin chào! 你好 مرحبا\n### Response: 42 ✓"           # ✓ is unseen: byte fallback
-        ids = tok.encode(text, bos=True, eos=True)
+        ids = tok.encode(text, bos=True) + [tok.eos_id]
         assert ids[0] == bos and ids[-1] == eos and tok.encode(text, bos=False) == ids[1:-1]
         assert tok.decode(ids) == text
         assert len(tok.sha256) == 64
