@@ -60,14 +60,48 @@ def _on_cpu(tensor):  # value checks read data on the host: free on CPU, a sync 
     return tensor.device.type == "cpu"
 
 
-def _head_logits(norm, head_weight, rows, softcap):  # [n, D] -> norm -> head -> softcap -> [n, V]
-    normed = norm(rows)
-    _check(normed.shape == rows.shape, f"logit_lens_ce: norm maps {tuple(rows.shape)} to "
-           f"{tuple(normed.shape)}; expected a norm that keeps the shape")
-    # The matmul runs in the head's dtype: an fp32 copy of a bf16 [V, D] head would cost GBs.
-    logits = F.linear(normed.to(head_weight.dtype), head_weight)  # [n, V]
+def _ce_and_grad(logits, targets, softcap):
+    """Summed CE of softcap(logits) [n, V] and its gradient wrt the logits, in place over them:
+    z = c·tanh(l/c), p = softmax(z); dCE/dz = p − onehot(target), dz/dl = 1 − tanh²(l/c)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32: logits, CE
-    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    tanh = None if softcap is None else logits.div_(softcap).tanh_()
+    capped = logits if softcap is None else tanh * softcap
+    picked = capped.gather(1, targets[:, None])  # [n, 1]
+    top = capped.amax(dim=1, keepdim=True)
+    exp = capped.sub_(top).exp_()
+    total = exp.sum(dim=1, keepdim=True)
+    loss = (top + total.log() - picked).sum()
+    grad = exp.div_(total).scatter_add_(1, targets[:, None], torch.full_like(picked, -1))
+    return loss, grad if softcap is None else grad.addcmul_(grad, tanh.square_(), value=-1)
+
+
+def _chunked_ce(rows, targets, chunk_size, softcap, norm, params, needs):
+    """Summed CE of the rows [n, D] and, where `needs` (rows, *params) says so, its gradients."""
+    grad_rows = torch.zeros_like(rows) if needs[0] else None
+    sums = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+            if need else None for p, need in zip(params, needs[1:])]
+    total = rows.new_zeros((), dtype=torch.promote_types(rows.dtype, torch.float32))
+    for start in range(0, rows.shape[0], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        # A detached leaf: autograd.grad walks this chunk's norm and head matmul, nothing else.
+        chunk_rows = rows[chunk].detach().requires_grad_(needs[0])
+        with torch.set_grad_enabled(any(needs)):
+            normed = norm(chunk_rows)
+            _check(normed.shape == chunk_rows.shape, f"logit_lens_ce: norm maps "
+                   f"{tuple(chunk_rows.shape)} to {tuple(normed.shape)}; expected the same shape")
+            # In the head's dtype: an fp32 copy of a bf16 [V, D] head would cost GBs.
+            logits = F.linear(normed.to(params[0].dtype), params[0])  # [n, V]
+        loss, grad_logits = _ce_and_grad(logits.detach(), targets[chunk], softcap)
+        total += loss
+        if any(needs):
+            wrt = [t for t, need in zip((chunk_rows, *params), needs) if need]
+            grads = iter(torch.autograd.grad(logits, wrt, grad_logits.to(logits.dtype)))
+            if needs[0]:
+                grad_rows[chunk] = next(grads)
+            for grad_sum, grad in zip([t for t in sums if t is not None], grads):
+                grad_sum.add_(grad)
+        del logits, grad_logits  # before the next chunk's logits exist
+    return total, grad_rows, sums
 
 
 class _FusedChunkedCE(torch.autograd.Function):
@@ -76,24 +110,8 @@ class _FusedChunkedCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, targets, chunk_size, softcap, norm, *params):
         # params: the head, then the norm's parameters (detached if frozen; the norm uses its own).
-        need_rows, *need_params = ctx.needs_input_grad[0], *ctx.needs_input_grad[5:]
-        grad_rows = torch.zeros_like(rows) if need_rows else None
-        sums = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
-                if need else None for p, need in zip(params, need_params)]
-        total = rows.new_zeros((), dtype=torch.promote_types(rows.dtype, torch.float32))
-        for start in range(0, rows.shape[0], chunk_size):
-            # A detached leaf: autograd.grad walks this chunk's small graph and nothing else.
-            chunk_rows = rows[start:start + chunk_size].detach().requires_grad_(need_rows)
-            with torch.enable_grad():
-                logits = _head_logits(norm, params[0], chunk_rows, softcap)
-                loss = F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
-            wrt = [t for t, need in zip((chunk_rows, *params), (need_rows, *need_params)) if need]
-            grads = iter(torch.autograd.grad(loss, wrt))
-            total += loss.detach()
-            if need_rows:
-                grad_rows[start:start + chunk_size] = next(grads)
-            for grad_sum, grad in zip([t for t in sums if t is not None], grads):
-                grad_sum.add_(grad)
+        needs = ctx.needs_input_grad[:1] + ctx.needs_input_grad[5:]
+        total, grad_rows, sums = _chunked_ce(rows, targets, chunk_size, softcap, norm, params, needs)
         ctx.save_for_backward(grad_rows, *(None if grad_sum is None else grad_sum.to(p.dtype)
                                            for grad_sum, p in zip(sums, params)))
         return total
@@ -119,14 +137,15 @@ def logit_lens_ce(hidden, norm, head_weight, labels, chunk_size=1024, softcap=No
     mean over supervised tokens ("mean"; 0.0 over none). freeze_head=True (L_LC, L_ET): head and
     norm get no gradient, the hidden state does; False (L_TFT): all do.
 
-    Memory (I): supervised rows run `chunk_size` at a time, each chunk's gradients formed while its
-    logits exist (the loss is a sum over rows): no [B, T, V] logits, nothing with a V dimension kept
-    for backward but the head's gradient, no recompute (head matmuls per chunk: 3, 2 if frozen, 1
-    with grad mode off). Parameter gradients sum over chunks in a (transient) fp32 buffer, so a bf16
-    head's error does not grow with the chunk count; with no supervised token they are zeros, not
-    None (FSDP2 needs them on every rank). Label values are checked on CPU only (elsewhere a check
-    syncs). Under FSDP2 call this inside forward or a method given to register_fsdp_forward_method,
-    with the norm and head in that module's FSDP unit.
+    Memory (I): rows run `chunk_size` at a time; each chunk's gradients are formed while its logits
+    exist (the loss is a sum over rows), softmax and softcap by hand and in place: two [chunk, V]
+    fp32 buffers with a softcap, one without; nothing with a V dimension kept for backward but the
+    head's gradient; no recompute (head matmuls per chunk: 3, 2 if frozen, 1 with grad mode off).
+    Parameter gradients sum over chunks in a transient fp32 buffer (a bf16 head's error does not
+    grow with the chunk count) and are zeros, not None, with no supervised token (FSDP2 needs them
+    on every rank). Labels are value-checked on CPU only (elsewhere a check syncs). Under FSDP2 call
+    this inside forward or a method given to register_fsdp_forward_method, with the norm and head
+    in that module's FSDP unit.
     """
     fn = "logit_lens_ce"
     _check(reduction in ("mean", "sum"), f"{fn}: reduction={reduction!r}; expected 'mean' or 'sum'")
@@ -159,11 +178,9 @@ def logit_lens_ce(hidden, norm, head_weight, labels, chunk_size=1024, softcap=No
     params = tuple(p.detach() if freeze_head else p for p in (head_weight, *norm.parameters()))
     if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, *params)):
         total = _FusedChunkedCE.apply(rows, targets, chunk_size, softcap, norm, *params)
-    else:
-        total = rows.new_zeros((), dtype=torch.promote_types(rows.dtype, torch.float32))
-        for start in range(0, rows.shape[0], chunk_size):
-            logits = _head_logits(norm, head_weight, rows[start:start + chunk_size], softcap)
-            total += F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
+    else:  # nothing needs a gradient
+        total, *_ = _chunked_ce(rows, targets, chunk_size, softcap, norm, params,
+                                [False] * (1 + len(params)))
     return total / max(keep.numel(), 1) if reduction == "mean" else total
 
 

@@ -2,7 +2,7 @@
 
     python tests/bench.py                      # CPU, a few minutes
     python tests/bench.py --device cuda        # adds tokens/s and MFU at Gemma-2-2B / LLaMA-2-7B shapes
-    python tests/bench.py --only model,dft     # sections: model, dft, padding, prepare, decode, gpu
+    python tests/bench.py --only model,dft     # sections: model, dft, ce, padding, prepare, decode, gpu
 
 Not collected by pytest and not a test: these machines are shared and noisy, so every comparison alternates its two
 sides (A B A B ...) and reports the median of the per-pair ratios.
@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import torch.distributed as dist  # noqa: E402
+from dsft_loss import logit_lens_ce  # noqa: E402
 from model import DFTConfig, ModelArgs, Transformer, count_targets, write_tiny_checkpoint  # noqa: E402
 from prepare_data import collate, load_prepared  # noqa: E402
 from train import (TrainConfig, apply_fsdp, forward_backward, global_counts, group_by_length,  # noqa: E402
@@ -51,6 +52,16 @@ def paired_ratio(fn_a, fn_b, device, reps: int) -> tuple[float, float, float]:
             sync(device)
             acc.append(time.perf_counter() - t0)
     return statistics.median(ta), statistics.median(tb), statistics.median(a / b for a, b in zip(ta, tb))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so
+    a probe started from a big parent would report the parent's size."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def table(title, header, rows):
@@ -253,7 +264,7 @@ def memory_probe(family: str, run: str, workdir: Path, batch_size: int) -> None:
         opt.zero_grad(set_to_none=True)
         model.dft_step(batch, mode, cfg, counts)["loss"].backward()
         opt.step()
-    print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_mib": peak_rss_mib()}))
 
 
 def aux_activation_bytes(args, batch, run, cfg, per_block_token) -> float:
@@ -340,6 +351,66 @@ def bench_dft(device, quick):
               "mode (2 AdamW steps; the peak can fall in TFT's backward, after the aux activations are freed)",
               ["model", "mode", "extra kept MiB", "model MiB", "kept / model", "peak RSS MiB mode / tft",
                "peak RSS extra MiB"], mem_rows)
+
+
+# --- ce: the chunked logit-lens CE against the plain autograd formula ------------------------------------------------
+
+CE_SHAPE = dict(rows=2048, dim=256, vocab=32000, chunk=1024)    # Gemma-2's softcap 30 or none; fp32
+
+
+def ce_inputs(device, softcap_text: str, freeze: bool):
+    torch.manual_seed(0)
+    n, d, v = CE_SHAPE["rows"], CE_SHAPE["dim"], CE_SHAPE["vocab"]
+    norm = torch.nn.RMSNorm(d, device=device)
+    head = (torch.randn(v, d, device=device) * 0.05).requires_grad_(not freeze)
+    hidden = torch.randn(1, n, d, device=device, requires_grad=True)
+    labels = torch.randint(0, v, (1, n), device=device)
+    return norm, head, hidden, labels, None if softcap_text == "none" else float(softcap_text)
+
+
+def ce_step(impl: str, norm, head, hidden, labels, softcap, freeze: bool):
+    """One loss + backward: ours (logit_lens_ce), or the formula as autograd runs it (full logits)."""
+    def run():
+        if impl == "ours":
+            loss = logit_lens_ce(hidden, norm, head, labels, CE_SHAPE["chunk"], softcap, "sum", freeze)
+        else:
+            logits = torch.nn.functional.linear(norm(hidden[0]), head.detach() if freeze else head)
+            logits = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+            loss = torch.nn.functional.cross_entropy(logits, labels[0], reduction="sum")
+        loss.backward()
+    return run
+
+
+def ce_probe(impl: str, softcap_text: str, freeze: bool) -> None:
+    """Run in a fresh process: one loss + backward, print the peak memory over the inputs (MiB)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    inputs = ce_inputs(device, softcap_text, freeze)
+    base = peak_rss_mib()
+    ce_step(impl, *inputs, freeze)()
+    print(json.dumps({"peak_mib": peak_rss_mib() - base}))
+
+
+def bench_ce(device, quick):
+    rows, buffer_mib = [], CE_SHAPE["chunk"] * CE_SHAPE["vocab"] * 4 / 2**20
+    for softcap_text in ("30", "none"):
+        for freeze in (True, False):
+            inputs = ce_inputs(device, softcap_text, freeze)
+            t_ours, t_plain, ratio = paired_ratio(ce_step("ours", *inputs, freeze),
+                                                  ce_step("plain", *inputs, freeze), device, 3 if quick else 6)
+            peaks = {}
+            for impl in ("ours", "plain") if device.type == "cpu" else ():
+                proc = subprocess.run([sys.executable, __file__, "--ce-probe", impl, softcap_text, str(freeze)],
+                                      capture_output=True, text=True, check=True)
+                peaks[impl] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
+            label = f"softcap {softcap_text}, head {'frozen (LC, ET)' if freeze else 'trained (TFT)'}"
+            mem = (f"{peaks['ours'] / buffer_mib:.1f} / {peaks['plain'] / buffer_mib:.1f}" if peaks else "-")
+            rows.append((label, f"{t_ours * 1e3:.0f} / {t_plain * 1e3:.0f}", f"{ratio:.2f}", mem))
+            SUMMARY.append(("ce", f"logit_lens_ce / plain autograd CE, {label}",
+                            f"time {ratio:.2f}x; peak {mem} [chunk, V] fp32 buffers"))
+    table(f"logit_lens_ce (chunk {CE_SHAPE['chunk']}) vs the plain autograd formula (full [rows, V] logits, "
+          f"F.cross_entropy), {CE_SHAPE['rows']} rows, D={CE_SHAPE['dim']}, V={CE_SHAPE['vocab']}, fp32; peak: a "
+          f"fresh process's RSS over its inputs, in [chunk, V] fp32 buffers of {buffer_mib:.0f} MiB (CPU only)",
+          ["case", "ms ours / plain", "time ratio", "peak buffers ours / plain"], rows)
 
 
 # --- prepare: 52k synthetic parallel examples --------------------------------------------------------------------------
@@ -593,11 +664,14 @@ def bench_gpu(device, quick):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--only", default="model,dft,padding,prepare,decode,gpu",
+    parser.add_argument("--only", default="model,dft,ce,padding,prepare,decode,gpu",
                         help="sections (gpu runs on CUDA, or on CPU as a dry run with --quick)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions")
     parser.add_argument("--memory-probe", nargs=4, metavar=("FAMILY", "RUN", "WORKDIR", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--ce-probe", nargs=3, metavar=("IMPL", "SOFTCAP", "FREEZE"), help=argparse.SUPPRESS)
     a = parser.parse_args()
+    if a.ce_probe:
+        return ce_probe(a.ce_probe[0], a.ce_probe[1], a.ce_probe[2] == "True")
     if a.memory_probe:
         family, mode, workdir, batch_size = a.memory_probe
         return memory_probe(family, mode, Path(workdir), int(batch_size))
@@ -609,6 +683,8 @@ def main():
         bench_model(device, a.quick)
     if "dft" in sections:
         bench_dft(device, a.quick)
+    if "ce" in sections:
+        bench_ce(device, a.quick)
     if "prepare" in sections and device.type == "cpu":
         bench_prepare(a.quick)
     if "decode" in sections:
