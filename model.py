@@ -605,14 +605,12 @@ def count_targets(batch: dict, mode: str, cfg: DFTConfig) -> dict[str, int]:
     lc_type, et_type = cfg.types(mode)
     n_examples = batch["tft_tokens"].shape[0]
     counts = {"tft": int((batch["tft_labels"] != IGNORE_INDEX).sum()), "lc": 0, "et": 0}
-    if lc_type == "logits":
-        counts["lc"] = int((lc_labels(batch, cfg) != IGNORE_INDEX).sum())
-    elif lc_type == "feature":
-        counts["lc"] = n_examples
-    if et_type == "logits":
-        counts["et"] = int((batch["et_labels"] != IGNORE_INDEX).sum())
-    elif et_type == "feature":
-        counts["et"] = n_examples
+    for part, loss_type in (("lc", lc_type), ("et", et_type)):
+        if loss_type == "logits":
+            labels = lc_labels(batch, cfg) if part == "lc" else batch["et_labels"]
+            counts[part] = int((labels != IGNORE_INDEX).sum())
+        elif loss_type == "feature":
+            counts[part] = n_examples
     return counts
 
 
@@ -854,19 +852,18 @@ def load_weights(model: nn.Module, path) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     rank = dist.get_rank()
-    files, error = None, None       # rank 0's result
+    checked = [None]                # rank 0's files, or its error message
     if rank == 0:
         try:
-            files = check_checkpoint(path, model)
+            checked = [check_checkpoint(path, model)]
         except CheckpointError as e:
-            error = str(e)
-    message = [error, len(files) if files else 0]
-    dist.broadcast_object_list(message, src=0)     # every rank fails together rather than hang
-    if message[0]:
-        raise CheckpointError(message[0])
+            checked = [str(e)]
+    dist.broadcast_object_list(checked, src=0)     # every rank fails together rather than hang
+    if isinstance(checked[0], str):
+        raise CheckpointError(checked[0])
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
-    for i in range(message[1]):
-        shard = dict(iter_checkpoint(path, model, [files[i]])) if rank == 0 else {}
+    for f in checked[0]:
+        shard = dict(iter_checkpoint(path, model, [f])) if rank == 0 else {}
         set_model_state_dict(model, shard, options=options)
 
 
@@ -922,8 +919,7 @@ class ShardWriter:
 def hf_config_of(args: ModelArgs) -> dict:
     """The config.json of a model built from ModelArgs (the tiny checkpoints), spelled as the
     released files are (top-level rope_theta, rope_scaling)."""
-    architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                    "qwen2": "Qwen2ForCausalLM", "gemma2": "Gemma2ForCausalLM"}[args.family]
+    architecture = f"{args.family.capitalize()}ForCausalLM"     # LlamaForCausalLM, Qwen2...
     cfg = {"architectures": [architecture], "model_type": args.family,
            "hidden_size": args.dim, "intermediate_size": args.hidden_dim,
            "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
@@ -956,12 +952,6 @@ def hf_config_of(args: ModelArgs) -> dict:
 # --- Tokenizer ------------------------------------------------------------------------------------
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # in this order: LLaMA-2, Gemma-2 ship both
-
-
-def special_token(config: dict, key: str) -> str | None:
-    """A special token's text in tokenizer_config.json: a string, or an AddedToken's content."""
-    value = config.get(key)
-    return value.get("content") if isinstance(value, dict) else value
 
 
 class Tokenizer:
@@ -1005,8 +995,6 @@ class Tokenizer:
         except Exception as e:  # the Rust library raises a bare Exception for a file it can't read
             raise CheckpointError(f"{self.path}: not a tokenizers file ({e}); re-download "
                                   "tokenizer.json") from None
-        config_file = self.path.parent / "tokenizer_config.json"
-        config = json_file(config_file)
         # The BOS is what the post-processor puts before a text (LLaMA-3; Qwen2 puts none).
         plain = self.bpe.encode("a", add_special_tokens=False).ids
         full = self.bpe.encode("a", add_special_tokens=True).ids
@@ -1016,17 +1004,22 @@ class Tokenizer:
                                   f"text into {full}; expected at most one BOS in front and "
                                   "nothing after")
         self.bos_id = before[0] if before else None
-        eos = special_token(config, "eos_token")
-        self.eos_id = (self._token_id(eos, config_file) if eos is not None
-                       else model_eos_id(self.path.parent))
-        pad = special_token(config, "pad_token")
-        self.pad_id = self._token_id(pad, config_file) if pad is not None else self.eos_id
+        eos_id = self._special_id("eos_token")
+        self.eos_id = eos_id if eos_id is not None else model_eos_id(self.path.parent)
+        pad_id = self._special_id("pad_token")
+        self.pad_id = pad_id if pad_id is not None else self.eos_id
         self.vocab_size = self.bpe.get_vocab_size(with_added_tokens=True)
 
-    def _token_id(self, token: str, where: Path) -> int:
+    def _special_id(self, key: str) -> int | None:
+        """The id of tokenizer_config.json's `key` (a string or an AddedToken); None if unset."""
+        config_file = self.path.parent / "tokenizer_config.json"
+        token = json_file(config_file).get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is None:
+            return None
         token_id = self.bpe.token_to_id(token)
         if token_id is None:
-            raise CheckpointError(f"{where}: {token!r} is not a token of {self.path}; "
+            raise CheckpointError(f"{config_file}: {token!r} is not a token of {self.path}; "
                                   "re-download both files")
         return token_id
 
@@ -1260,10 +1253,8 @@ def write_tiny_checkpoint(path, family: str, texts, vocab_size: int | None = Non
     if fields.get("sliding_window") and "sliding_layers" not in fields:
         n = fields["n_layers"]          # Gemma-2 alternates; the others slide on every layer
         fields["sliding_layers"] = tuple(family != "gemma2" or i % 2 == 0 for i in range(n))
-    args = ModelArgs(**fields)
-    args.hf_config = hf_config_of(args)
     torch.manual_seed(seed)
-    model = Transformer(args)
+    model = Transformer(ModelArgs(**fields))
     model.init_weights(generator=torch.Generator().manual_seed(seed))
     model.save_pretrained(staging / "weights")
     for f in (staging / "weights").iterdir():
