@@ -47,7 +47,8 @@ class CheckpointError(ValueError):
 FAMILIES = {"llama": "LLaMA-2, LLaMA-3.x", "mistral": "Mistral", "qwen2": "Qwen2, Qwen2.5",
             "gemma2": "Gemma-2"}
 # LLaMA-3.x's RoPE rescaling: the parameters of rope_type "llama3" in config.json.
-LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                    "original_max_position_embeddings")
 
 
 def rope_settings(cfg: dict, model_type: str, source: str) -> tuple[float, dict | None]:
@@ -393,7 +394,8 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args)
-        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = (None if args.tie_embeddings
+                       else nn.Linear(args.dim, args.vocab_size, bias=False))
         # Where a mask is needed: True flex_attention, False the reference (SDPA with a boolean
         # mask, by hand under a softcap), None flex on CUDA. A KV cache takes the reference.
         self.use_flex: bool | None = None
@@ -482,7 +484,8 @@ class Transformer(nn.Module):
         # fp32: final logits and their softcap.
         return softcap(F.linear(self.norm(h), self.head_weight).float(), self.args.final_softcap)
 
-    def forward(self, tokens, attention_mask=None, cache: KVCache | None = None, last_only: bool = False):
+    def forward(self, tokens, attention_mask=None, cache: KVCache | None = None,
+                last_only: bool = False):
         """Logits [B, T, V] (fp32); last_only: [B, 1, V] (a prefill; Gemma-2's V is 256k)."""
         h = self._run(tokens, (self.args.n_layers,), attention_mask, cache)[0]
         return self.head_logits(h[:, -1:] if last_only else h)
@@ -592,12 +595,13 @@ def default_layers(n_layers: int, family: str) -> tuple[int, int]:
     return i, j
 
 
-def lc_labels(batch: dict, cfg: DFTConfig) -> torch.Tensor:
-    """LC targets: x_en, by default its content only, since x_tgt holds the same template words
-    to copy. lc_content marks labels, not tokens."""
-    if not cfg.lc_content_only:
-        return batch["lc_labels"]
-    return batch["lc_labels"].masked_fill(batch["lc_content"] == 0, IGNORE_INDEX)
+def lens_labels(batch: dict, kind: str, cfg: DFTConfig) -> torch.Tensor:
+    """Logit-lens targets of "lc" or "et". LC's are by default x_en's content only, since x_tgt
+    holds the same template words to copy (lc_content marks labels, not tokens)."""
+    labels = batch[f"{kind}_labels"]
+    if kind == "lc" and cfg.lc_content_only:
+        labels = labels.masked_fill(batch["lc_content"] == 0, IGNORE_INDEX)
+    return labels
 
 
 def count_targets(batch: dict, mode: str, cfg: DFTConfig) -> dict[str, int]:
@@ -607,8 +611,7 @@ def count_targets(batch: dict, mode: str, cfg: DFTConfig) -> dict[str, int]:
     counts = {"tft": int((batch["tft_labels"] != IGNORE_INDEX).sum()), "lc": 0, "et": 0}
     for part, loss_type in (("lc", lc_type), ("et", et_type)):
         if loss_type == "logits":
-            labels = lc_labels(batch, cfg) if part == "lc" else batch["et_labels"]
-            counts[part] = int((labels != IGNORE_INDEX).sum())
+            counts[part] = int((lens_labels(batch, part, cfg) != IGNORE_INDEX).sum())
         elif loss_type == "feature":
             counts[part] = n_examples
     return counts
@@ -646,7 +649,7 @@ def dft_step(model: Transformer, batch: dict, mode: str, cfg: DFTConfig, counts:
     for kind, loss_type, k, h_tft in (("lc", lc_type, i, h_i), ("et", et_type, j, h_j)):
         if loss_type != "logits":
             continue
-        labels = lc_labels(batch, cfg) if kind == "lc" else batch["et_labels"]
+        labels = lens_labels(batch, kind, cfg)
         if share:
             h, labels = continue_prompt(model, batch, kind, k, h_tft, tft_kv, labels)
         else:
@@ -654,12 +657,13 @@ def dft_step(model: Transformer, batch: dict, mode: str, cfg: DFTConfig, counts:
         sums[kind] = lens_ce(h, labels, True)
 
     # Feature-based: one pass of the English query gives both teachers, h_i(x_en), h_N(x_en).
-    pairs = {"lc": (lc_type, h_i, i), "et": (et_type, h_j, N)}        # kind -> (type, student, layer)
+    pairs = {"lc": (lc_type, h_i, i), "et": (et_type, h_j, N)}    # kind: (type, student, layer)
     feature = [kind for kind, (loss_type, _, _) in pairs.items() if loss_type == "feature"]
     if feature:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.detach_teacher):
             layers = tuple(pairs[kind][2] for kind in feature)
-            teachers = dict(zip(feature, model.hidden_at(batch["en_tokens"], layers, batch["en_mask"])))
+            hidden = model.hidden_at(batch["en_tokens"], layers, batch["en_mask"])
+            teachers = dict(zip(feature, hidden))
             if "et" in teachers and cfg.teacher_norm:
                 teachers["et"] = model.norm(teachers["et"])
         for kind in feature:
@@ -782,11 +786,9 @@ def checkpoint_files(path) -> list[Path]:
     path = Path(path)
     index = path / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: no valid 'weight_map' ({e!r}); re-download the "
-                                  "index") from None
+        weight_map = json_file(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' object; re-download the index")
         files = [path / f for f in dict.fromkeys(weight_map.values())]
     elif (path / SINGLE_FILE).is_file():
         files = [path / SINGLE_FILE]
@@ -795,7 +797,8 @@ def checkpoint_files(path) -> list[Path]:
                               "official HF safetensors")
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise CheckpointError(f"{index}: shard file(s) missing: {', '.join(missing)}; download them all")
+        raise CheckpointError(f"{index}: shard file(s) missing: {', '.join(missing)}; "
+                              "download them all")
     return files
 
 
@@ -819,7 +822,8 @@ def check_checkpoint(path, model: Transformer) -> list[Path]:
                                         f"expected {list(expected[key])}")
                     seen.add(key)
         except (OSError, SafetensorError) as e:
-            raise CheckpointError(f"{f}: not a readable safetensors file ({e}); re-download it") from None
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e}); "
+                                  "re-download it") from None
     problems += [f"missing {key}" for key in expected if key not in seen]
     if problems:
         more = f"; ... {len(problems) - 12} more" if len(problems) > 12 else ""
@@ -1066,7 +1070,8 @@ class Tokenizer:
 
     def piece(self, token_id: int) -> str:
         """An id's vocabulary entry as the tokenizer spells it: "▁Paris", "<0x0A>", "ĠParis"."""
-        return self.sp.id_to_piece(token_id) if self.sp is not None else self.bpe.id_to_token(token_id)
+        return (self.sp.id_to_piece(token_id) if self.sp is not None
+                else self.bpe.id_to_token(token_id))
 
 
 def model_eos_id(folder: Path) -> int:
@@ -1192,7 +1197,8 @@ def train_byte_level_bpe(texts, vocab_size: int, family: str) -> tokenizers.Toke
         vocab_size=vocab_size - len(specials), show_progress=False,
         initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in specials])
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                            for t in specials])
     byte_level = tokenizers.processors.ByteLevel(trim_offsets=False)
     bos = spec["bos"]
     if bos is None:
@@ -1217,7 +1223,8 @@ def tiny_tokenizer_files(texts, vocab_size: int, family: str) -> dict[str, bytes
         tok = sentencepiece_as_tokenizer_json(files["tokenizer.model"], family)
     files["tokenizer.json"] = tok.to_str().encode()
     special = {f"{kind}_token": spec[kind] for kind in ("bos", "eos", "unk", "pad")}
-    config = dict(tokenizer_class=spec["tokenizer_class"], **special, clean_up_tokenization_spaces=False)
+    config = dict(tokenizer_class=spec["tokenizer_class"], **special,
+                  clean_up_tokenization_spaces=False)
     if "split" not in spec:     # SentencePiece: transformers' defaults for these, said explicitly
         config.update(add_bos_token=True, add_eos_token=False, legacy=False)
     if family == "gemma2":      # else GemmaTokenizer adds a <mask> our tiny vocabulary lacks
@@ -1281,7 +1288,6 @@ def alpaca_texts(files) -> list[str]:
 
 
 def sample_texts() -> list[str]:
-    """Texts of the bundled Alpaca sample (all languages)."""
     return alpaca_texts(sorted(SAMPLE_DIR.glob("alpaca_*.json")))
 
 
@@ -1305,7 +1311,8 @@ def main(argv=None):
     try:
         texts = alpaca_texts(a.texts) if a.texts else sample_texts()
         if not texts:
-            raise ValueError("no texts to train the tokenizer on; pass --texts FILE.json (Alpaca format)")
+            raise ValueError("no texts to train the tokenizer on; pass --texts FILE.json "
+                             "(Alpaca format)")
         out = write_tiny_checkpoint(a.make_tiny, a.family, texts, a.vocab_size, a.seed)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
