@@ -509,21 +509,51 @@ class Transformer(nn.Module):
         return model.eval()
 
     def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30):
-        """HF layout, source torch_dtype; under FSDP every rank calls this, rank 0 writes."""
+        """HF layout, source torch_dtype, in shards of at most max_shard_bytes, one in memory at
+        a time, in `<path>.tmp` renamed when complete (no half checkpoint). Under FSDP every rank
+        calls this (each tensor is gathered from all), rank 0 writes."""
         from torch.distributed.tensor import DTensor     # here, not at the top: see load_weights
 
         is_writer = not dist.is_initialized() or dist.get_rank() == 0
         dtype = DTYPES.get(self.args.torch_dtype or "")
-        writer = ShardWriter(path, max_shard_bytes) if is_writer else None
+        shards = [{}]                   # file by file: HF name -> ours, in hf_names' order
+        shard_bytes = 0
         for name, hf in hf_names(self.args).items():
-            t = self.get_parameter(name).detach()
-            if isinstance(t, DTensor):
-                t = t.full_tensor()
-            if writer is not None:
-                writer.add(hf, t.to(device="cpu", dtype=dtype or t.dtype))
-        if writer is not None:
+            p = self.get_parameter(name)
+            nbytes = p.numel() * (dtype or p.dtype).itemsize
+            if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
+                shards.append({})
+                shard_bytes = 0
+            shards[-1][hf] = name
+            shard_bytes += nbytes
+        n = len(shards)
+        files = ([SINGLE_FILE] if n == 1
+                 else [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)])
+        tmp = Path(str(path) + ".tmp")
+        if is_writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        for file, shard in zip(files, shards):
+            tensors = {}
+            for hf, name in shard.items():
+                t = self.get_parameter(name).detach()
+                if isinstance(t, DTensor):
+                    t = t.full_tensor()
+                if is_writer:
+                    tensors[hf] = t.to(device="cpu", dtype=dtype or t.dtype).contiguous()
+            if is_writer:
+                save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+        if is_writer:
+            if n > 1:
+                total = sum((tmp / file).stat().st_size for file in files)
+                weight_map = {hf: file for file, shard in zip(files, shards) for hf in shard}
+                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
             config = dict(self.args.hf_config) or hf_config_of(self.args)
-            writer.close({CONFIG_NAME: json.dumps(config, indent=2) + "\n"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            if Path(path).exists():
+                shutil.rmtree(path)
+            os.rename(tmp, path)
         if dist.is_initialized():
             dist.barrier()      # nobody reads the export before rank 0 has renamed it into place
 
@@ -869,55 +899,6 @@ def load_weights(model: nn.Module, path) -> None:
     for f in checked[0]:
         shard = dict(iter_checkpoint(path, model, [f])) if rank == 0 else {}
         set_model_state_dict(model, shard, options=options)
-
-
-class ShardWriter:
-    """Tensors, in a fixed order, to shards of at most `max_shard_bytes`, one held in memory (a
-    header needs its shapes first), in `<path>.tmp`, renamed when complete (no half checkpoint)."""
-
-    def __init__(self, path, max_shard_bytes: int):
-        self.path = Path(path)
-        self.tmp = Path(str(path) + ".tmp")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        self.max_shard_bytes = max_shard_bytes
-        self.pending = {}
-        self.pending_bytes = 0
-        self.shards = []
-
-    def add(self, name: str, tensor: torch.Tensor):
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += nbytes
-
-    def _flush(self):
-        name = f"shard-{len(self.shards):05d}.safetensors"
-        save_file(self.pending, str(self.tmp / name), metadata={"format": "pt"})
-        self.shards.append((name, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self, extra_files: dict[str, str]):
-        if self.pending or not self.shards:
-            self._flush()
-        if len(self.shards) == 1:
-            os.rename(self.tmp / self.shards[0][0], self.tmp / SINGLE_FILE)
-        else:
-            n = len(self.shards)
-            total, weight_map = 0, {}
-            for k, (name, keys) in enumerate(self.shards):
-                final = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-                os.rename(self.tmp / name, self.tmp / final)
-                total += (self.tmp / final).stat().st_size
-                weight_map.update({key: final for key in keys})
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        for name, text in extra_files.items():
-            (self.tmp / name).write_text(text)
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.rename(self.tmp, self.path)
 
 
 def hf_config_of(args: ModelArgs) -> dict:
