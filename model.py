@@ -637,13 +637,12 @@ def lens_labels(batch: dict, kind: str, cfg: DFTConfig) -> torch.Tensor:
 def count_targets(batch: dict, mode: str, cfg: DFTConfig) -> dict[str, int]:
     """Targets per part, supervised tokens (CE) or examples (features), for dft_step's counts."""
     lc_type, et_type = cfg.types(mode)
-    n_examples = batch["tft_tokens"].shape[0]
     counts = {"tft": int((batch["tft_labels"] != IGNORE_INDEX).sum()), "lc": 0, "et": 0}
     for part, loss_type in (("lc", lc_type), ("et", et_type)):
         if loss_type == "logits":
             counts[part] = int((lens_labels(batch, part, cfg) != IGNORE_INDEX).sum())
         elif loss_type == "feature":
-            counts[part] = n_examples
+            counts[part] = batch["tft_tokens"].shape[0]      # examples
     return counts
 
 
@@ -658,10 +657,6 @@ def dft_step(model: Transformer, batch: dict, mode: str, cfg: DFTConfig, counts:
     def lens_ce(h, labels, freeze_head):
         return logit_lens_ce(h, model.norm, model.head_weight, labels, cfg.chunk_size,
                              model.args.final_softcap, "sum", freeze_head=freeze_head)
-
-    def feature_loss(student, teacher):
-        return feature_cosine_loss(student, teacher, batch["tgt_content"], batch["en_content"],
-                                   cfg.pooling, cfg.detach_teacher, "sum")
 
     # L_TFT on [x_tgt ; y_tgt]; head and final norm train. By causality the same pass holds
     # h_i(x_tgt) and h_j(x_tgt) at the prompt positions: the feature losses' students.
@@ -697,7 +692,9 @@ def dft_step(model: Transformer, batch: dict, mode: str, cfg: DFTConfig, counts:
             if "et" in teachers and cfg.teacher_norm:
                 teachers["et"] = model.norm(teachers["et"])
         for kind in feature:
-            sums[kind] = feature_loss(pairs[kind][1], teachers[kind])
+            sums[kind] = feature_cosine_loss(pairs[kind][1], teachers[kind], batch["tgt_content"],
+                                             batch["en_content"], cfg.pooling,
+                                             cfg.detach_teacher, "sum")
 
     parts = {part: total / max(counts[part], 1) for part, total in sums.items()}
     parts["loss"] = parts["tft"] + cfg.lc_weight * parts["lc"] + cfg.et_weight * parts["et"]
