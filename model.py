@@ -47,7 +47,8 @@ class CheckpointError(ValueError):
 FAMILIES = {"llama": "LLaMA-2, LLaMA-3.x", "mistral": "Mistral", "qwen2": "Qwen2, Qwen2.5",
             "gemma2": "Gemma-2"}
 # LLaMA-3.x's RoPE rescaling: the parameters of rope_type "llama3" in config.json.
-LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                    "original_max_position_embeddings")
 
 
 def rope_settings(cfg: dict, model_type: str, source: str) -> tuple[float, dict | None]:
@@ -393,7 +394,8 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args)
-        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = (None if args.tie_embeddings
+                       else nn.Linear(args.dim, args.vocab_size, bias=False))
         # Where a mask is needed: True flex_attention, False the reference (SDPA with a boolean
         # mask, by hand under a softcap), None flex on CUDA. A KV cache takes the reference.
         self.use_flex: bool | None = None
@@ -482,7 +484,8 @@ class Transformer(nn.Module):
         # fp32: final logits and their softcap.
         return softcap(F.linear(self.norm(h), self.head_weight).float(), self.args.final_softcap)
 
-    def forward(self, tokens, attention_mask=None, cache: KVCache | None = None, last_only: bool = False):
+    def forward(self, tokens, attention_mask=None, cache: KVCache | None = None,
+                last_only: bool = False):
         """Logits [B, T, V] (fp32); last_only: [B, 1, V] (a prefill; Gemma-2's V is 256k)."""
         h = self._run(tokens, (self.args.n_layers,), attention_mask, cache)[0]
         return self.head_logits(h[:, -1:] if last_only else h)
@@ -506,21 +509,51 @@ class Transformer(nn.Module):
         return model.eval()
 
     def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30):
-        """HF layout, source torch_dtype; under FSDP every rank calls this, rank 0 writes."""
+        """HF layout, source torch_dtype, in shards of at most max_shard_bytes, one in memory at
+        a time, in `<path>.tmp` renamed when complete (no half checkpoint). Under FSDP every rank
+        calls this (each tensor is gathered from all), rank 0 writes."""
         from torch.distributed.tensor import DTensor     # here, not at the top: see load_weights
 
         is_writer = not dist.is_initialized() or dist.get_rank() == 0
         dtype = DTYPES.get(self.args.torch_dtype or "")
-        writer = ShardWriter(path, max_shard_bytes) if is_writer else None
+        shards = [{}]                   # file by file: HF name -> ours, in hf_names' order
+        shard_bytes = 0
         for name, hf in hf_names(self.args).items():
-            t = self.get_parameter(name).detach()
-            if isinstance(t, DTensor):
-                t = t.full_tensor()
-            if writer is not None:
-                writer.add(hf, t.to(device="cpu", dtype=dtype or t.dtype))
-        if writer is not None:
+            p = self.get_parameter(name)
+            nbytes = p.numel() * (dtype or p.dtype).itemsize
+            if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
+                shards.append({})
+                shard_bytes = 0
+            shards[-1][hf] = name
+            shard_bytes += nbytes
+        n = len(shards)
+        files = ([SINGLE_FILE] if n == 1
+                 else [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)])
+        tmp = Path(str(path) + ".tmp")
+        if is_writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        for file, shard in zip(files, shards):
+            tensors = {}
+            for hf, name in shard.items():
+                t = self.get_parameter(name).detach()
+                if isinstance(t, DTensor):
+                    t = t.full_tensor()
+                if is_writer:
+                    tensors[hf] = t.to(device="cpu", dtype=dtype or t.dtype).contiguous()
+            if is_writer:
+                save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+        if is_writer:
+            if n > 1:
+                total = sum((tmp / file).stat().st_size for file in files)
+                weight_map = {hf: file for file, shard in zip(files, shards) for hf in shard}
+                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
             config = dict(self.args.hf_config) or hf_config_of(self.args)
-            writer.close({CONFIG_NAME: json.dumps(config, indent=2) + "\n"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            if Path(path).exists():
+                shutil.rmtree(path)
+            os.rename(tmp, path)
         if dist.is_initialized():
             dist.barrier()      # nobody reads the export before rank 0 has renamed it into place
 
@@ -592,27 +625,24 @@ def default_layers(n_layers: int, family: str) -> tuple[int, int]:
     return i, j
 
 
-def lc_labels(batch: dict, cfg: DFTConfig) -> torch.Tensor:
-    """LC targets: x_en, by default its content only, since x_tgt holds the same template words
-    to copy. lc_content marks labels, not tokens."""
-    if not cfg.lc_content_only:
-        return batch["lc_labels"]
-    return batch["lc_labels"].masked_fill(batch["lc_content"] == 0, IGNORE_INDEX)
+def lens_labels(batch: dict, kind: str, cfg: DFTConfig) -> torch.Tensor:
+    """Logit-lens targets of "lc" or "et". LC's are by default x_en's content only, since x_tgt
+    holds the same template words to copy (lc_content marks labels, not tokens)."""
+    labels = batch[f"{kind}_labels"]
+    if kind == "lc" and cfg.lc_content_only:
+        labels = labels.masked_fill(batch["lc_content"] == 0, IGNORE_INDEX)
+    return labels
 
 
 def count_targets(batch: dict, mode: str, cfg: DFTConfig) -> dict[str, int]:
     """Targets per part, supervised tokens (CE) or examples (features), for dft_step's counts."""
     lc_type, et_type = cfg.types(mode)
-    n_examples = batch["tft_tokens"].shape[0]
     counts = {"tft": int((batch["tft_labels"] != IGNORE_INDEX).sum()), "lc": 0, "et": 0}
-    if lc_type == "logits":
-        counts["lc"] = int((lc_labels(batch, cfg) != IGNORE_INDEX).sum())
-    elif lc_type == "feature":
-        counts["lc"] = n_examples
-    if et_type == "logits":
-        counts["et"] = int((batch["et_labels"] != IGNORE_INDEX).sum())
-    elif et_type == "feature":
-        counts["et"] = n_examples
+    for part, loss_type in (("lc", lc_type), ("et", et_type)):
+        if loss_type == "logits":
+            counts[part] = int((lens_labels(batch, part, cfg) != IGNORE_INDEX).sum())
+        elif loss_type == "feature":
+            counts[part] = batch["tft_tokens"].shape[0]      # examples
     return counts
 
 
@@ -627,10 +657,6 @@ def dft_step(model: Transformer, batch: dict, mode: str, cfg: DFTConfig, counts:
     def lens_ce(h, labels, freeze_head):
         return logit_lens_ce(h, model.norm, model.head_weight, labels, cfg.chunk_size,
                              model.args.final_softcap, "sum", freeze_head=freeze_head)
-
-    def feature_loss(student, teacher):
-        return feature_cosine_loss(student, teacher, batch["tgt_content"], batch["en_content"],
-                                   cfg.pooling, cfg.detach_teacher, "sum")
 
     # L_TFT on [x_tgt ; y_tgt]; head and final norm train. By causality the same pass holds
     # h_i(x_tgt) and h_j(x_tgt) at the prompt positions: the feature losses' students.
@@ -648,7 +674,7 @@ def dft_step(model: Transformer, batch: dict, mode: str, cfg: DFTConfig, counts:
     for kind, loss_type, k, h_tft in (("lc", lc_type, i, h_i), ("et", et_type, j, h_j)):
         if loss_type != "logits":
             continue
-        labels = lc_labels(batch, cfg) if kind == "lc" else batch["et_labels"]
+        labels = lens_labels(batch, kind, cfg)
         if share:
             h, labels = continue_prompt(model, batch, kind, k, h_tft, tft_kv, labels)
         else:
@@ -656,16 +682,19 @@ def dft_step(model: Transformer, batch: dict, mode: str, cfg: DFTConfig, counts:
         sums[kind] = lens_ce(h, labels, True)
 
     # Feature-based: one pass of the English query gives both teachers, h_i(x_en), h_N(x_en).
-    pairs = {"lc": (lc_type, h_i, i), "et": (et_type, h_j, N)}        # kind -> (type, student, layer)
+    pairs = {"lc": (lc_type, h_i, i), "et": (et_type, h_j, N)}    # kind: (type, student, layer)
     feature = [kind for kind, (loss_type, _, _) in pairs.items() if loss_type == "feature"]
     if feature:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.detach_teacher):
             layers = tuple(pairs[kind][2] for kind in feature)
-            teachers = dict(zip(feature, model.hidden_at(batch["en_tokens"], layers, batch["en_mask"])))
+            hidden = model.hidden_at(batch["en_tokens"], layers, batch["en_mask"])
+            teachers = dict(zip(feature, hidden))
             if "et" in teachers and cfg.teacher_norm:
                 teachers["et"] = model.norm(teachers["et"])
         for kind in feature:
-            sums[kind] = feature_loss(pairs[kind][1], teachers[kind])
+            sums[kind] = feature_cosine_loss(pairs[kind][1], teachers[kind], batch["tgt_content"],
+                                             batch["en_content"], cfg.pooling,
+                                             cfg.detach_teacher, "sum")
 
     parts = {part: total / max(counts[part], 1) for part, total in sums.items()}
     parts["loss"] = parts["tft"] + cfg.lc_weight * parts["lc"] + cfg.et_weight * parts["et"]
@@ -784,11 +813,9 @@ def checkpoint_files(path) -> list[Path]:
     path = Path(path)
     index = path / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: no valid 'weight_map' ({e!r}); re-download the "
-                                  "index") from None
+        weight_map = json_file(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' object; re-download the index")
         files = [path / f for f in dict.fromkeys(weight_map.values())]
     elif (path / SINGLE_FILE).is_file():
         files = [path / SINGLE_FILE]
@@ -797,7 +824,8 @@ def checkpoint_files(path) -> list[Path]:
                               "official HF safetensors")
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise CheckpointError(f"{index}: shard file(s) missing: {', '.join(missing)}; download them all")
+        raise CheckpointError(f"{index}: shard file(s) missing: {', '.join(missing)}; "
+                              "download them all")
     return files
 
 
@@ -821,7 +849,8 @@ def check_checkpoint(path, model: Transformer) -> list[Path]:
                                         f"expected {list(expected[key])}")
                     seen.add(key)
         except (OSError, SafetensorError) as e:
-            raise CheckpointError(f"{f}: not a readable safetensors file ({e}); re-download it") from None
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e}); "
+                                  "re-download it") from None
     problems += [f"missing {key}" for key in expected if key not in seen]
     if problems:
         more = f"; ... {len(problems) - 12} more" if len(problems) > 12 else ""
@@ -854,76 +883,25 @@ def load_weights(model: nn.Module, path) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     rank = dist.get_rank()
-    files, error = None, None       # rank 0's result
+    checked = [None]                # rank 0's files, or its error message
     if rank == 0:
         try:
-            files = check_checkpoint(path, model)
+            checked = [check_checkpoint(path, model)]
         except CheckpointError as e:
-            error = str(e)
-    message = [error, len(files) if files else 0]
-    dist.broadcast_object_list(message, src=0)     # every rank fails together rather than hang
-    if message[0]:
-        raise CheckpointError(message[0])
+            checked = [str(e)]
+    dist.broadcast_object_list(checked, src=0)     # every rank fails together rather than hang
+    if isinstance(checked[0], str):
+        raise CheckpointError(checked[0])
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
-    for i in range(message[1]):
-        shard = dict(iter_checkpoint(path, model, [files[i]])) if rank == 0 else {}
+    for f in checked[0]:
+        shard = dict(iter_checkpoint(path, model, [f])) if rank == 0 else {}
         set_model_state_dict(model, shard, options=options)
-
-
-class ShardWriter:
-    """Tensors, in a fixed order, to shards of at most `max_shard_bytes`, one held in memory (a
-    header needs its shapes first), in `<path>.tmp`, renamed when complete (no half checkpoint)."""
-
-    def __init__(self, path, max_shard_bytes: int):
-        self.path = Path(path)
-        self.tmp = Path(str(path) + ".tmp")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        self.max_shard_bytes = max_shard_bytes
-        self.pending = {}
-        self.pending_bytes = 0
-        self.shards = []
-
-    def add(self, name: str, tensor: torch.Tensor):
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += nbytes
-
-    def _flush(self):
-        name = f"shard-{len(self.shards):05d}.safetensors"
-        save_file(self.pending, str(self.tmp / name), metadata={"format": "pt"})
-        self.shards.append((name, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self, extra_files: dict[str, str]):
-        if self.pending or not self.shards:
-            self._flush()
-        if len(self.shards) == 1:
-            os.rename(self.tmp / self.shards[0][0], self.tmp / SINGLE_FILE)
-        else:
-            n = len(self.shards)
-            total, weight_map = 0, {}
-            for k, (name, keys) in enumerate(self.shards):
-                final = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-                os.rename(self.tmp / name, self.tmp / final)
-                total += (self.tmp / final).stat().st_size
-                weight_map.update({key: final for key in keys})
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        for name, text in extra_files.items():
-            (self.tmp / name).write_text(text)
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.rename(self.tmp, self.path)
 
 
 def hf_config_of(args: ModelArgs) -> dict:
     """The config.json of a model built from ModelArgs (the tiny checkpoints), spelled as the
     released files are (top-level rope_theta, rope_scaling)."""
-    architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                    "qwen2": "Qwen2ForCausalLM", "gemma2": "Gemma2ForCausalLM"}[args.family]
+    architecture = f"{args.family.capitalize()}ForCausalLM"     # LlamaForCausalLM, Qwen2...
     cfg = {"architectures": [architecture], "model_type": args.family,
            "hidden_size": args.dim, "intermediate_size": args.hidden_dim,
            "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
@@ -956,12 +934,6 @@ def hf_config_of(args: ModelArgs) -> dict:
 # --- Tokenizer ------------------------------------------------------------------------------------
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # in this order: LLaMA-2, Gemma-2 ship both
-
-
-def special_token(config: dict, key: str) -> str | None:
-    """A special token's text in tokenizer_config.json: a string, or an AddedToken's content."""
-    value = config.get(key)
-    return value.get("content") if isinstance(value, dict) else value
 
 
 class Tokenizer:
@@ -1005,8 +977,6 @@ class Tokenizer:
         except Exception as e:  # the Rust library raises a bare Exception for a file it can't read
             raise CheckpointError(f"{self.path}: not a tokenizers file ({e}); re-download "
                                   "tokenizer.json") from None
-        config_file = self.path.parent / "tokenizer_config.json"
-        config = json_file(config_file)
         # The BOS is what the post-processor puts before a text (LLaMA-3; Qwen2 puts none).
         plain = self.bpe.encode("a", add_special_tokens=False).ids
         full = self.bpe.encode("a", add_special_tokens=True).ids
@@ -1016,17 +986,22 @@ class Tokenizer:
                                   f"text into {full}; expected at most one BOS in front and "
                                   "nothing after")
         self.bos_id = before[0] if before else None
-        eos = special_token(config, "eos_token")
-        self.eos_id = (self._token_id(eos, config_file) if eos is not None
-                       else model_eos_id(self.path.parent))
-        pad = special_token(config, "pad_token")
-        self.pad_id = self._token_id(pad, config_file) if pad is not None else self.eos_id
+        eos_id = self._special_id("eos_token")
+        self.eos_id = eos_id if eos_id is not None else model_eos_id(self.path.parent)
+        pad_id = self._special_id("pad_token")
+        self.pad_id = pad_id if pad_id is not None else self.eos_id
         self.vocab_size = self.bpe.get_vocab_size(with_added_tokens=True)
 
-    def _token_id(self, token: str, where: Path) -> int:
+    def _special_id(self, key: str) -> int | None:
+        """The id of tokenizer_config.json's `key` (a string or an AddedToken); None if unset."""
+        config_file = self.path.parent / "tokenizer_config.json"
+        token = json_file(config_file).get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is None:
+            return None
         token_id = self.bpe.token_to_id(token)
         if token_id is None:
-            raise CheckpointError(f"{where}: {token!r} is not a token of {self.path}; "
+            raise CheckpointError(f"{config_file}: {token!r} is not a token of {self.path}; "
                                   "re-download both files")
         return token_id
 
@@ -1073,7 +1048,8 @@ class Tokenizer:
 
     def piece(self, token_id: int) -> str:
         """An id's vocabulary entry as the tokenizer spells it: "▁Paris", "<0x0A>", "ĠParis"."""
-        return self.sp.id_to_piece(token_id) if self.sp is not None else self.bpe.id_to_token(token_id)
+        return (self.sp.id_to_piece(token_id) if self.sp is not None
+                else self.bpe.id_to_token(token_id))
 
 
 def model_eos_id(folder: Path) -> int:
@@ -1199,7 +1175,8 @@ def train_byte_level_bpe(texts, vocab_size: int, family: str) -> tokenizers.Toke
         vocab_size=vocab_size - len(specials), show_progress=False,
         initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in specials])
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                            for t in specials])
     byte_level = tokenizers.processors.ByteLevel(trim_offsets=False)
     bos = spec["bos"]
     if bos is None:
@@ -1224,7 +1201,8 @@ def tiny_tokenizer_files(texts, vocab_size: int, family: str) -> dict[str, bytes
         tok = sentencepiece_as_tokenizer_json(files["tokenizer.model"], family)
     files["tokenizer.json"] = tok.to_str().encode()
     special = {f"{kind}_token": spec[kind] for kind in ("bos", "eos", "unk", "pad")}
-    config = dict(tokenizer_class=spec["tokenizer_class"], **special, clean_up_tokenization_spaces=False)
+    config = dict(tokenizer_class=spec["tokenizer_class"], **special,
+                  clean_up_tokenization_spaces=False)
     if "split" not in spec:     # SentencePiece: transformers' defaults for these, said explicitly
         config.update(add_bos_token=True, add_eos_token=False, legacy=False)
     if family == "gemma2":      # else GemmaTokenizer adds a <mask> our tiny vocabulary lacks
@@ -1260,10 +1238,8 @@ def write_tiny_checkpoint(path, family: str, texts, vocab_size: int | None = Non
     if fields.get("sliding_window") and "sliding_layers" not in fields:
         n = fields["n_layers"]          # Gemma-2 alternates; the others slide on every layer
         fields["sliding_layers"] = tuple(family != "gemma2" or i % 2 == 0 for i in range(n))
-    args = ModelArgs(**fields)
-    args.hf_config = hf_config_of(args)
     torch.manual_seed(seed)
-    model = Transformer(args)
+    model = Transformer(ModelArgs(**fields))
     model.init_weights(generator=torch.Generator().manual_seed(seed))
     model.save_pretrained(staging / "weights")
     for f in (staging / "weights").iterdir():
@@ -1290,7 +1266,6 @@ def alpaca_texts(files) -> list[str]:
 
 
 def sample_texts() -> list[str]:
-    """Texts of the bundled Alpaca sample (all languages)."""
     return alpaca_texts(sorted(SAMPLE_DIR.glob("alpaca_*.json")))
 
 
@@ -1314,7 +1289,8 @@ def main(argv=None):
     try:
         texts = alpaca_texts(a.texts) if a.texts else sample_texts()
         if not texts:
-            raise ValueError("no texts to train the tokenizer on; pass --texts FILE.json (Alpaca format)")
+            raise ValueError("no texts to train the tokenizer on; pass --texts FILE.json "
+                             "(Alpaca format)")
         out = write_tiny_checkpoint(a.make_tiny, a.family, texts, a.vocab_size, a.seed)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
