@@ -25,11 +25,9 @@ What the run writes under --out:
 
 Exactness: every loss part is divided by its number of targets over the whole optimizer step on
 all ranks (counted before the forward pass and all-reduced), so how the global batch is split across
-processes and micro-batches does not change the loss or the gradients. FSDP2 averages gradients over
-ranks; we backpropagate loss * world_size so that the averaged gradient is the gradient of the
-global loss. So the step's examples (one permutation per epoch from --seed, the same for any number
-of processes) are split by length: similar lengths share a micro-batch, and every rank gets about
-as many tokens (group_by_length).
+processes and micro-batches does not change the loss or the gradients. So the step's examples (one
+permutation per epoch from --seed, the same for any number of processes) are split by length:
+similar lengths share a micro-batch, and every rank gets about as many tokens.
 
 SIGTERM / SIGINT (Ctrl-C): the current step is finished, a checkpoint written, and the run exits; a
 second Ctrl-C stops at once. Exit status: 0 done (or stopped by a signal, checkpoint saved), 2
@@ -217,10 +215,9 @@ def get_lr(step: int, total_steps: int, warmup_steps: int, max_lr: float) -> flo
 
 def pass_lengths(examples: list[dict], lc_type: str, et_type: str,
                  prefix_share: bool) -> torch.Tensor:
-    """Tokens each forward pass of model.dft_step runs for each example: [n, passes]. The TFT pass
-    runs [x_tgt ; y_tgt]; a logits LC/ET pass runs its whole sequence, or with prefix sharing only
-    the English rest after x_tgt (the TFT pass's keys/values stand in for x_tgt); the feature
-    losses run the English query."""
+    """Tokens each forward pass of model.dft_step runs for each example: [n, passes]. TFT runs
+    [x_tgt ; y_tgt]; a logits LC/ET pass its whole sequence, or with prefix sharing only the English
+    rest after x_tgt (on the TFT pass's keys/values); the feature losses the English query."""
     shared = prefix_share and "logits" in (lc_type, et_type)
     passes = [[len(e["tft_tokens"]) for e in examples]]
     for kind, loss_type in (("lc", lc_type), ("et", et_type)):
@@ -242,18 +239,15 @@ def padded_tokens(lengths: torch.Tensor) -> int:
 
 def group_by_length(lengths: torch.Tensor, world: int, batch_size: int) -> list[list[list[int]]]:
     """Split one step's examples (rows of `lengths`, their pass_lengths) into `world` ranks x the
-    same number of micro-batches (FSDP's collectives need every rank to run as many
-    forward/backward calls), at most batch_size examples each, grouping examples of similar
-    lengths so that little padding is computed. -> plan[rank][micro-batch] = row indices,
-    ascending. Every row is used exactly once.
-
-    Exact by construction: every loss part is a sum divided by the step's global count, so any
-    split of the step's examples gives the same gradient. Sorting by one length would not do,
-    since a step runs up to three passes whose lengths differ (prompt vs answer, target language
-    vs English): each micro-batch opens with the longest example left and takes, one by one, the
-    examples that add the least padding over all passes (the growth of its padded lengths, paid
-    by every row, minus the real tokens the example brings). The micro-batches then go, costliest
-    first, to the rank with the fewest padded tokens so far that still has room."""
+    same number of micro-batches (FSDP's collectives need as many forward/backward calls on every
+    rank) of at most batch_size examples -> plan[rank][micro-batch] = row indices, ascending; each
+    row used once. Any split gives the same gradient (each loss part is a sum over the step's
+    global count): this one only saves padding. Sorting by one length would not do, since a step
+    runs up to three passes whose lengths differ (prompt vs answer, target language vs English):
+    each micro-batch opens with the longest example left and takes, one by one, the example that
+    adds the least padding over all passes (the growth of its padded lengths, paid by every row,
+    minus the real tokens it brings). The micro-batches then go, costliest first, to the rank with
+    the fewest padded tokens so far that still has room."""
     n = len(lengths)
     per_rank = max(1, math.ceil(n / (world * batch_size)))
     n_micro = world * per_rank
@@ -331,12 +325,12 @@ def resolve_config(cfg: TrainConfig, world_size: int, device_type: str) -> Train
     data = cfg.data or ("data/prepared/sft-en" if cfg.mode == "sft" else f"data/prepared/{lang}")
     out = cfg.out or f"runs/{Path(cfg.model).name}-{cfg.mode}-{lang if cfg.mode != 'sft' else 'en'}"
     max_steps = cfg.max_steps if cfg.max_steps is not None else 1
-    for name, value, low in (("--epochs", cfg.epochs, 1), ("--global-batch", cfg.global_batch, 1),
-                             ("--batch-size", cfg.batch_size, 1),
-                             ("--save-every", cfg.save_every, 1), ("--keep-last", cfg.keep_last, 1),
-                             ("--eval-every", cfg.eval_every, 1),
-                             ("--chunk-size", cfg.dft.chunk_size, 1),
-                             ("--val-size", cfg.val_size, 0), ("--max-steps", max_steps, 1)):
+    minimums = (("--epochs", cfg.epochs, 1), ("--global-batch", cfg.global_batch, 1),
+                ("--batch-size", cfg.batch_size, 1), ("--save-every", cfg.save_every, 1),
+                ("--keep-last", cfg.keep_last, 1), ("--eval-every", cfg.eval_every, 1),
+                ("--chunk-size", cfg.dft.chunk_size, 1), ("--val-size", cfg.val_size, 0),
+                ("--max-steps", max_steps, 1))
+    for name, value, low in minimums:
         if value < low:
             raise SystemExit(f"{name} {value}: expected an integer >= {low}")
     if not 0 <= cfg.warmup_ratio < 1:
@@ -408,9 +402,8 @@ def check_inputs(cfg: TrainConfig):
 
 
 def read_resume_state(ckpt: Path, cfg: TrainConfig, data: dict) -> dict:
-    """The checkpoint's state.json, refused (one line) when it was written by a run with other
-    flags or on other data (`data`: this run's data identity and meta.json, as checkpoint states
-    record them)."""
+    """The checkpoint's state.json, refused in one line when written by a run with other flags or
+    on other data (`data`: this run's data identity and meta.json, as states record them)."""
     state = json.loads((ckpt / "state.json").read_text())
     saved = flatten(state["config"])
     now = flatten(asdict(cfg))
@@ -531,10 +524,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, state: dict,
 def load_checkpoint(ckpt: Path, model, optimizer) -> None:
     """Load the sharded model and optimizer from a checkpoint (resharded if the world changed)."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(ckpt))
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(ckpt))   # in place
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
 
 
 def export(model: Transformer, model_dir: Path, out: Path) -> Path:
@@ -556,9 +547,8 @@ def export(model: Transformer, model_dir: Path, out: Path) -> Path:
 # --- One step: micro-batches forward and backward, validation -------------------------------------
 
 def global_counts(micro: list[dict], mode: str, dft: DFTConfig, device) -> dict:
-    """The number of targets of each loss part in these micro-batches on all ranks: what
-    model.dft_step divides each micro-batch's loss sums by, so that all of them add up to the
-    global mean. Known before any backward."""
+    """Targets of each loss part in these micro-batches on all ranks, known before any backward:
+    what model.dft_step divides each micro-batch's sums by, so they add up to the global mean."""
     counts = torch.zeros(3, dtype=torch.long, device=device)
     for batch in micro:
         counts += torch.tensor(list(count_targets(batch, mode, dft).values()), device=device)
@@ -577,8 +567,7 @@ def forward_backward(model, micro: list[dict], counts: dict, mode: str, dft: DFT
     sums = torch.zeros(len(LOSS_PARTS), device=device)
     for batch in micro:
         parts = model.dft_step(on_device(batch, device), mode, dft, counts)
-        # FSDP2 averages gradients over ranks; each rank's loss is already its share of the
-        # global mean.
+        # FSDP2 averages gradients over ranks, but the ranks' losses are shares that must add up.
         (parts["loss"] * dist.get_world_size()).backward()
         sums += torch.stack([parts[k].float().detach() for k in LOSS_PARTS])
     return sums
@@ -737,8 +726,8 @@ def main(argv=None):
                     group["lr"] = lr
 
                 sums = forward_backward(model, micro, counts, cfg.mode, dft, device)
-                stop = torch.tensor([len(stop_requested)], device=device, dtype=torch.float)
-                stats = torch.cat([sums, stop])
+                # One all-reduce for the loss sums and whether any rank got a signal.
+                stats = torch.cat([sums, sums.new_tensor([len(stop_requested)])])
                 dist.all_reduce(stats)
                 parts = dict(zip(LOSS_PARTS, stats[:-1].tolist()))
                 stopped = stats[-1].item() > 0
