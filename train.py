@@ -8,13 +8,6 @@
         --data data/prepared/tiny-vi --global-batch 8 --batch-size 2   # 2 CPU processes (gloo)
     python train.py --lang vi ...                                      # one process, no torchrun
 
-Defaults are the recipe: 3 epochs, AdamW at 2e-5, global batch 128 (per-device batch 4,
-accumulation derived from the number of processes), warmup 3 % then cosine decay to 0, weight decay
-0, gradient clipping at 1.0; on CUDA bf16 mixed precision with fp32 master weights, torch.compile
-per block and fused AdamW (on CPU: fp32, eager). --model defaults to models/Llama-2-7b-hf, --data
-to data/prepared/LANG (data/prepared/sft-en for --mode sft), --out to runs/MODEL-MODE-LANG (e.g.
-runs/Llama-2-7b-hf-dft-logits-vi).
-
 What the run writes under --out:
     config.json     the resolved configuration (flags + what was derived from them)
     metrics.jsonl   one row per optimizer step: step, epoch, loss, tft, lc, et, lr, grad_norm,
@@ -32,19 +25,18 @@ What the run writes under --out:
 
 Exactness: every loss part is divided by its number of targets over the whole optimizer step on
 all ranks (counted before the forward pass and all-reduced), so how the global batch is split across
-processes and micro-batches does not change the loss or the gradients. FSDP2 averages gradients over
-ranks; we backpropagate loss * world_size so that the averaged gradient is the gradient of the
-global loss. So the step's examples (fixed by --seed) are split by length: similar lengths share a
-micro-batch, and every rank gets about as many tokens (group_by_length).
+processes and micro-batches does not change the loss or the gradients. So the step's examples (one
+permutation per epoch from --seed, the same for any number of processes) are split by length:
+similar lengths share a micro-batch, and every rank gets about as many tokens.
 
 SIGTERM / SIGINT (Ctrl-C): the current step is finished, a checkpoint written, and the run exits; a
-second Ctrl-C stops at once. Data order: one permutation per epoch from --seed, the same for any
-number of processes. Exit status: 0 done (or stopped by a signal, checkpoint saved), 2 refused or
-stopped with a one-line message (bad input, a non-finite loss), 1 a crash.
+second Ctrl-C stops at once. Exit status: 0 done (or stopped by a signal, checkpoint saved), 2
+refused or stopped with a one-line message (bad input, a non-finite loss), 1 a crash.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -61,17 +53,15 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from model import (LOSS_TYPES, MODES, CheckpointError, DFTConfig, Tokenizer, Transformer,
-                   check_checkpoint, count_targets, load_weights, missing_model_message, read_args,
-                   resolve_dtype, write_atomic)
+                   check_checkpoint, count_targets, load_weights, read_args, resolve_dtype,
+                   write_atomic)
 from prepare_data import check_meta, collate, data_identity, load_prepared, prepare_command
 
-DEFAULT_MODEL = "models/Llama-2-7b-hf"
-# Files of --model copied next to the exported weights (config.json is copied too, byte for byte).
-SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+# Files of --model copied as they are next to the exported weights.
+SIDE_FILES = ("config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 # Flags that may differ between a run and the rerun that resumes it: they change neither the data
 # order nor the mathematics of an optimizer step (the micro-batch size only regroups the same
@@ -80,19 +70,17 @@ RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_last", "eval_every", "batc
                      "activation_checkpointing", "compile", "world_size", "grad_accum",
                      "dft.chunk_size", "dft.prefix_share"}
 LOSS_PARTS = ("loss", "tft", "lc", "et")
-# The Hub organisation of a model, by the start of its directory name (as the README's downloads).
 # Exit status of a run refused or stopped with a one-line message; a crash exits with 1.
 EXIT_ONE_LINE = 2
-# How long the other ranks leave rank 0 to print a refusal they all reached (torchrun ends them when
-# rank 0 exits); a rank still alive after it says the line itself, so an error of its own is never
-# lost.
+# Seconds the other ranks leave rank 0 to print a refusal they all reached (torchrun then ends
+# them); a rank still alive after that prints the line itself: an error of its own is never lost.
 RANK_0_GRACE_S = 10
 
 
 @dataclass
 class TrainConfig:
     lang: str | None = None
-    model: str = DEFAULT_MODEL
+    model: str = "models/Llama-2-7b-hf"
     data: str | None = None            # None -> data/prepared/{lang}; data/prepared/sft-en for sft
     out: str | None = None             # None -> runs/{model name}-{mode}-{lang}
     mode: str = "dft-logits"
@@ -128,8 +116,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter,
                     argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows every option's default; where it is None, the option's text says what is
-    used instead."""
+    """--help shows every default; where one is None, the option's text says what is used."""
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
@@ -149,7 +136,7 @@ def parse_args(argv=None) -> TrainConfig:
                         "dft-feature: TFT + the LC and ET losses below")
     g = p.add_argument_group("optimisation (defaults: the paper's recipe)")
     g.add_argument("--epochs", type=int, help="passes over the training data")
-    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--lr", type=float, help="peak learning rate, then cosine decay to 0")
     g.add_argument("--global-batch", type=int, help="examples per optimizer step, all processes")
     g.add_argument("--batch-size", type=int,
                    help="examples per process and micro-batch; accumulation = global / (batch x "
@@ -159,8 +146,7 @@ def parse_args(argv=None) -> TrainConfig:
     g.add_argument("--max-grad-norm", type=float, help="clip the global gradient norm to this")
     g.add_argument("--max-steps", type=int,
                    help="stop after this many optimizer steps (smoke runs; default: all); the "
-                        "schedule still spans --epochs, so a later run without it continues the "
-                        "same schedule")
+                        "schedule still spans --epochs, so a later run without it continues it")
     d = p.add_argument_group("deep supervision", """\
 L = L_TFT + w_LC L_LC + w_ET L_ET. LC (language conversion): at an early layer i, the query in the
 target language should already predict its English version. ET (English thinking): at a middle
@@ -176,10 +162,8 @@ paper's and what is ours" lists them).""")
                         "Gemma-2's 26; scaled for other depths)")
     d.add_argument("--lc-weight", type=float, help="w_LC; 0 skips the LC pass")
     d.add_argument("--et-weight", type=float, help="w_ET; 0 skips the ET pass")
-    d.add_argument("--lc-type", choices=LOSS_TYPES,
-                   help="override the mode's LC loss type (default: the mode's)")
-    d.add_argument("--et-type", choices=LOSS_TYPES,
-                   help="override the mode's ET loss type (default: the mode's)")
+    d.add_argument("--lc-type", choices=LOSS_TYPES, help="LC loss type (default: the mode's)")
+    d.add_argument("--et-type", choices=LOSS_TYPES, help="ET loss type (default: the mode's)")
     d.add_argument("--lc-content-only", action=argparse.BooleanOptionalAction,
                    help="LC predicts only x_en's instruction+input, not the English template words")
     d.add_argument("--pooling", choices=("mean", "last"),
@@ -208,23 +192,19 @@ paper's and what is ours" lists them).""")
                    help="auto: bf16 mixed precision (fp32 master weights) on CUDA, fp32 on CPU "
                         "(bf16 matmuls are ~100x slower on CPUs)")
     # Defaults: the dataclasses' own, so each lives in one place (the flags are their field names).
+    top_level = [f.name for f in fields(TrainConfig) if f.name != "dft"]
     defaults = TrainConfig()
-    p.set_defaults(**{f.name: getattr(defaults, f.name) for f in fields(TrainConfig)
-                      if f.name != "dft"}, **asdict(defaults.dft))
+    p.set_defaults(**{name: getattr(defaults, name) for name in top_level}, **asdict(defaults.dft))
     a = p.parse_args(argv)
     dft = DFTConfig(**{f.name: getattr(a, f.name) for f in fields(DFTConfig)})
-    return TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)
-                          if f.name != "dft"}, dft=dft)
+    return TrainConfig(**{name: getattr(a, name) for name in top_level}, dft=dft)
 
 
-# ---------------------------------------------------------------------------------------------
-# Pure helpers
-# ---------------------------------------------------------------------------------------------
+# --- Pure helpers ---------------------------------------------------------------------------------
 
 def get_lr(step: int, total_steps: int, warmup_steps: int, max_lr: float) -> float:
-    """Learning rate of the optimizer step with 0-based index `step`: linear warmup
-    max_lr * (step + 1) / warmup_steps for the first warmup_steps steps, then cosine decay from
-    max_lr (at step = warmup_steps) to 0 (at total_steps)."""
+    """Linear warmup over the first warmup_steps steps (0-based `step`: the first one already
+    gets max_lr / warmup_steps), then cosine decay from max_lr to 0 at total_steps."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if step >= total_steps:
@@ -233,25 +213,11 @@ def get_lr(step: int, total_steps: int, warmup_steps: int, max_lr: float) -> flo
     return max_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def epoch_order(train_indices: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
-    """The training examples of one epoch in order: a fresh permutation per epoch, the same on
-    every rank."""
-    generator = torch.Generator().manual_seed(seed + 1 + epoch)
-    return train_indices[torch.randperm(len(train_indices), generator=generator)]
-
-
-def step_indices(order: torch.Tensor, step_in_epoch: int, global_batch: int) -> list[int]:
-    """The examples of one optimizer step: the next global_batch of the epoch's order, whatever
-    the number of ranks (group_by_length splits them)."""
-    return order[step_in_epoch * global_batch:(step_in_epoch + 1) * global_batch].tolist()
-
-
 def pass_lengths(examples: list[dict], lc_type: str, et_type: str,
                  prefix_share: bool) -> torch.Tensor:
-    """Tokens each forward pass of model.dft_step runs for each example: [n, passes]. The TFT pass
-    runs [x_tgt ; y_tgt]; a logits LC/ET pass runs its whole sequence, or with prefix sharing only
-    the English rest after x_tgt (the TFT pass's keys/values stand in for x_tgt); the feature
-    losses run the English query."""
+    """Tokens each forward pass of model.dft_step runs for each example: [n, passes]. TFT runs
+    [x_tgt ; y_tgt]; a logits LC/ET pass its whole sequence, or with prefix sharing only the English
+    rest after x_tgt (on the TFT pass's keys/values); the feature losses the English query."""
     shared = prefix_share and "logits" in (lc_type, et_type)
     passes = [[len(e["tft_tokens"]) for e in examples]]
     for kind, loss_type in (("lc", lc_type), ("et", et_type)):
@@ -273,18 +239,15 @@ def padded_tokens(lengths: torch.Tensor) -> int:
 
 def group_by_length(lengths: torch.Tensor, world: int, batch_size: int) -> list[list[list[int]]]:
     """Split one step's examples (rows of `lengths`, their pass_lengths) into `world` ranks x the
-    same number of micro-batches (FSDP's collectives need every rank to run as many
-    forward/backward calls), at most batch_size examples each, grouping examples of similar
-    lengths so that little padding is computed. -> plan[rank][micro-batch] = row indices,
-    ascending. Every row is used exactly once.
-
-    Exact by construction: every loss part is a sum divided by the step's global count, so any
-    split of the step's examples gives the same gradient. Sorting by one length would not do,
-    since a step runs up to three passes whose lengths differ (prompt vs answer, target language
-    vs English): each micro-batch opens with the longest example left and takes, one by one, the
-    examples that add the least padding over all passes (the growth of its padded lengths, paid
-    by every row, minus the real tokens the example brings). The micro-batches then go, costliest
-    first, to the rank with the fewest padded tokens so far that still has room."""
+    same number of micro-batches (FSDP's collectives need as many forward/backward calls on every
+    rank) of at most batch_size examples -> plan[rank][micro-batch] = row indices, ascending; each
+    row used once. Any split gives the same gradient (each loss part is a sum over the step's
+    global count): this one only saves padding. Sorting by one length would not do, since a step
+    runs up to three passes whose lengths differ (prompt vs answer, target language vs English):
+    each micro-batch opens with the longest example left and takes, one by one, the example that
+    adds the least padding over all passes (the growth of its padded lengths, paid by every row,
+    minus the real tokens it brings). The micro-batches then go, costliest first, to the rank with
+    the fewest padded tokens so far that still has room."""
     n = len(lengths)
     per_rank = max(1, math.ceil(n / (world * batch_size)))
     n_micro = world * per_rank
@@ -328,6 +291,11 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return items
 
 
+def flag(field_name: str) -> str:
+    """The flag that sets a config field: lc_weight or dft.lc_weight -> --lc-weight."""
+    return "--" + field_name.split(".")[-1].replace("_", "-")
+
+
 def describe_meta_change(old: dict | None, new: dict) -> str:
     """What differs between two meta.json dicts, e.g. "max_len 512 -> 256, num_examples 113 ->
     120": top-level fields (the flags prepare_data.py ran with) before the counts they led to."""
@@ -344,21 +312,7 @@ def describe_meta_change(old: dict | None, new: dict) -> str:
     return ", ".join(changed[:4]) + more
 
 
-# ---------------------------------------------------------------------------------------------
-# Checking the inputs (before any work) and resolving the defaults
-# ---------------------------------------------------------------------------------------------
-
-def default_data(mode: str, lang: str) -> str:
-    """Where prepare_data.py writes by default (its --out)."""
-    return "data/prepared/sft-en" if mode == "sft" else f"data/prepared/{lang}"
-
-
-def local_device() -> torch.device:
-    """This process's GPU under torchrun (LOCAL_RANK), or the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
+# --- Checking the inputs (before any work) and resolving the defaults -----------------------------
 
 def resolve_config(cfg: TrainConfig, world_size: int, device_type: str) -> TrainConfig:
     """Fill in the defaults that depend on other flags and on the device; one-line errors for
@@ -366,18 +320,19 @@ def resolve_config(cfg: TrainConfig, world_size: int, device_type: str) -> Train
     if cfg.mode != "sft" and not cfg.lang:
         raise SystemExit(f"--lang is required for --mode {cfg.mode} (the data's target language, "
                          f"e.g. --lang vi)")
-    lang = cfg.lang if cfg.mode != "sft" else (cfg.lang or "en")
-    data = cfg.data or default_data(cfg.mode, lang)
+    lang = cfg.lang or "en"                   # --mode sft needs none: its data is English
+    # Where prepare_data.py writes by default (its --out):
+    data = cfg.data or ("data/prepared/sft-en" if cfg.mode == "sft" else f"data/prepared/{lang}")
     out = cfg.out or f"runs/{Path(cfg.model).name}-{cfg.mode}-{lang if cfg.mode != 'sft' else 'en'}"
     max_steps = cfg.max_steps if cfg.max_steps is not None else 1
-    for flag, value, low in (("--epochs", cfg.epochs, 1), ("--global-batch", cfg.global_batch, 1),
-                             ("--batch-size", cfg.batch_size, 1),
-                             ("--save-every", cfg.save_every, 1), ("--keep-last", cfg.keep_last, 1),
-                             ("--eval-every", cfg.eval_every, 1),
-                             ("--chunk-size", cfg.dft.chunk_size, 1),
-                             ("--val-size", cfg.val_size, 0), ("--max-steps", max_steps, 1)):
+    minimums = (("--epochs", cfg.epochs, 1), ("--global-batch", cfg.global_batch, 1),
+                ("--batch-size", cfg.batch_size, 1), ("--save-every", cfg.save_every, 1),
+                ("--keep-last", cfg.keep_last, 1), ("--eval-every", cfg.eval_every, 1),
+                ("--chunk-size", cfg.dft.chunk_size, 1), ("--val-size", cfg.val_size, 0),
+                ("--max-steps", max_steps, 1))
+    for name, value, low in minimums:
         if value < low:
-            raise SystemExit(f"{flag} {value}: expected an integer >= {low}")
+            raise SystemExit(f"{name} {value}: expected an integer >= {low}")
     if not 0 <= cfg.warmup_ratio < 1:
         raise SystemExit(f"--warmup-ratio {cfg.warmup_ratio}: expected a fraction in [0, 1)")
     if cfg.lr <= 0 or cfg.max_grad_norm <= 0 or cfg.weight_decay < 0:
@@ -390,31 +345,19 @@ def resolve_config(cfg: TrainConfig, world_size: int, device_type: str) -> Train
         raise SystemExit(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size "
                          f"{cfg.batch_size} x {world_size} process(es) = {per_step}; choose e.g. "
                          f"--global-batch {suggestion} or another --batch-size")
-    # Compiling costs more than it saves on CPUs.
     dtype = resolve_dtype(cfg.dtype, device_type)
     compile = cfg.compile if cfg.compile is not None else device_type == "cuda"
     return replace(cfg, lang=lang, data=data, out=out, dtype=dtype, compile=compile,
                    world_size=world_size, grad_accum=cfg.global_batch // per_step)
 
 
-def in_flag_terms(error: ValueError) -> str:
-    """DFTConfig's messages name its fields (lc_layer=5); the user set them as flags
-    (--lc-layer 5)."""
-    text = str(error)
-    for f in fields(DFTConfig):
-        text = text.replace(f"{f.name}=", f"--{f.name.replace('_', '-')} ")
-    return text
-
-
 def check_inputs(cfg: TrainConfig):
-    """Model, tokenizer, layers and data, checked from their small files only: one line per
-    problem, before any process group, allocation or output exists. Returns (model args,
-    tokenizer, dataset, cfg.dft with its layers resolved)."""
+    """Model, tokenizer, layers and data, checked from their small files only, then --out made:
+    one line per problem, before any process group, allocation or output exists. Returns (model
+    args, tokenizer, dataset, cfg.dft with its layers resolved)."""
     model_dir = Path(cfg.model)
-    if not (model_dir / "config.json").is_file():
-        raise SystemExit(missing_model_message(model_dir))
     try:
-        args = read_args(model_dir)
+        args = read_args(model_dir)             # a missing config.json: the line names the download
         tokenizer = Tokenizer(model_dir)
         with torch.device("meta"):
             check_checkpoint(model_dir, Transformer(args))     # safetensors headers only
@@ -425,7 +368,11 @@ def check_inputs(cfg: TrainConfig):
         cfg.dft.types(cfg.mode)
         lc_layer, et_layer = cfg.dft.layers(args)
     except ValueError as e:
-        raise SystemExit(f"{in_flag_terms(e)} (--model {model_dir}, --mode {cfg.mode})") from None
+        # DFTConfig's messages name its fields (lc_layer=5); the user set flags (--lc-layer 5).
+        message = str(e)
+        for f in fields(DFTConfig):
+            message = message.replace(f"{f.name}=", f"{flag(f.name)} ")
+        raise SystemExit(f"{message} (--model {model_dir}, --mode {cfg.mode})") from None
     dft = replace(cfg.dft, lc_layer=lc_layer, et_layer=et_layer)
 
     data_dir = Path(cfg.data)
@@ -440,13 +387,10 @@ def check_inputs(cfg: TrainConfig):
         raise SystemExit(f"{data_dir}: {len(dataset)} examples, {cfg.val_size} held out by "
                          f"--val-size: {train_size} left for training, fewer than --global-batch "
                          f"{cfg.global_batch}")
-    make_out_dir(Path(cfg.out))             # last: a refused run leaves no new directory behind
-    return args, tokenizer, dataset, dft
 
-
-def make_out_dir(out: Path) -> None:
-    """Create --out (every rank: with several nodes each must see it), refusing in one line where
-    that is impossible (a file in the way, no permission, a read-only filesystem)."""
+    # --out last, so that a refused run leaves no new directory behind; made by every rank (with
+    # several nodes, each must see it).
+    out = Path(cfg.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -454,27 +398,18 @@ def make_out_dir(out: Path) -> None:
                          f"path where you can write") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise SystemExit(f"--out {out}: not writable; choose a path where you can write")
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest complete checkpoint (a step_N dir with its state.json); step_N.tmp dirs are
-    unfinished writes."""
-    done = [d for d in ckpt_dir.glob("step_*")
-            if d.is_dir() and d.name[5:].isdigit() and (d / "state.json").is_file()]
-    return max(done, key=lambda d: int(d.name[5:]), default=None)
+    return args, tokenizer, dataset, dft
 
 
 def read_resume_state(ckpt: Path, cfg: TrainConfig, data: dict) -> dict:
-    """The checkpoint's state.json, refused (one line) when it was written by a run with other
-    flags or on other data (`data`: this run's data identity and meta.json, as checkpoint states
-    record them)."""
+    """The checkpoint's state.json, refused in one line when written by a run with other flags or
+    on other data (`data`: this run's data identity and meta.json, as states record them)."""
     state = json.loads((ckpt / "state.json").read_text())
     saved = flatten(state["config"])
     now = flatten(asdict(cfg))
     differ = [k for k in sorted(saved.keys() | now.keys())
               if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
     if differ:
-        flag = lambda key: "--" + key.split(".")[-1].replace("_", "-")  # noqa: E731
         shown = ", ".join(f"{flag(k)} {saved.get(k)} (now {now.get(k)})" for k in differ)
         raise SystemExit(f"{ckpt}: written by a run with {shown}; rerun with those flags to "
                          f"resume, or pick another --out")
@@ -487,32 +422,19 @@ def read_resume_state(ckpt: Path, cfg: TrainConfig, data: dict) -> dict:
     return state
 
 
-# ---------------------------------------------------------------------------------------------
-# Distributed setup
-# ---------------------------------------------------------------------------------------------
+# --- Distributed setup ----------------------------------------------------------------------------
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """NCCL on GPU, gloo on CPU. Under torchrun the env says who we are; alone we are a world of
     one, so the same FSDP2 and checkpoint code runs either way."""
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if "RANK" in os.environ:
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, **kwargs)
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size()
-
-
-def checkpoint_block(block: torch.nn.Module) -> None:
-    """Activation checkpointing of one block: recompute it in backward. The block's forward is
-    wrapped in place (not in a wrapper module), so parameter names stay those of the HF key table
-    in model.py."""
-    forward = block.forward
-
-    def checkpointed_forward(*args, **kwargs):
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    block.forward = checkpointed_forward
 
 
 def apply_fsdp(model: Transformer, bf16: bool, activation_checkpointing: bool,
@@ -530,12 +452,14 @@ def apply_fsdp(model: Transformer, bf16: bool, activation_checkpointing: bool,
         mp = MixedPrecisionPolicy()
     for block in model.layers:
         if activation_checkpointing:
-            checkpoint_block(block)
+            # Recompute the block in backward. Its forward is wrapped in place, not in a wrapper
+            # module, so the parameter names stay those of the HF key table in model.py.
+            block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward,
+                                              use_reentrant=False)
         if compile:
-            # In place, so the parameter names stay. dynamic=True: the sequence length is symbolic
-            # from the first compile, so new lengths reuse the graph (one graph per kind of call:
-            # with or without a shared prompt) instead of recompiling until torch's automatic
-            # dynamic shapes kick in.
+            # In place too. dynamic=True: the sequence length is symbolic from the first call, so
+            # new lengths reuse the graph instead of recompiling until torch's automatic dynamic
+            # shapes kick in.
             block.compile(dynamic=True)
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -556,9 +480,7 @@ def make_optimizer(model: Transformer, cfg: TrainConfig,
                              fused=True if device.type == "cuda" else None)
 
 
-# ---------------------------------------------------------------------------------------------
-# Files: checkpoints, export, metrics
-# ---------------------------------------------------------------------------------------------
+# --- Files: checkpoints, export, metrics ----------------------------------------------------------
 
 def row_step(line: str) -> int | None:
     """The step of a metrics.jsonl row; None for a half-written one (a killed run's last row)."""
@@ -566,6 +488,14 @@ def row_step(line: str) -> int | None:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The complete checkpoints, oldest first: step_N dirs with their state.json (a step_N.tmp dir
+    is an unfinished write)."""
+    done = [d for d in ckpt_dir.glob("step_*")
+            if d.name[5:].isdigit() and (d / "state.json").is_file()]
+    return sorted(done, key=lambda d: int(d.name[5:]))
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, state: dict,
@@ -586,32 +516,26 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, state: dict,
         write_atomic(tmp / "state.json", json.dumps(state, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
-        done = sorted((d for d in ckpt_dir.glob("step_*") if d.name[5:].isdigit()),
-                      key=lambda d: int(d.name[5:]))
-        for old in done[:-keep_last]:
+        for old in checkpoints(ckpt_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
 
 
 def load_checkpoint(ckpt: Path, model, optimizer) -> None:
-    """Fill the sharded model and optimizer from a DCP checkpoint (resharded if the world size
-    changed)."""
+    """Load the sharded model and optimizer from a checkpoint (resharded if the world changed)."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(ckpt))
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(ckpt))   # in place
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
 
 
 def export(model: Transformer, model_dir: Path, out: Path) -> Path:
-    """OUT/final in the HF layout: every rank gathers each tensor in turn, rank 0 writes shard by
-    shard; then the source's config.json (unchanged) and its tokenizer and generation files.
-    Staged, then renamed into place."""
+    """OUT/final in the HF layout (every rank gathers each tensor in turn, rank 0 writes shard by
+    shard) with the SIDE_FILES of --model; staged, then renamed into place."""
     final = out / "final"
     staging = out / "final.partial"
     model.save_pretrained(staging)
     if dist.get_rank() == 0:
-        for name in SIDE_FILES + ("config.json",):
+        for name in SIDE_FILES:
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, staging / name)
         shutil.rmtree(final, ignore_errors=True)
@@ -620,14 +544,11 @@ def export(model: Transformer, model_dir: Path, out: Path) -> Path:
     return final
 
 
-# ---------------------------------------------------------------------------------------------
-# One step: micro-batches forward and backward, validation
-# ---------------------------------------------------------------------------------------------
+# --- One step: micro-batches forward and backward, validation -------------------------------------
 
 def global_counts(micro: list[dict], mode: str, dft: DFTConfig, device) -> dict:
-    """The number of targets of each loss part in these micro-batches on all ranks: what
-    model.dft_step divides each micro-batch's loss sums by, so that all of them add up to the
-    global mean. Known before any backward."""
+    """Targets of each loss part in these micro-batches on all ranks, known before any backward:
+    what model.dft_step divides each micro-batch's sums by, so they add up to the global mean."""
     counts = torch.zeros(3, dtype=torch.long, device=device)
     for batch in micro:
         counts += torch.tensor(list(count_targets(batch, mode, dft).values()), device=device)
@@ -643,13 +564,11 @@ def forward_backward(model, micro: list[dict], counts: dict, mode: str, dft: DFT
                      device) -> torch.Tensor:
     """This rank's micro-batches of one step, forward and backward (gradients accumulate);
     -> the sums of their LOSS_PARTS."""
-    world = dist.get_world_size()
     sums = torch.zeros(len(LOSS_PARTS), device=device)
     for batch in micro:
         parts = model.dft_step(on_device(batch, device), mode, dft, counts)
-        # FSDP2 averages gradients over ranks; each rank's loss is already its share of the
-        # global mean.
-        (parts["loss"] * world).backward()
+        # FSDP2 averages gradients over ranks, but the ranks' losses are shares that must add up.
+        (parts["loss"] * dist.get_world_size()).backward()
         sums += torch.stack([parts[k].float().detach() for k in LOSS_PARTS])
     return sums
 
@@ -659,8 +578,8 @@ def evaluate(model, examples: list[dict], plan: list, mode: str, dft: DFTConfig,
              device) -> dict:
     """Loss parts over the held-out examples, split by `plan` (group_by_length's), each normalised
     by its count over the whole validation set."""
-    groups = [group for group in plan[dist.get_rank()] if group]
-    micro = [collate([examples[i] for i in group], pad_id) for group in groups]
+    micro = [collate([examples[i] for i in group], pad_id) for group in plan[dist.get_rank()]
+             if group]
     counts = global_counts(micro, mode, dft, device)
     sums = torch.zeros(len(LOSS_PARTS), device=device)
     for batch in micro:
@@ -673,22 +592,19 @@ def evaluate(model, examples: list[dict], plan: list, mode: str, dft: DFTConfig,
     return dict(zip(["val_" + part for part in LOSS_PARTS], sums.tolist()))
 
 
-# ---------------------------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------------------------
+# --- The run --------------------------------------------------------------------------------------
 
 def non_finite_stop(step: int, what: str, ckpt_dir: Path) -> SystemExit:
     """The one-line stop for a loss or gradient norm that is not finite."""
-    newest = latest_checkpoint(ckpt_dir)
-    saved = f"the newest checkpoint is {newest}" if newest else "no checkpoint was written yet"
+    done = checkpoints(ckpt_dir)
+    saved = f"the newest checkpoint is {done[-1]}" if done else "no checkpoint was written yet"
     return SystemExit(f"step {step}: {what}; stopping ({saved}); try a lower --lr")
 
 
 def exit_with_one_line(stop: SystemExit) -> None:
     """Print a one-line refusal once and exit with EXIT_ONE_LINE. Every rank checks the same inputs
     (or the same all-reduced numbers), so rank 0 speaks for all. A SystemExit, unlike an
-    exception, leaves no traceback and no error file; torchrun itself still reports the failed
-    worker (its own traceback and a summary box follow)."""
+    exception, leaves no traceback of ours and no error file (torchrun still reports the worker)."""
     if not isinstance(stop.code, str):
         raise stop
     if os.environ.get("RANK", "0") != "0":
@@ -699,21 +615,21 @@ def exit_with_one_line(stop: SystemExit) -> None:
 
 @record
 def main(argv=None):
-    # Inputs first: every mistake a user can make shows up here, before any process group or
-    # allocation.
-    device = local_device()
+    # Inputs first (flags, model, data, checkpoint): a mistake is refused before any work.
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+              if torch.cuda.is_available() else torch.device("cpu"))
     cfg = resolve_config(parse_args(argv), int(os.environ.get("WORLD_SIZE", "1")), device.type)
     args, tokenizer, dataset, dft = check_inputs(cfg)
     cfg = replace(cfg, dft=dft)
     out = Path(cfg.out)
+    ckpt_dir = out / "ckpt"
     model_dir = Path(cfg.model)
-    resume_from = latest_checkpoint(out / "ckpt")
+    done = checkpoints(ckpt_dir)
+    resume_from = done[-1] if done else None
     data = {"identity": data_identity(cfg.data), "meta": dataset.meta}
     resume = read_resume_state(resume_from, cfg, data) if resume_from else None
     lc_type, et_type = dft.types(cfg.mode)
 
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     bf16 = cfg.dtype == "bf16"
     rank, world = init_distributed(device)
     previous_handlers = {}
@@ -724,15 +640,15 @@ def main(argv=None):
 
         # --- data: a held-out validation set, then one permutation of the rest per epoch -------
         split = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))
-        val_indices = sorted(split[:cfg.val_size].tolist())
+        val_examples = [dataset[i] for i in sorted(split[:cfg.val_size].tolist())]
         train_indices = split[cfg.val_size:].sort().values
-        # The last partial batch of an epoch is dropped.
-        steps_per_epoch = len(train_indices) // cfg.global_batch
+        steps_per_epoch = len(train_indices) // cfg.global_batch    # the last partial one dropped
         total_steps = cfg.epochs * steps_per_epoch
         warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
         last_step = min(total_steps, cfg.max_steps or total_steps)
+        schedule = {"kind": "linear warmup + cosine to 0", "total_steps": total_steps,
+                    "warmup_steps": warmup_steps, "max_lr": cfg.lr}
         pad_id = tokenizer.pad_id
-        val_examples = [dataset[i] for i in val_indices]
         val_plan = group_by_length(pass_lengths(val_examples, lc_type, et_type, dft.prefix_share),
                                    world, cfg.batch_size)
         if is_main:
@@ -768,11 +684,10 @@ def main(argv=None):
                       f"{resume['epoch']}, example {resume['step_in_epoch'] * cfg.global_batch} "
                       f"of the epoch)", file=sys.stderr)
         if is_main:
-            for unfinished in (out / "ckpt").glob("step_*.tmp"):     # a killed run's writes
+            for unfinished in ckpt_dir.glob("step_*.tmp"):     # a killed run's writes
                 shutil.rmtree(unfinished, ignore_errors=True)
-            # Steps after the checkpoint will be redone: drop their rows (a killed run may have
-            # logged them, the last one maybe half-written: a row is appended before its step's
-            # checkpoint is saved).
+            # Steps after the checkpoint are redone: drop their rows (a killed run may have logged
+            # them before their checkpoint was saved, the last one maybe half-written).
             rows = metrics_file.read_text().splitlines() if metrics_file.exists() else []
             kept = [row for row in rows if row_step(row) is not None and row_step(row) <= step]
             write_atomic(metrics_file, "".join(row + "\n" for row in kept))
@@ -789,29 +704,19 @@ def main(argv=None):
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous_handlers[signum] = signal.signal(signum, on_signal)
 
-        def checkpoint_state(step):
-            return {"step": step, "epoch": step // steps_per_epoch,
-                    "step_in_epoch": step % steps_per_epoch, "world_size": world,
-                    "config": asdict(cfg), "data": data,
-                    "scheduler": {"kind": "linear warmup + cosine to 0",
-                                  "total_steps": total_steps, "warmup_steps": warmup_steps,
-                                  "max_lr": cfg.lr}}
-
         # --- the loop --------------------------------------------------------------------------
-        order_epoch = None
-        order = None
         stopped = False
         # Closed on every path: a bar left open would print itself after an error message.
         with tqdm(total=last_step, initial=step, desc=f"{cfg.mode} {cfg.lang}", unit="step",
                   disable=not is_main, dynamic_ncols=True) as bar:
             while step < last_step and not stopped:
                 started = time.perf_counter()
+                # This epoch's permutation (the same on every rank) and the step's global_batch.
                 epoch, step_in_epoch = divmod(step, steps_per_epoch)
-                if order_epoch != epoch:
-                    order_epoch = epoch
-                    order = epoch_order(train_indices, cfg.seed, epoch)
-                indices = step_indices(order, step_in_epoch, cfg.global_batch)
-                examples = [dataset[i] for i in indices]
+                shuffle = torch.Generator().manual_seed(cfg.seed + 1 + epoch)
+                order = train_indices[torch.randperm(len(train_indices), generator=shuffle)]
+                first = step_in_epoch * cfg.global_batch
+                examples = [dataset[i] for i in order[first:first + cfg.global_batch].tolist()]
                 lengths = pass_lengths(examples, lc_type, et_type, dft.prefix_share)
                 plan = group_by_length(lengths, world, cfg.batch_size)
                 micro = [collate([examples[i] for i in group], pad_id) for group in plan[rank]]
@@ -821,37 +726,34 @@ def main(argv=None):
                     group["lr"] = lr
 
                 sums = forward_backward(model, micro, counts, cfg.mode, dft, device)
-                stop = torch.tensor([len(stop_requested)], device=device, dtype=torch.float)
-                stats = torch.cat([sums, stop])
+                # One all-reduce for the loss sums and whether any rank got a signal.
+                stats = torch.cat([sums, sums.new_tensor([len(stop_requested)])])
                 dist.all_reduce(stats)
                 parts = dict(zip(LOSS_PARTS, stats[:-1].tolist()))
                 stopped = stats[-1].item() > 0
                 if not math.isfinite(parts["loss"]):
                     raise non_finite_stop(step + 1, f"loss is {parts['loss']} (tft {parts['tft']}, "
-                                          f"lc {parts['lc']}, et {parts['et']})", out / "ckpt")
+                                          f"lc {parts['lc']}, et {parts['et']})", ckpt_dir)
                 params = [p for p in model.parameters() if p.grad is not None]
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-                if isinstance(grad_norm, DTensor):
-                    grad_norm = grad_norm.full_tensor()          # the norm over all ranks' shards
+                # The gradients are FSDP2 shards (DTensors): the norm over all ranks' shards.
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]).full_tensor()
                 if not torch.isfinite(grad_norm):
                     raise non_finite_stop(step + 1, f"gradient norm is {grad_norm.item()}",
-                                          out / "ckpt")
+                                          ckpt_dir)
                 torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
 
                 tokens = int(lengths.sum())                      # real tokens, all ranks
-                seconds = time.perf_counter() - started
                 row = {"step": step, "epoch": round(step / steps_per_epoch, 4), **parts, "lr": lr,
                        "grad_norm": grad_norm.item(), "tokens": tokens,
                        "padded_tokens": sum(padded_tokens(lengths[group])
                                             for groups in plan for group in groups),
-                       "tokens_per_s": round(tokens / seconds, 1)}
+                       "tokens_per_s": round(tokens / (time.perf_counter() - started), 1)}
                 if device.type == "cuda":
-                    peak = torch.cuda.max_memory_allocated(device)
-                    row["peak_mem_gib"] = round(peak / 2**30, 2)
-                if val_indices and (step % cfg.eval_every == 0 or step == last_step):
+                    row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                if val_examples and (step % cfg.eval_every == 0 or step == last_step):
                     row |= evaluate(model, val_examples, val_plan, cfg.mode, dft, pad_id, device)
                 if is_main:
                     with open(metrics_file, "a") as f:
@@ -861,8 +763,10 @@ def main(argv=None):
                                     tok_s=f"{row['tokens_per_s']:.0f}", **val)
                     bar.update(1)
                 if step % cfg.save_every == 0 or step == last_step or stopped:
-                    save_checkpoint(out / "ckpt", step, model, optimizer, checkpoint_state(step),
-                                    cfg.keep_last)
+                    state = {"step": step, "epoch": step // steps_per_epoch,
+                             "step_in_epoch": step % steps_per_epoch, "world_size": world,
+                             "config": asdict(cfg), "data": data, "scheduler": schedule}
+                    save_checkpoint(ckpt_dir, step, model, optimizer, state, cfg.keep_last)
 
         if stopped:
             if is_main:
