@@ -110,15 +110,13 @@ def read_records(path: Path) -> list:
     """The JSON list in `path`, or one line saying what is wrong with the file."""
     expected = "expected a JSON list of {instruction, input, output} objects"
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SystemExit(f"{path}: file not found; "
                          f"see `python prepare_data.py --help` for where to get it")
     except UnicodeDecodeError as err:
         raise SystemExit(f"{path}: byte {err.start}: not UTF-8 text ({err.reason}); "
                          f"expected a UTF-8 JSON file")
-    try:
-        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise SystemExit(f"{path}: line {err.lineno} column {err.colno}: invalid JSON ({err.msg}); "
                          f"{expected}")
@@ -138,10 +136,9 @@ def record_defect(record, sentencepiece: bool) -> tuple[str, str] | None:
         if not isinstance(record[field], str):
             return "not_a_string", (f"field {field!r} is a JSON {json_type(record[field])}; "
                                     f"expected a string")
-    if not record["instruction"].strip():
-        return "empty_instruction", "field 'instruction' is empty"
-    if not record["output"].strip():
-        return "empty_output", "field 'output' is empty"
+    for field in ("instruction", "output"):
+        if not record[field].strip():
+            return f"empty_{field}", f"field {field!r} is empty"
     for field in FIELDS if sentencepiece else ():
         if WORD_MARKER in record[field]:
             return "word_marker", (f"field {field!r} holds '{WORD_MARKER}' (U+2581), which the "
@@ -180,11 +177,10 @@ def encode_prompt(tokenizer, instruction: str, input: str) -> tuple[list[int], t
     """BOS + the Alpaca prompt encoded as one text, as a user's prompt is at inference, and the
     spans of the tokens overlapping each field's characters (a piece merging a field's last
     character with the template's newline counts as the field's)."""
-    has_input = bool(input.strip())
-    template = PROMPT_WITH_INPUT if has_input else PROMPT_NO_INPUT
+    template = PROMPT_WITH_INPUT if input.strip() else PROMPT_NO_INPUT
     start = template.index("{instruction}")
     fields = [(start, start + len(instruction))]
-    if has_input:
+    if template is PROMPT_WITH_INPUT:
         start = template.index("{input}") - len("{instruction}") + len(instruction)
         fields.append((start, start + len(input)))
     ids, offsets = tokenizer.encode_with_offsets(format_prompt(instruction, input), bos=True)
@@ -232,8 +228,7 @@ def supervised_ranges(en: EncodedSide, tgt: EncodedSide | None,
 
 def sequence_stats(kept_ranges: list[dict], max_len: int) -> dict:
     """Per sequence kind, over the kept pairs' supervised_ranges: lengths before the cut, how many
-    sequences the cut shortens, and how many of their supervised tokens it removes (en: the
-    instruction and input tokens the feature losses pool over)."""
+    sequences the cut shortens, and how many of their supervised tokens it removes."""
     stats = {}
     for kind in kept_ranges[0] if kept_ranges else ():
         lengths = [ranges[kind][0] for ranges in kept_ranges]
@@ -384,27 +379,22 @@ def prepare(cfg: PrepareConfig) -> dict:
                    "detail": f"beyond the {n_pairs} examples of the shorter file"}
                   for index in range(n_pairs, len(records[longer]))]
 
-    candidates = []  # indices of the pairs whose fields are usable
-    sentencepiece = tokenizer.sp is not None
-    for index in range(n_pairs):
-        defects = [(side, found) for side in files
-                   if (found := record_defect(records[side][index], sentencepiece))]
-        if defects:
-            side, (reason, detail) = defects[0]
-            drops.append({"reason": reason, "file": str(files[side]), "index": index,
-                          "detail": detail})
-        else:
-            candidates.append(index)
-    bar = tqdm(candidates, desc="tokenising", unit="ex", dynamic_ncols=True, leave=False)
-    # One process: on 52k pairs, worker processes measured no faster.
-    encoded = [{side: encode_side(tokenizer, records[side][i]) for side in files} for i in bar]
-
     kept = []  # (index, {side: EncodedSide})
     kept_ranges = []
     ratios = []
     input_differs = []
     low, high = cfg.ratio_bounds
-    for index, pair in zip(candidates, encoded):
+    sentencepiece = tokenizer.sp is not None
+    # One process: on 52k pairs, worker processes measured no faster.
+    for index in tqdm(range(n_pairs), desc="tokenising", unit="ex", dynamic_ncols=True,
+                      leave=False):
+        defects = [(files[side], found) for side in files
+                   if (found := record_defect(records[side][index], sentencepiece))]
+        if defects:
+            file, (reason, detail) = defects[0]
+            drops.append({"reason": reason, "file": str(file), "index": index, "detail": detail})
+            continue
+        pair = {side: encode_side(tokenizer, records[side][index]) for side in files}
         en, tgt = pair["en"], pair.get("tgt")
         defect = None
         if tgt is not None:
@@ -460,56 +450,50 @@ def write_prepared(cfg: PrepareConfig, tokenizer, kept: list, report: dict) -> N
     """Write arrays, meta.json and report.json into the staging directory, then swap it in: never
     a half directory, and one line when the disk refuses."""
     tmp = staging_dir(cfg.out)
+    old = cfg.out.with_name(cfg.out.name + ".old")
+    truncated = {kind: {"sequences": s["truncated"], "cut_share": s["cut_share"]}
+                 for kind, s in report["sequences"].items()}
     try:
         tmp.mkdir(parents=True)
-        write_arrays(tmp, cfg, tokenizer, kept, report)
+        for side in report["files"]:
+            encoded = [pair[side] for _, pair in kept]
+            for part, attr in (("x", "prompt"), ("y", "response")):
+                pieces = [getattr(e, attr) for e in encoded]
+                offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+                offsets[1:] = np.cumsum([len(p) for p in pieces])
+                ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+                np.save(tmp / f"{part}_{side}.ids.npy", ids.astype(np.int32, copy=False))
+                np.save(tmp / f"{part}_{side}.offsets.npy", offsets)
+            spans = np.asarray([e.spans for e in encoded], dtype=np.int32).reshape(-1, 4)
+            np.save(tmp / f"{side}_spans.npy", spans)
+        np.save(tmp / "source_index.npy", np.asarray([i for i, _ in kept], dtype=np.int64))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "created_by": "prepare_data.py",
+            "lang": cfg.lang,
+            "mode": report["mode"],
+            "num_examples": len(kept),
+            "tokenizer_sha256": tokenizer.sha256,
+            "bos_id": tokenizer.bos_id,
+            "max_len": cfg.max_len,
+            "overlong": cfg.overlong,
+            "template": TEMPLATE_ID,
+            "counts": {"records": report["records"], "kept": report["kept"],
+                       "dropped": report["dropped"], "truncated": truncated},
+            "sources": {side: {"path": path,
+                               "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+                        for side, path in report["files"].items()},
+        }
+        for name, content in (("meta.json", meta), ("report.json", report)):
+            (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
         if cfg.out.exists():
-            old = cfg.out.with_name(cfg.out.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
             cfg.out.rename(old)
-            tmp.rename(cfg.out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(cfg.out)
+        tmp.rename(cfg.out)
+        shutil.rmtree(old, ignore_errors=True)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise cannot_write(cfg.out, err) from None
-
-
-def write_arrays(tmp: Path, cfg: PrepareConfig, tokenizer, kept: list, report: dict) -> None:
-    for side in report["files"]:
-        encoded = [pair[side] for _, pair in kept]
-        for part, attr in (("x", "prompt"), ("y", "response")):
-            pieces = [getattr(e, attr) for e in encoded]
-            offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
-            offsets[1:] = np.cumsum([len(p) for p in pieces])
-            ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-            np.save(tmp / f"{part}_{side}.ids.npy", ids.astype(np.int32, copy=False))
-            np.save(tmp / f"{part}_{side}.offsets.npy", offsets)
-        spans = np.asarray([e.spans for e in encoded], dtype=np.int32).reshape(-1, 4)
-        np.save(tmp / f"{side}_spans.npy", spans)
-    np.save(tmp / "source_index.npy", np.asarray([index for index, _ in kept], dtype=np.int64))
-    truncated = {kind: {"sequences": s["truncated"], "cut_share": s["cut_share"]}
-                 for kind, s in report["sequences"].items()}
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "created_by": "prepare_data.py",
-        "lang": cfg.lang,
-        "mode": report["mode"],
-        "num_examples": len(kept),
-        "tokenizer_sha256": tokenizer.sha256,
-        "bos_id": tokenizer.bos_id,
-        "max_len": cfg.max_len,
-        "overlong": cfg.overlong,
-        "template": TEMPLATE_ID,
-        "counts": {"records": report["records"], "kept": report["kept"],
-                   "dropped": report["dropped"], "truncated": truncated},
-        "sources": {side: {"path": path,
-                           "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
-                    for side, path in report["files"].items()},
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
 
 def format_report(report: dict, out: Path) -> str:
@@ -558,8 +542,6 @@ def prepare_command(mode: str, lang: str | None, tokenizer="MODEL_DIR", out=None
 def check_meta(meta: dict, lang: str, mode: str, tokenizer_sha256: str, path) -> None:
     """One-line refusal of prepared data made for another mode ("parallel" | "sft"), language or
     tokenizer. sft data is English whatever language the model is evaluated on: lang unchecked."""
-    if mode not in ("parallel", "sft"):
-        raise ValueError(f"mode={mode!r}; expected 'parallel' or 'sft'")
     remake = prepare_command(mode, lang, out=path)
     where = f"{path}/meta.json"
     if meta.get("mode") != mode:
