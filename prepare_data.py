@@ -1,14 +1,13 @@
 """Parallel Alpaca data (English + vi/zh/ar) -> validated, tokenised, memory-mapped arrays for DFT.
 `python prepare_data.py --help` tells where the inputs come from and gives example commands.
 
-The English and target files are paired by index; a pair that cannot be used is dropped and counted
-by reason in the printed report and OUT/report.json. Each text is encoded once and reused for the
-four training sequences:
+The two files pair by index (a pair that cannot be used is dropped and counted by reason in
+OUT/report.json); each text is encoded once and reused for the four training sequences:
 
     tft = x_tgt ; y_tgt        lc = x_tgt ; x_en        et = x_tgt ; y_en        en = x_en
 
-x = BOS + the Alpaca prompt (English template words for every language, ending in "### Response:"),
-y = output ids + EOS; in lc the x_en part carries no BOS of its own.
+x = BOS + the Alpaca prompt (ending in "### Response:"), y = output ids + EOS; in lc the x_en part
+carries no BOS of its own.
 
 Output directory (FORMAT_VERSION 2), memory-mapped on load:
     {part}.ids.npy (int32, flat) + {part}.offsets.npy (int64, N+1) for part in x_tgt, y_tgt, x_en,
@@ -73,6 +72,9 @@ OVERLONG_POLICIES = ("truncate", "drop")
 # tokens (byte-level BPE tokenizers read it as any other character).
 WORD_MARKER = "\u2581"
 EXAMPLES_PER_REASON = 3  # drops printed per reason; report.json lists all
+# The JSON name of each type json.loads returns, for messages about a record.
+JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
+              bool: "boolean", type(None): "null"}
 
 DROP_REASONS = {
     "not_an_object": "record is not a JSON object",
@@ -90,14 +92,7 @@ DROP_REASONS = {
 }
 
 
-def json_type(value) -> str:
-    names = {dict: "object", list: "array", str: "string", int: "number", float: "number",
-             bool: "boolean"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
 def format_prompt(instruction: str, input: str) -> str:
-    """The Alpaca prompt text; the with-input variant when `input` has any non-space character."""
     if input.strip():
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
@@ -121,20 +116,20 @@ def read_records(path: Path) -> list:
         raise SystemExit(f"{path}: line {err.lineno} column {err.colno}: invalid JSON ({err.msg}); "
                          f"{expected}")
     if not isinstance(data, list):
-        raise SystemExit(f"{path}: top level is a JSON {json_type(data)}; {expected}")
+        raise SystemExit(f"{path}: top level is a JSON {JSON_TYPES[type(data)]}; {expected}")
     return data
 
 
 def record_defect(record, sentencepiece: bool) -> tuple[str, str] | None:
     """(reason, detail) when a record is unusable, else None; WORD_MARKER only if sentencepiece."""
     if not isinstance(record, dict):
-        return "not_an_object", (f"is a JSON {json_type(record)}; "
+        return "not_an_object", (f"is a JSON {JSON_TYPES[type(record)]}; "
                                  f"expected an object with fields {', '.join(FIELDS)}")
     for field in FIELDS:
         if field not in record:
             return "missing_field", f"field {field!r} is missing"
         if not isinstance(record[field], str):
-            return "not_a_string", (f"field {field!r} is a JSON {json_type(record[field])}; "
+            return "not_a_string", (f"field {field!r} is a JSON {JSON_TYPES[type(record[field])]}; "
                                     f"expected a string")
     for field in ("instruction", "output"):
         if not record[field].strip():
@@ -304,7 +299,6 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 
 def staging_dir(out: Path) -> Path:
-    """Where the output is written before it is renamed into place."""
     return out.with_name(out.name + ".tmp")
 
 
@@ -315,10 +309,15 @@ def cannot_write(out: Path, err: OSError) -> SystemExit:
 def check_output_dir(out: Path, overwrite: bool) -> None:
     """Before any work: refuse a directory this script did not write, or prepared data without
     --overwrite; check that the staging directory can be made (removing a crashed run's)."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_prepared_dir(out))):
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+        prepared = meta.get("created_by") == "prepare_data.py"
+    except (OSError, ValueError, AttributeError):
+        prepared = False
+    if out.exists() and not prepared and (not out.is_dir() or any(out.iterdir())):
         raise SystemExit(f"{out}: exists and is not a prepared-data directory; "
                          f"choose another --out or remove it")
-    if is_prepared_dir(out) and not overwrite:
+    if prepared and not overwrite:
         raise SystemExit(f"{out}: already holds prepared data; pass --overwrite to replace it, "
                          f"or choose another --out")
     try:
@@ -327,13 +326,6 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         staging_dir(out).rmdir()
     except OSError as err:
         raise cannot_write(out, err) from None
-
-
-def is_prepared_dir(path: Path) -> bool:
-    try:
-        return json.loads((path / "meta.json").read_text()).get("created_by") == "prepare_data.py"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def overlong_defect(en: EncodedSide, tgt: EncodedSide | None, ranges: dict,
@@ -582,7 +574,6 @@ class PreparedDataset:
     def __init__(self, meta: dict, arrays: dict[str, np.ndarray]):
         self.meta = meta
         self.arrays = arrays
-        self.sft = meta["mode"] == "sft"
         self.max_len = meta["max_len"]
 
     def __len__(self) -> int:
@@ -596,11 +587,9 @@ class PreparedDataset:
         return np.asarray(self.arrays[f"{part}.ids"][offsets[i]:offsets[i + 1]], dtype=np.int64)
 
     def __getitem__(self, i: int) -> dict:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} examples")
-        i %= len(self)
+        i = range(len(self))[i]  # an IndexError past the end, and a negative i from the end
         x_en, y_en = self._part("x_en", i), self._part("y_en", i)
-        if self.sft:
+        if self.meta["mode"] == "sft":
             tokens, labels = supervise_continuation(x_en, y_en, self.max_len)
             return {"tft_tokens": tokens, "tft_labels": labels, "tft_mask": torch.ones_like(tokens),
                     "tgt_prompt_len": len(x_en)}
@@ -698,8 +687,6 @@ def load_prepared(path) -> PreparedDataset:
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: *_tokens padded with pad_id, *_labels with -100, masks with 0."""
-    if not examples:
-        raise ValueError("collate: empty list of examples")
     batch = {}
     for key in examples[0]:
         values = [example[key] for example in examples]
