@@ -159,9 +159,7 @@ def find_duplicates(records: list) -> dict:
 # Tokenisation
 
 @dataclass
-class EncodedSide:
-    """One side (English or target language) of a pair, tokenised."""
-
+class EncodedSide:  # one side (English or target language) of a pair, tokenised
     prompt: np.ndarray    # int32: BOS + template with instruction [and input]
     response: np.ndarray  # int32: output + EOS
     spans: tuple[int, int, int, int]  # [instruction start, end), [input start, end) in `prompt`
