@@ -1,14 +1,13 @@
 """Parallel Alpaca data (English + vi/zh/ar) -> validated, tokenised, memory-mapped arrays for DFT.
 `python prepare_data.py --help` tells where the inputs come from and gives example commands.
 
-The English and target files are paired by index; a pair that cannot be used is dropped and counted
-by reason in the printed report and OUT/report.json. Each text is encoded once and reused for the
-four training sequences:
+The two files pair by index (a pair that cannot be used is dropped and counted by reason in
+OUT/report.json); each text is encoded once and reused for the four training sequences:
 
     tft = x_tgt ; y_tgt        lc = x_tgt ; x_en        et = x_tgt ; y_en        en = x_en
 
-x = BOS + the Alpaca prompt (English template words for every language, ending in "### Response:"),
-y = output ids + EOS; in lc the x_en part carries no BOS of its own.
+x = BOS + the Alpaca prompt (ending in "### Response:"), y = output ids + EOS; in lc the x_en part
+carries no BOS of its own.
 
 Output directory (FORMAT_VERSION 2), memory-mapped on load:
     {part}.ids.npy (int32, flat) + {part}.offsets.npy (int64, N+1) for part in x_tgt, y_tgt, x_en,
@@ -73,6 +72,9 @@ OVERLONG_POLICIES = ("truncate", "drop")
 # tokens (byte-level BPE tokenizers read it as any other character).
 WORD_MARKER = "\u2581"
 EXAMPLES_PER_REASON = 3  # drops printed per reason; report.json lists all
+# The JSON name of each type json.loads returns, for messages about a record.
+JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
+              bool: "boolean", type(None): "null"}
 
 DROP_REASONS = {
     "not_an_object": "record is not a JSON object",
@@ -90,14 +92,7 @@ DROP_REASONS = {
 }
 
 
-def json_type(value) -> str:
-    names = {dict: "object", list: "array", str: "string", int: "number", float: "number",
-             bool: "boolean"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
 def format_prompt(instruction: str, input: str) -> str:
-    """The Alpaca prompt text; the with-input variant when `input` has any non-space character."""
     if input.strip():
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
@@ -110,38 +105,35 @@ def read_records(path: Path) -> list:
     """The JSON list in `path`, or one line saying what is wrong with the file."""
     expected = "expected a JSON list of {instruction, input, output} objects"
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SystemExit(f"{path}: file not found; "
                          f"see `python prepare_data.py --help` for where to get it")
     except UnicodeDecodeError as err:
         raise SystemExit(f"{path}: byte {err.start}: not UTF-8 text ({err.reason}); "
                          f"expected a UTF-8 JSON file")
-    try:
-        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise SystemExit(f"{path}: line {err.lineno} column {err.colno}: invalid JSON ({err.msg}); "
                          f"{expected}")
     if not isinstance(data, list):
-        raise SystemExit(f"{path}: top level is a JSON {json_type(data)}; {expected}")
+        raise SystemExit(f"{path}: top level is a JSON {JSON_TYPES[type(data)]}; {expected}")
     return data
 
 
 def record_defect(record, sentencepiece: bool) -> tuple[str, str] | None:
     """(reason, detail) when a record is unusable, else None; WORD_MARKER only if sentencepiece."""
     if not isinstance(record, dict):
-        return "not_an_object", (f"is a JSON {json_type(record)}; "
+        return "not_an_object", (f"is a JSON {JSON_TYPES[type(record)]}; "
                                  f"expected an object with fields {', '.join(FIELDS)}")
     for field in FIELDS:
         if field not in record:
             return "missing_field", f"field {field!r} is missing"
         if not isinstance(record[field], str):
-            return "not_a_string", (f"field {field!r} is a JSON {json_type(record[field])}; "
+            return "not_a_string", (f"field {field!r} is a JSON {JSON_TYPES[type(record[field])]}; "
                                     f"expected a string")
-    if not record["instruction"].strip():
-        return "empty_instruction", "field 'instruction' is empty"
-    if not record["output"].strip():
-        return "empty_output", "field 'output' is empty"
+    for field in ("instruction", "output"):
+        if not record[field].strip():
+            return f"empty_{field}", f"field {field!r} is empty"
     for field in FIELDS if sentencepiece else ():
         if WORD_MARKER in record[field]:
             return "word_marker", (f"field {field!r} holds '{WORD_MARKER}' (U+2581), which the "
@@ -167,9 +159,7 @@ def find_duplicates(records: list) -> dict:
 # Tokenisation
 
 @dataclass
-class EncodedSide:
-    """One side (English or target language) of a pair, tokenised."""
-
+class EncodedSide:  # one side (English or target language) of a pair, tokenised
     prompt: np.ndarray    # int32: BOS + template with instruction [and input]
     response: np.ndarray  # int32: output + EOS
     spans: tuple[int, int, int, int]  # [instruction start, end), [input start, end) in `prompt`
@@ -180,11 +170,10 @@ def encode_prompt(tokenizer, instruction: str, input: str) -> tuple[list[int], t
     """BOS + the Alpaca prompt encoded as one text, as a user's prompt is at inference, and the
     spans of the tokens overlapping each field's characters (a piece merging a field's last
     character with the template's newline counts as the field's)."""
-    has_input = bool(input.strip())
-    template = PROMPT_WITH_INPUT if has_input else PROMPT_NO_INPUT
+    template = PROMPT_WITH_INPUT if input.strip() else PROMPT_NO_INPUT
     start = template.index("{instruction}")
     fields = [(start, start + len(instruction))]
-    if has_input:
+    if template is PROMPT_WITH_INPUT:
         start = template.index("{input}") - len("{instruction}") + len(instruction)
         fields.append((start, start + len(input)))
     ids, offsets = tokenizer.encode_with_offsets(format_prompt(instruction, input), bos=True)
@@ -232,8 +221,7 @@ def supervised_ranges(en: EncodedSide, tgt: EncodedSide | None,
 
 def sequence_stats(kept_ranges: list[dict], max_len: int) -> dict:
     """Per sequence kind, over the kept pairs' supervised_ranges: lengths before the cut, how many
-    sequences the cut shortens, and how many of their supervised tokens it removes (en: the
-    instruction and input tokens the feature losses pool over)."""
+    sequences the cut shortens, and how many of their supervised tokens it removes."""
     stats = {}
     for kind in kept_ranges[0] if kept_ranges else ():
         lengths = [ranges[kind][0] for ranges in kept_ranges]
@@ -309,7 +297,6 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 
 def staging_dir(out: Path) -> Path:
-    """Where the output is written before it is renamed into place."""
     return out.with_name(out.name + ".tmp")
 
 
@@ -320,10 +307,15 @@ def cannot_write(out: Path, err: OSError) -> SystemExit:
 def check_output_dir(out: Path, overwrite: bool) -> None:
     """Before any work: refuse a directory this script did not write, or prepared data without
     --overwrite; check that the staging directory can be made (removing a crashed run's)."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_prepared_dir(out))):
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+        prepared = meta.get("created_by") == "prepare_data.py"
+    except (OSError, ValueError, AttributeError):
+        prepared = False
+    if out.exists() and not prepared and (not out.is_dir() or any(out.iterdir())):
         raise SystemExit(f"{out}: exists and is not a prepared-data directory; "
                          f"choose another --out or remove it")
-    if is_prepared_dir(out) and not overwrite:
+    if prepared and not overwrite:
         raise SystemExit(f"{out}: already holds prepared data; pass --overwrite to replace it, "
                          f"or choose another --out")
     try:
@@ -332,13 +324,6 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         staging_dir(out).rmdir()
     except OSError as err:
         raise cannot_write(out, err) from None
-
-
-def is_prepared_dir(path: Path) -> bool:
-    try:
-        return json.loads((path / "meta.json").read_text()).get("created_by") == "prepare_data.py"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def overlong_defect(en: EncodedSide, tgt: EncodedSide | None, ranges: dict,
@@ -384,27 +369,21 @@ def prepare(cfg: PrepareConfig) -> dict:
                    "detail": f"beyond the {n_pairs} examples of the shorter file"}
                   for index in range(n_pairs, len(records[longer]))]
 
-    candidates = []  # indices of the pairs whose fields are usable
-    sentencepiece = tokenizer.sp is not None
-    for index in range(n_pairs):
-        defects = [(side, found) for side in files
-                   if (found := record_defect(records[side][index], sentencepiece))]
-        if defects:
-            side, (reason, detail) = defects[0]
-            drops.append({"reason": reason, "file": str(files[side]), "index": index,
-                          "detail": detail})
-        else:
-            candidates.append(index)
-    bar = tqdm(candidates, desc="tokenising", unit="ex", dynamic_ncols=True, leave=False)
-    # One process: on 52k pairs, worker processes measured no faster.
-    encoded = [{side: encode_side(tokenizer, records[side][i]) for side in files} for i in bar]
-
     kept = []  # (index, {side: EncodedSide})
     kept_ranges = []
     ratios = []
-    input_differs = []
     low, high = cfg.ratio_bounds
-    for index, pair in zip(candidates, encoded):
+    sentencepiece = tokenizer.sp is not None
+    # One process: on 52k pairs, worker processes measured no faster.
+    for index in tqdm(range(n_pairs), desc="tokenising", unit="ex", dynamic_ncols=True,
+                      leave=False):
+        defects = [(files[side], found) for side in files
+                   if (found := record_defect(records[side][index], sentencepiece))]
+        if defects:
+            file, (reason, detail) = defects[0]
+            drops.append({"reason": reason, "file": str(file), "index": index, "detail": detail})
+            continue
+        pair = {side: encode_side(tokenizer, records[side][index]) for side in files}
         en, tgt = pair["en"], pair.get("tgt")
         defect = None
         if tgt is not None:
@@ -414,8 +393,6 @@ def prepare(cfg: PrepareConfig) -> dict:
                 defect = "length_ratio", (f"{tgt.content_tokens} target tokens vs "
                                           f"{en.content_tokens} English: smoothed ratio "
                                           f"{ratio:.2f} outside [{low}, {high}]")
-            elif (en.spans[3] > en.spans[2]) != (tgt.spans[3] > tgt.spans[2]):
-                input_differs.append(index)
         ranges = supervised_ranges(en, tgt, tokenizer.bos_id is not None)
         defect = defect or overlong_defect(en, tgt, ranges, cfg)
         if defect:
@@ -448,8 +425,6 @@ def prepare(cfg: PrepareConfig) -> dict:
             quantiles = np.quantile(ratios, [0, 0.01, 0.5, 0.99, 1])
             names = ["min", "p01", "median", "p99", "max"]
             report["ratio"] |= {name: round(float(q), 3) for name, q in zip(names, quantiles)}
-        report["input_presence_differs"] = {"count": len(input_differs),
-                                            "indices": input_differs[:20]}
     report["seconds"] = round(time.perf_counter() - started, 2)
     write_prepared(cfg, tokenizer, kept, report)
     print(format_report(report, cfg.out), file=sys.stderr)
@@ -460,56 +435,50 @@ def write_prepared(cfg: PrepareConfig, tokenizer, kept: list, report: dict) -> N
     """Write arrays, meta.json and report.json into the staging directory, then swap it in: never
     a half directory, and one line when the disk refuses."""
     tmp = staging_dir(cfg.out)
+    old = cfg.out.with_name(cfg.out.name + ".old")
+    truncated = {kind: {"sequences": s["truncated"], "cut_share": s["cut_share"]}
+                 for kind, s in report["sequences"].items()}
     try:
         tmp.mkdir(parents=True)
-        write_arrays(tmp, cfg, tokenizer, kept, report)
+        for side in report["files"]:
+            encoded = [pair[side] for _, pair in kept]
+            for part, attr in (("x", "prompt"), ("y", "response")):
+                pieces = [getattr(e, attr) for e in encoded]
+                offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+                offsets[1:] = np.cumsum([len(p) for p in pieces])
+                ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+                np.save(tmp / f"{part}_{side}.ids.npy", ids.astype(np.int32, copy=False))
+                np.save(tmp / f"{part}_{side}.offsets.npy", offsets)
+            spans = np.asarray([e.spans for e in encoded], dtype=np.int32).reshape(-1, 4)
+            np.save(tmp / f"{side}_spans.npy", spans)
+        np.save(tmp / "source_index.npy", np.asarray([i for i, _ in kept], dtype=np.int64))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "created_by": "prepare_data.py",
+            "lang": cfg.lang,
+            "mode": report["mode"],
+            "num_examples": len(kept),
+            "tokenizer_sha256": tokenizer.sha256,
+            "bos_id": tokenizer.bos_id,
+            "max_len": cfg.max_len,
+            "overlong": cfg.overlong,
+            "template": TEMPLATE_ID,
+            "counts": {"records": report["records"], "kept": report["kept"],
+                       "dropped": report["dropped"], "truncated": truncated},
+            "sources": {side: {"path": path,
+                               "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+                        for side, path in report["files"].items()},
+        }
+        for name, content in (("meta.json", meta), ("report.json", report)):
+            (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
         if cfg.out.exists():
-            old = cfg.out.with_name(cfg.out.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
             cfg.out.rename(old)
-            tmp.rename(cfg.out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(cfg.out)
+        tmp.rename(cfg.out)
+        shutil.rmtree(old, ignore_errors=True)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise cannot_write(cfg.out, err) from None
-
-
-def write_arrays(tmp: Path, cfg: PrepareConfig, tokenizer, kept: list, report: dict) -> None:
-    for side in report["files"]:
-        encoded = [pair[side] for _, pair in kept]
-        for part, attr in (("x", "prompt"), ("y", "response")):
-            pieces = [getattr(e, attr) for e in encoded]
-            offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
-            offsets[1:] = np.cumsum([len(p) for p in pieces])
-            ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-            np.save(tmp / f"{part}_{side}.ids.npy", ids.astype(np.int32, copy=False))
-            np.save(tmp / f"{part}_{side}.offsets.npy", offsets)
-        spans = np.asarray([e.spans for e in encoded], dtype=np.int32).reshape(-1, 4)
-        np.save(tmp / f"{side}_spans.npy", spans)
-    np.save(tmp / "source_index.npy", np.asarray([index for index, _ in kept], dtype=np.int64))
-    truncated = {kind: {"sequences": s["truncated"], "cut_share": s["cut_share"]}
-                 for kind, s in report["sequences"].items()}
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "created_by": "prepare_data.py",
-        "lang": cfg.lang,
-        "mode": report["mode"],
-        "num_examples": len(kept),
-        "tokenizer_sha256": tokenizer.sha256,
-        "bos_id": tokenizer.bos_id,
-        "max_len": cfg.max_len,
-        "overlong": cfg.overlong,
-        "template": TEMPLATE_ID,
-        "counts": {"records": report["records"], "kept": report["kept"],
-                   "dropped": report["dropped"], "truncated": truncated},
-        "sources": {side: {"path": path,
-                           "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
-                    for side, path in report["files"].items()},
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
 
 def format_report(report: dict, out: Path) -> str:
@@ -532,9 +501,6 @@ def format_report(report: dict, out: Path) -> str:
         r = report["ratio"]
         lines.append(f"  tgt/en token ratio: min {r['min']} p1 {r['p01']} median {r['median']} "
                      f"p99 {r['p99']} max {r['max']} (bounds {r['bounds'][0]}..{r['bounds'][1]})")
-    if report.get("input_presence_differs", {}).get("count"):
-        lines.append(f"  input on one side only (kept): "
-                     f"{report['input_presence_differs']['count']} pairs")
     lines.append(f"  sequences (tokens before the cut; --overlong {report['overlong']} "
                  f"at {report['max_len']}):")
     for kind, s in report["sequences"].items():
@@ -558,8 +524,6 @@ def prepare_command(mode: str, lang: str | None, tokenizer="MODEL_DIR", out=None
 def check_meta(meta: dict, lang: str, mode: str, tokenizer_sha256: str, path) -> None:
     """One-line refusal of prepared data made for another mode ("parallel" | "sft"), language or
     tokenizer. sft data is English whatever language the model is evaluated on: lang unchecked."""
-    if mode not in ("parallel", "sft"):
-        raise ValueError(f"mode={mode!r}; expected 'parallel' or 'sft'")
     remake = prepare_command(mode, lang, out=path)
     where = f"{path}/meta.json"
     if meta.get("mode") != mode:
@@ -600,7 +564,6 @@ class PreparedDataset:
     def __init__(self, meta: dict, arrays: dict[str, np.ndarray]):
         self.meta = meta
         self.arrays = arrays
-        self.sft = meta["mode"] == "sft"
         self.max_len = meta["max_len"]
 
     def __len__(self) -> int:
@@ -614,11 +577,9 @@ class PreparedDataset:
         return np.asarray(self.arrays[f"{part}.ids"][offsets[i]:offsets[i + 1]], dtype=np.int64)
 
     def __getitem__(self, i: int) -> dict:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} examples")
-        i %= len(self)
+        i = range(len(self))[i]  # an IndexError past the end, and a negative i from the end
         x_en, y_en = self._part("x_en", i), self._part("y_en", i)
-        if self.sft:
+        if self.meta["mode"] == "sft":
             tokens, labels = supervise_continuation(x_en, y_en, self.max_len)
             return {"tft_tokens": tokens, "tft_labels": labels, "tft_mask": torch.ones_like(tokens),
                     "tgt_prompt_len": len(x_en)}
@@ -716,8 +677,6 @@ def load_prepared(path) -> PreparedDataset:
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: *_tokens padded with pad_id, *_labels with -100, masks with 0."""
-    if not examples:
-        raise ValueError("collate: empty list of examples")
     batch = {}
     for key in examples[0]:
         values = [example[key] for example in examples]

@@ -36,7 +36,7 @@ VI = [
      "output": "Thủ đô của Pháp là Paris."},
     {"instruction": "Dịch câu sau sang tiếng Pháp.", "input": "Chào buổi sáng.", "output": "Bonjour."},
     {"instruction": "2 + 2 bằng bao nhiêu?", "input": "", "output": "4"},
-    # the translation put the colour into an input: kept, and counted as "input on one side only"
+    # the translation put the colour into an input: kept
     {"instruction": "Hãy kể tên một màu cơ bản.", "input": "Màu", "output": "Màu đỏ."},
 ]
 ZH = [
@@ -266,7 +266,6 @@ def test_labels_and_content_masks_token_by_token(prepared_vi):
     report, out, tok = prepared_vi
     ds = pd.load_prepared(out)
     assert report["kept"] == len(ds) == len(EN)
-    assert report["input_presence_differs"]["indices"] == [4]
     for i in range(len(ds)):
         en, vi = EN[ds.source_index(i)], VI[ds.source_index(i)]
         ex = ds[i]
