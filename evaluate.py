@@ -961,6 +961,7 @@ LENS_LANGS = ("vi", "ar", "zh", "en")        # the bundled sample's languages
 # layers 1..N on; a curve whose range is under LENS_FLAT nats has none (its steps are noise).
 LENS_CLEAR_DROP = 0.1
 LENS_FLAT = 0.05
+LENS_SHOWN = 8          # response positions of the first example whose top-1 tokens are shown
 
 
 @dataclass
@@ -1015,7 +1016,8 @@ def lens_sequences(tok, records: list[dict], max_len: int) -> tuple[list[LensSeq
 
 @torch.inference_mode()
 def logit_lens(model, sequences: list[LensSequence], pad_id: int, batch_size: int = 16,
-               chunk_size: int = 128, show: int = 8, desc: str | None = None) -> LensResult:
+               chunk_size: int = 128, show: int = LENS_SHOWN,
+               desc: str | None = None) -> LensResult:
     """Per layer k = 0..N (0 = the embeddings, N = the model's output), softmax(head_logits(h_k))
     at every response position, averaged over all of them: entropy in nats, rank of the true next
     token (1 = top; a tie counts against it), its probability, how often it is the top-1; and the
@@ -1181,8 +1183,7 @@ def run_logit_lens(args) -> Path:
     if not sequences:
         raise SystemExit(f"error: {data}: no record leaves a response position within "
                          f"max_seq_len={config.max_seq_len}; pass shorter records with --lens-data")
-    result = logit_lens(model, sequences, tok.pad_id, args.batch_size, show=args.lens_positions,
-                        desc="logit lens")
+    result = logit_lens(model, sequences, tok.pad_id, args.batch_size, desc="logit lens")
     i, j, rule_notes = suggest_layers([row["entropy"] for row in result.layers[1:]], config.family)
     png = plot_lens(result, i, j, out / "logit_lens.png")
     header = [f"Model `{args.model}` (family {config.family}, {config.n_layers} blocks, V = "
@@ -1268,9 +1269,6 @@ def build_parser() -> argparse.ArgumentParser:
                       "records, picking the bundled sample file (default: %(default)s)")
     lens.add_argument("--lens-examples", type=int, default=16, metavar="N",
                       help="first N records (default: %(default)s)")
-    lens.add_argument("--lens-positions", type=int, default=8, metavar="N",
-                      help="response positions of the first example whose top-1 tokens are shown "
-                      "(default: %(default)s)")
     return p
 
 
@@ -1281,7 +1279,7 @@ def parse_args(argv=None):
         p.error("--logit-lens and --prompt are separate modes; pass one of them")
     if args.qa_max_new_tokens is None:
         args.qa_max_new_tokens = 256 if args.prompt else Protocol.qa_max_new_tokens
-    for name in ("batch_size", "qa_max_new_tokens", "limit", "lens_examples", "lens_positions"):
+    for name in ("batch_size", "qa_max_new_tokens", "limit", "lens_examples"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} {value}: expected a positive integer")
