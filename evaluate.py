@@ -714,7 +714,8 @@ def greedy_generate(model, tok, prompts: list[list[int]], max_new_tokens: int,
             if all(done) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-            logits = model(next_ids[:, None], attention_mask=mask, cache=cache, last_only=True)[:, -1]
+            logits = model(next_ids[:, None], attention_mask=mask, cache=cache,
+                           last_only=True)[:, -1]
     return out
 
 
@@ -788,8 +789,7 @@ def evaluate_cell(model, tok, bench: Benchmark, lang: str, rows: list[dict], pro
             records.append(dict(id=it.id, prompt=it.prompt, generation=generation, answer=answer,
                                 gold=it.answers, f1=f1_of(answer, it.answers, lang),
                                 em=qa_em(answer, it.answers, lang)))
-        return {"f1": percent(r["f1"] for r in records),
-                "em": percent(r["em"] for r in records)}, records
+        return {m: percent(r[m] for r in records) for m in bench.metrics}, records
 
     ties = protocol.mc_ties
     if bench.name == "truthfulqa":                          # items: (MC1, MC2) pairs
@@ -969,7 +969,7 @@ def lens_records(path: Path, n: int, tok: Tokenizer) -> list[dict]:
 
 
 def lens_sequences(tok, records: list[dict], max_len: int) -> tuple[list[LensSequence], list[str]]:
-    """The records encoded as prepare_data.py does; one past the context loses its response's end."""
+    """The records encoded as prepare_data.py does; one too long loses its response's end."""
     sequences, notes = [], []
     for index, r in enumerate(records):
         prompt = alpaca_prompt_ids(tok, r["instruction"], r["input"])
