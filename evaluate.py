@@ -66,9 +66,7 @@ LANGS = ("vi", "ar", "zh")          # the paper's languages; every table below h
 REPO_DIR = Path(__file__).resolve().parent
 BENCH_SAMPLE_DIR = SAMPLE_DIR.parent / "bench_sample"   # a few rows per benchmark: a format check
 
-# --------------------------------------------------------------------------------------------------
-# Prompts (facts from the projects named; "I" marks our own choice where nobody states one)
-# --------------------------------------------------------------------------------------------------
+# --- Prompts (facts from the projects named; "I" marks our own choice where nobody states one) ----
 
 # x-LLM's XQuAD / MLQA instruction and input per language (the input ends in a space, as there).
 QA_INSTRUCTION = {
@@ -123,9 +121,7 @@ TRUTHFULQA_PREFIX = (
 MMLU_LETTERS = ("A", "B", "C", "D")
 
 
-# --------------------------------------------------------------------------------------------------
-# Metrics: the official MLQA script's normalisation, F1 and EM; MKQA's rule for unanswerable ones
-# --------------------------------------------------------------------------------------------------
+# --- Metrics: the MLQA script's normalisation, F1 and EM; MKQA's rule for unanswerable ones -------
 
 # The MLQA script's article patterns, for English and our languages. Its Arabic pattern's first
 # branch ("\s" + "ال" + "^") can never match, so in effect every "ال" is replaced by a space,
@@ -183,8 +179,8 @@ def _answers(answers) -> list[str]:
 
 
 def qa_f1(prediction: str, answers, lang: str) -> float:
-    """The official MLQA script's F1 in [0, 1]: token overlap after its normalisation, max over the
-    gold answers. As there, nothing scores without a shared token, even empty against empty."""
+    """The MLQA script's F1 in [0, 1], max over the gold answers; as there, nothing scores without
+    a shared token, even empty against empty."""
     pred = normalize_answer(prediction, lang).split()
     return max(_token_f1(pred, normalize_answer(a, lang).split()) for a in _answers(answers))
 
@@ -196,9 +192,9 @@ def qa_em(prediction: str, answers, lang: str) -> float:
 
 
 def mkqa_f1(prediction: str, answers, lang: str) -> float:
-    """F1 with MKQA's official rule for an empty gold ("No Answer": unanswerable, long_answer) or
-    prediction: 1 when both are empty, else 0. Tokens as the MLQA normalisation, so the QA tasks
-    are scored alike (MKQA's script splits zh by character, strips only ASCII punctuation)."""
+    """F1 with MKQA's rule for an empty gold (unanswerable, long_answer) or prediction: 1 when both
+    are empty, else 0. Tokens as MLQA's, so the QA tasks are scored alike (MKQA's script splits
+    zh by character and strips only ASCII punctuation)."""
     pred = normalize_answer(prediction, lang).split()
     golds = [normalize_answer(a, lang).split() for a in _answers(answers)]
     return max(float(gold == pred) if not gold or not pred else _token_f1(pred, gold)
@@ -220,9 +216,7 @@ def mc2_score(lls, true_mask) -> float:
     return float(probs[torch.tensor(true_mask)].sum())
 
 
-# --------------------------------------------------------------------------------------------------
-# Readers for the original release files
-# --------------------------------------------------------------------------------------------------
+# --- Readers for the original release files -------------------------------------------------------
 
 class BadRow(Exception):
     """One malformed row; read_rows turns it into `{path}: {where}: {problem}`."""
@@ -268,9 +262,8 @@ def one_of(row, key: str, allowed: tuple):
 
 
 def read_rows(path: Path, rows, bad: BadRows, parse: Callable[[dict], dict | None]) -> list[dict]:
-    """parse(row) of each (where, row) of a release file, "id" defaulting to `where`. A row that
-    parse rejects with a BadRow, or that arrives as one, goes to `bad`; parse returns None for a
-    row of another language."""
+    """parse(row) of each (where, row), "id" defaulting to `where`; None for another language's
+    row. A BadRow, raised by parse or yielded in place of a row, goes to `bad`."""
     out = []
     for where, row in rows:
         try:
@@ -302,8 +295,7 @@ JSON_GAP = re.compile(r"[\s,]*")       # what lies between the rows of a valid J
 
 def json_rows(path: Path):
     """(where, row) of a JSON array or a JSON Lines file, where = "line N", the line the row starts
-    on. A JSON Lines line that does not parse arrives as a BadRow (--skip-bad skips it); an array
-    that does not parse stops the run."""
+    on. A bad JSON Lines line arrives as a BadRow; an array that does not parse stops the run."""
     text = read_text(path)
     if not text.lstrip().startswith("["):
         for n, line in enumerate(text.split("\n"), 1):
@@ -325,9 +317,8 @@ def json_rows(path: Path):
 
 
 def tsv_rows(path: Path, need: tuple[str, ...]):
-    """(where, {column: field}) of a tab-separated release file whose first line names the columns,
-    `need` among them. A line with another number of fields arrives as a BadRow: a stray tab
-    would shift every later field."""
+    """(where, {column: field}) of a tab-separated file whose header names `need` among its
+    columns. A line with another number of fields (a stray tab shifts the rest) is a BadRow."""
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)   # unbalanced quotes
         header = next(reader, [])
@@ -345,13 +336,14 @@ def tsv_rows(path: Path, need: tuple[str, ...]):
 
 
 def squad_rows(path: Path):
-    """(where, question) of SQuAD v1.1 json, each question with its paragraph's "context"; an
-    article or paragraph whose questions cannot be reached arrives as one BadRow."""
+    """(where, question + its paragraph's "context") of SQuAD v1.1 json; an article or paragraph
+    whose questions cannot be reached is one BadRow."""
     doc = parse_json(path, read_text(path))
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: top-level field 'data' is missing or not a list; expected SQuAD "
-                         'v1.1 json ({"version": ..., "data": [{"paragraphs": [{"context", "qas"}]}]})')
+        raise ValueError(f"{path}: top-level field 'data' is missing or not a list; expected "
+                         "SQuAD v1.1 json "
+                         '({"version": ..., "data": [{"paragraphs": [{"context", "qas"}]}]})')
     for i, article in enumerate(data):
         paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
         if not isinstance(paragraphs, list):
@@ -368,7 +360,7 @@ def squad_rows(path: Path):
 
 
 def read_squad(path: Path, lang: str, bad: BadRows) -> list[dict]:
-    """XQuAD / MLQA (SQuAD v1.1 json) -> [{id, context, question, answers}], in file order."""
+    """XQuAD / MLQA (SQuAD v1.1 json) -> [{id, context, question, answers}]."""
     def parse(qa):
         answers = checked(qa, "answers", lambda v: isinstance(v, list) and v,
                           "a non-empty list of {'text', 'answer_start'}")
@@ -435,7 +427,6 @@ XNLI_COLUMNS = ("language", "gold_label", "sentence1", "sentence2", "pairID")
 
 def read_xnli(path: Path, lang: str, bad: BadRows) -> list[dict]:
     """XNLI-1.0 xnli.test.tsv (all languages) -> `lang`'s [{id, premise, hypothesis, label 0-2}]."""
-
     def parse(row):
         if row["language"] != lang:
             return None
@@ -461,8 +452,7 @@ STORYCLOZE_COLUMNS = ("InputStoryid", "InputSentence1", "InputSentence2", "Input
 
 
 def read_xstorycloze(path: Path, lang: str, bad: BadRows) -> list[dict]:
-    """XStoryCloze spring2016.val.{lang}.tsv.split_20_80_eval.tsv (StoryCloze's 8 columns under a
-    header line) -> [{id, sentences (4), endings (2), label (0/1)}]."""
+    """XStoryCloze (StoryCloze's 8 columns) -> [{id, sentences (4), endings (2), label (0/1)}]."""
     def parse(row):
         return dict(id=row["InputStoryid"],
                     sentences=[text_of(row, f"InputSentence{i}") for i in range(1, 5)],
@@ -471,21 +461,19 @@ def read_xstorycloze(path: Path, lang: str, bad: BadRows) -> list[dict]:
     return read_rows(path, tsv_rows(path, STORYCLOZE_COLUMNS), bad, parse)
 
 
-# --------------------------------------------------------------------------------------------------
-# From rows to prompts
-# --------------------------------------------------------------------------------------------------
+# --- From rows to prompts -------------------------------------------------------------------------
 
 @dataclass
 class MCItem:
     id: str | int                        # the release's id of the example, or the line it is on
-    context: str                         # the prompt; each continuation is delimiter + choice
+    context: str
     choices: list[str]
     gold: int                            # index of the correct choice (acc, acc_norm, MC1)
     true_mask: list[bool] | None = None  # TruthfulQA MC2: which choices are true
-    delimiter: str = " "                 # lm-evaluation-harness's target delimiter, in every format
 
     def continuations(self) -> list[str]:
-        return [self.delimiter + c for c in self.choices]
+        # lm-evaluation-harness's target delimiter, " " in every format used here
+        return [" " + c for c in self.choices]
 
 
 @dataclass
@@ -592,9 +580,7 @@ BENCHMARKS = {b.name: b for b in [
 ]}
 
 
-# --------------------------------------------------------------------------------------------------
-# Scoring with the model
-# --------------------------------------------------------------------------------------------------
+# --- Scoring with the model -----------------------------------------------------------------------
 
 def model_device(model) -> torch.device:
     return model.tok_embeddings.weight.device
@@ -602,10 +588,9 @@ def model_device(model) -> torch.device:
 
 def split_continuation(tok, context_ids: list[int], context: str,
                        continuation: str) -> tuple[list[int], bool]:
-    """Ids of `continuation` after `context_ids`, as the tokenizer splits the joined text (alone,
-    " A" gets an extra "▁" where SentencePiece adds a dummy prefix, as LLaMA's does): read off the
-    joint encoding, whose prefix must be the context's ids. If a piece straddles the boundary
-    (never when the continuation starts with a space), it is encoded alone; the flag says so."""
+    """Ids of `continuation` read off the joint encoding (alone, " A" would get SentencePiece's
+    dummy-prefix "▁"), whose prefix must be `context_ids`; a piece straddling the boundary (never
+    after a space) makes it encoded alone, and the flag says so."""
     whole = tok.encode(context + continuation, bos=True)
     if len(whole) > len(context_ids) and whole[:len(context_ids)] == context_ids:
         return whole[len(context_ids):], False
@@ -613,9 +598,8 @@ def split_continuation(tok, context_ids: list[int], context: str,
 
 
 def pack_scored(sequences: list[list[int]], firsts: list[int], pad_id: int, device):
-    """A right-padded batch whose next-token predictions from position `first` on are scored.
-    tokens, mask [B, T]: each sequence but its last id (only ever a target); rows, cols, targets
-    [M]: one entry per scored position, position `col` of row `row` predicting `target`."""
+    """A right-padded batch scored from position `first` on. tokens, mask [B, T]: each sequence
+    but its last id (only a target); rows, cols, targets [M]: (row, col) predicts target."""
     T = max(len(s) for s in sequences) - 1
     tokens = torch.full((len(sequences), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), T), dtype=torch.long)
@@ -631,12 +615,21 @@ def pack_scored(sequences: list[list[int]], firsts: list[int], pad_id: int, devi
     return tokens.to(device), mask.to(device), rows, cols, targets
 
 
+def fit_prompt(ids: list[int], room: int, notes: Counter, bos: bool,
+               what: str = "prompts") -> list[int]:
+    """Left-truncate a prompt to `room` tokens, keeping its BOS if the model has one (as
+    lm-evaluation-harness keeps a context's end)."""
+    if len(ids) <= room:
+        return ids
+    notes[f"{what} truncated on the left"] += 1
+    return ids[:bos] + ids[len(ids) - room + bos:]
+
+
 @torch.inference_mode()
 def loglikelihoods(model, tok, requests: list[tuple[str, str]], notes: Counter,
                    batch_size: int = 16, desc: str | None = None) -> list[float]:
-    """Summed log P(continuation | context) of each request. Each context is tokenised once (the
-    same id prefix in all its rows); identical requests are scored once. Only the continuation
-    positions of the length-sorted, right-padded rows go through the head: no [B, T, V] tensor."""
+    """Summed log P(continuation | context) of each request; each context tokenised once, each
+    distinct request scored once. Only continuation positions go through the head: no [B, T, V]."""
     max_len = model.args.max_seq_len
     context_ids: dict[str, list[int]] = {}
     unique: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
@@ -648,14 +641,11 @@ def loglikelihoods(model, tok, requests: list[tuple[str, str]], notes: Counter,
         ctx = context_ids[context]
         cont, alone = split_continuation(tok, ctx, context, continuation)
         notes["continuations encoded alone"] += alone
-        if len(ctx) + len(cont) - 1 > max_len:
-            keep = max_len - len(cont)          # context tokens that fit besides BOS and the answer
-            if keep < 1:
-                raise ValueError(f"a continuation of {len(cont)} tokens does not fit "
-                                 f"max_seq_len={max_len}: {continuation[:60]!r}")
-            lead = int(tok.bos_id is not None)  # BOS (if the model has one) and the end of the
-            ctx = ctx[:lead] + ctx[lead - keep - 1:]    # context, as lm-evaluation-harness keeps
-            notes["contexts truncated on the left"] += 1
+        room = max_len + 1 - len(cont)          # the continuation's last id is only a target
+        if len(ctx) > room and room < 2:
+            raise ValueError(f"a continuation of {len(cont)} tokens does not fit "
+                             f"max_seq_len={max_len}: {continuation[:60]!r}")
+        ctx = fit_prompt(ctx, room, notes, tok.bos_id is not None, "contexts")
         unique[(context, continuation)] = (ctx, cont)
     keys = sorted(unique, key=lambda k: -sum(map(len, unique[k])))
     scores: dict[tuple[str, str], float] = {}
@@ -678,7 +668,7 @@ def loglikelihoods(model, tok, requests: list[tuple[str, str]], notes: Counter,
 
 def item_loglikelihoods(model, tok, items: list[MCItem], batch_size: int, desc: str,
                         notes: Counter):
-    """Per item, the summed log-likelihood of each of its choices (one batched pass over all)."""
+    """Per item, the summed log-likelihood of each choice (one batched pass over all items)."""
     requests = [(it.context, c) for it in items for c in it.continuations()]
     flat = iter(loglikelihoods(model, tok, requests, notes, batch_size, desc))
     return [[next(flat) for _ in it.choices] for it in items]
@@ -694,10 +684,10 @@ def newline_token_ids(tok) -> frozenset[int]:
 def greedy_generate(model, tok, prompts: list[list[int]], max_new_tokens: int,
                     batch_size: int = 16, stop_at_newline: bool = True,
                     desc: str | None = None) -> list[list[int]]:
-    """Greedy continuation ids of each prompt (ids, BOS included), EOS excluded. Batches of similar
-    length are left-padded so every row's next token is in the last column, then decoded through
-    the KV cache. A row stops at EOS, after `max_new_tokens`, or (stop_at_newline) at a newline
-    after the first non-blank text: a model that opens with a newline still gets to answer."""
+    """Greedy continuation ids of each prompt (BOS included), EOS excluded; length-sorted batches,
+    left-padded so every row's next token is in the last column, decoded through the KV cache. A
+    row stops at EOS, after `max_new_tokens`, or (stop_at_newline) at a newline after the first
+    non-blank text: a model that opens with a newline still gets to answer."""
     stops = newline_token_ids(tok) if stop_at_newline else frozenset()
     device = model_device(model)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -724,7 +714,8 @@ def greedy_generate(model, tok, prompts: list[list[int]], max_new_tokens: int,
             if all(done) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-            logits = model(next_ids[:, None], attention_mask=mask, cache=cache, last_only=True)[:, -1]
+            logits = model(next_ids[:, None], attention_mask=mask, cache=cache,
+                           last_only=True)[:, -1]
     return out
 
 
@@ -740,7 +731,7 @@ MC_TIES = {    # --mc-ties: what a tie for the best log-likelihood scores
 
 @dataclass(frozen=True)
 class Protocol:
-    """How answers are produced and picked; `describe` names it in results.json's "prompt"."""
+    """How answers are produced and picked; `describe` is results.json's "prompt"."""
     qa_max_new_tokens: int = 64
     qa_stop: str = "newline"         # a key of QA_STOPS
     mc_ties: str = "wrong"           # a key of MC_TIES
@@ -763,20 +754,11 @@ def answer_text(generation: str, qa_stop: str) -> str:
 
 
 def prompt_room(model, max_new_tokens: int) -> int:
-    """Tokens a prompt may take beside `max_new_tokens` new ones in the model's context."""
     room = model.args.max_seq_len - max_new_tokens
     if room < 2:
         raise SystemExit(f"error: --qa-max-new-tokens {max_new_tokens} leaves no room for a prompt "
                          f"in the model's context of {model.args.max_seq_len} tokens; pass fewer")
     return room
-
-
-def fit_prompt(ids: list[int], room: int, notes: Counter, bos: bool) -> list[int]:
-    """Left-truncate a prompt to `room` tokens, keeping its BOS if the model has one."""
-    if len(ids) <= room:
-        return ids
-    notes["prompts truncated on the left"] += 1
-    return ids[:bos] + ids[len(ids) - room + bos:]
 
 
 def percent(values) -> float:
@@ -786,13 +768,11 @@ def percent(values) -> float:
 
 def evaluate_cell(model, tok, bench: Benchmark, lang: str, rows: list[dict], protocol: Protocol,
                   batch_size: int, notes: Counter) -> tuple[dict[str, float], list[dict]]:
-    """Metric -> value in [0, 100] for one benchmark and language, and one record per example (the
-    lines of its predictions file): every metric is the mean of a per-example value in them.
-    QA: {id, prompt, generation, answer, gold, f1, em}. Multiple choice: {id, prompt, choices,
-    ll (summed log-likelihood of prompt + " " + choice), length (the choice's characters), gold,
-    pick (acc), pick_norm (acc_norm: ll / length)}; a pick is null on a tie under --mc-ties
-    wrong. TruthfulQA: {id, prompt, mc1: {choices, ll, gold, pick}, mc2: {choices, ll, true,
-    score (the probability mass of the true choices)}}."""
+    """Metric -> value in [0, 100], the mean of a per-example value in the records (the lines of the
+    predictions file). QA: {id, prompt, generation, answer, gold, f1, em}. Multiple choice: {id,
+    prompt, choices, ll (log P(" " + choice | prompt)), length (the choice's characters), gold,
+    pick (acc), pick_norm (acc_norm: ll / length)}, a pick null on a tie under --mc-ties wrong.
+    TruthfulQA: {id, prompt, mc1: {choices, ll, gold, pick}, mc2: {choices, ll, true, score}}."""
     desc = f"{bench.name}/{lang}"
     items = [bench.build(r, lang) for r in rows]
     if bench.kind == "qa":
@@ -809,8 +789,7 @@ def evaluate_cell(model, tok, bench: Benchmark, lang: str, rows: list[dict], pro
             records.append(dict(id=it.id, prompt=it.prompt, generation=generation, answer=answer,
                                 gold=it.answers, f1=f1_of(answer, it.answers, lang),
                                 em=qa_em(answer, it.answers, lang)))
-        return {"f1": percent(r["f1"] for r in records),
-                "em": percent(r["em"] for r in records)}, records
+        return {m: percent(r[m] for r in records) for m in bench.metrics}, records
 
     ties = protocol.mc_ties
     if bench.name == "truthfulqa":                          # items: (MC1, MC2) pairs
@@ -837,9 +816,7 @@ def evaluate_cell(model, tok, bench: Benchmark, lang: str, rows: list[dict], pro
             "acc_norm": percent(r["pick_norm"] == r["gold"] for r in records)}, records
 
 
-# --------------------------------------------------------------------------------------------------
-# The paper's numbers (its Tables 1 and 2, transcribed) and the report
-# --------------------------------------------------------------------------------------------------
+# --- The paper's numbers (its Tables 1 and 2, transcribed) and the report -------------------------
 
 # The paper's columns, in its order, which BENCHMARKS follows: (task, lang) for each release's lang.
 PAPER_COLUMNS = {table: [(b.name, lang) for b in BENCHMARKS.values() if b.table == table
@@ -874,8 +851,7 @@ NO_LANGUAGE, MISSING = "–", "missing"             # what a table shows for a c
 
 
 @dataclass
-class Cell:
-    """One benchmark in one language: what was read and how it went."""
+class Cell:                             # one benchmark in one language
     state: str                          # "ok", NO_LANGUAGE or MISSING
     path: Path | None = None            # the release file read (or expected)
     rows: list[dict] | None = None      # the examples scored
@@ -892,8 +868,7 @@ NOT_COMPARABLE = {   # why a cell's numbers cannot be set beside the paper's: a 
 
 
 def caveat(cells) -> str:
-    """One label for those of `cells` whose numbers are not comparable to the paper's ("" when none
-    are): "bundled sample (3–5 rows) — not comparable"."""
+    """"bundled sample (3–5 rows) — not comparable", or "" when all `cells` are comparable."""
     flagged = [c for c in cells if c.not_comparable]
     if not flagged:
         return ""
@@ -913,9 +888,8 @@ def table_head(*columns: str) -> list[str]:
 def results_markdown(results: list[dict], cells: dict[tuple[str, str], Cell], tasks: list[str],
                      langs: list[str], family: str, model_name: str, header_lines: list[str],
                      notes: list[str]) -> str:
-    """The paper's Tables 1 and 2 (the requested tasks and languages), its rows for `family` above
-    ours; every metric; per cell the file, split and protocol; notes. Numbers not comparable to
-    the paper's carry their caveat in each table's title and in every row that shows them."""
+    """The paper's Tables 1 and 2 with its rows for `family` above ours, every metric, per cell the
+    file, split and protocol, notes. Non-comparable numbers carry their caveat wherever shown."""
     ours = {(r["task"], r["lang"], r["metric"]): r["value"] for r in results}
     protocols = {(r["task"], r["lang"]): r["prompt"] for r in results}
     lines = [f"# Zero-shot evaluation: {model_name}", ""] + header_lines + [""]
@@ -952,15 +926,14 @@ def results_markdown(results: list[dict], cells: dict[tuple[str, str], Cell], ta
     return "\n".join(lines) + "\n"
 
 
-# --------------------------------------------------------------------------------------------------
-# The logit lens: what each layer would predict if the model stopped there; i, j are read off it
-# --------------------------------------------------------------------------------------------------
+# --- The logit lens: what each layer would predict if the model stopped there; i, j read off it ---
 
 LENS_LANGS = ("vi", "ar", "zh", "en")        # the bundled sample's languages
 # I: our reading of "the entropy drops": a drop is clear from this share of the curve's range over
 # layers 1..N on; a curve whose range is under LENS_FLAT nats has none (its steps are noise).
 LENS_CLEAR_DROP = 0.1
 LENS_FLAT = 0.05
+LENS_SHOWN = 8          # response positions of the first example whose top-1 tokens are shown
 
 
 @dataclass
@@ -978,8 +951,7 @@ class LensResult:
 
 
 def lens_records(path: Path, n: int, tok: Tokenizer) -> list[dict]:
-    """The first `n` records of an Alpaca-format JSON list; a malformed one (for this tokenizer)
-    stops the run with one line naming the file, the record and the field."""
+    """The first `n` records of an Alpaca-format JSON list, each checked for this tokenizer."""
     if not path.is_file():
         raise SystemExit(f"error: {path}: not found; pass --lens-data FILE.json, an Alpaca-format "
                          "JSON list of {instruction, input, output} (or --lens-lang one of "
@@ -997,8 +969,7 @@ def lens_records(path: Path, n: int, tok: Tokenizer) -> list[dict]:
 
 
 def lens_sequences(tok, records: list[dict], max_len: int) -> tuple[list[LensSequence], list[str]]:
-    """The records as teacher-forced training sequences, encoded as prepare_data.py does. A
-    sequence longer than the model's context loses the end of its response."""
+    """The records encoded as prepare_data.py does; one too long loses its response's end."""
     sequences, notes = [], []
     for index, r in enumerate(records):
         prompt = alpaca_prompt_ids(tok, r["instruction"], r["input"])
@@ -1015,17 +986,16 @@ def lens_sequences(tok, records: list[dict], max_len: int) -> tuple[list[LensSeq
 
 @torch.inference_mode()
 def logit_lens(model, sequences: list[LensSequence], pad_id: int, batch_size: int = 16,
-               chunk_size: int = 128, show: int = 8, desc: str | None = None) -> LensResult:
-    """Per layer k = 0..N (0 = the embeddings, N = the model's output), softmax(head_logits(h_k))
-    at every response position, averaged over all of them: entropy in nats, rank of the true next
-    token (1 = top; a tie counts against it), its probability, how often it is the top-1; and the
-    top-1 tokens at the first `show` response positions of the first sequence. Only response
-    positions go through the head, `chunk_size` at a time: one [chunk, V] block of logits exists
-    at once (Gemma-2's V is 256k), never [T, V] for every layer."""
+               chunk_size: int = 128, show: int = LENS_SHOWN,
+               desc: str | None = None) -> LensResult:
+    """Per layer k = 0..N (0 = embeddings), softmax(head_logits(h_k)) averaged over all response
+    positions: entropy (nats), rank of the true next token (1 = top; a tie counts against it), its
+    probability, top-1 hit rate; and the top-1 tokens at the first sequence's first `show`
+    response positions. The head sees `chunk_size` positions at a time: never [T, V] per layer."""
     device = model_device(model)
     n_layers = model.args.n_layers
     sums = torch.zeros(n_layers + 1, 4, dtype=torch.float64)  # entropy, rank, prob, top-1 hits
-    shown = min(show, len(sequences[0].ids) - 1 - sequences[0].first) if sequences else 0
+    shown = min(show, len(sequences[0].ids) - 1 - sequences[0].first)
     shown_top1: list[list[int]] = [[] for _ in range(n_layers + 1)]
     n_positions = 0
     batches = range(0, len(sequences), batch_size)
@@ -1054,29 +1024,27 @@ def logit_lens(model, sequences: list[LensSequence], pad_id: int, batch_size: in
             bar.update(1)
         n_positions += len(targets)
     bar.close()
-    means = (sums / max(n_positions, 1)).tolist()
+    means = (sums / n_positions).tolist()
     layers = [dict(layer=k, entropy=e, rank=r, prob=p, top1=t)
               for k, (e, r, p, t) in enumerate(means)]
-    shown_targets = sequences[0].ids[sequences[0].first + 1:][:shown] if sequences else []
+    shown_targets = sequences[0].ids[sequences[0].first + 1:][:shown]
     return LensResult(layers, n_positions, shown_targets, shown_top1)
 
 
 def lens_windows(n_layers: int) -> tuple[range, range]:
-    """Where suggest_layers looks: layers 2..N//3 for i (first third), the next ones up to 2N//3
-    for j (middle third); 32 blocks -> 2..10 and 11..21, 26 -> 2..8 and 9..17, 4 -> 2 and 3."""
+    """Layers 2..N//3 for i, the next ones up to 2N//3 for j: 32 -> 2..10, 11..21; 4 -> 2, 3."""
     first_end = min(n_layers, max(2, n_layers // 3))
     middle_end = min(n_layers, max(first_end + 1, 2 * n_layers // 3))
     return range(2, first_end + 1), range(first_end + 1, middle_end + 1)
 
 
 def suggest_layers(entropy: list[float], family: str) -> tuple[int, int, list[str]]:
-    """(i, j, notes): the LC and ET layers read off the logit-lens entropy curve, `entropy[k - 1]`
-    being layer k's (k = 1..N). I: our rule for the paper's reading by eye ("drops near layer 2
-    and ~15" on LLaMA-2-7B). The drop at layer k is H(k-1) - H(k), so layer k is the first state
-    after the fall (the embeddings, k = 0, read the input token, not the model's view of it). i is
-    the largest clear drop in lens_windows' first window, j in its second (the earlier on a tie);
-    a window without one gets model.default_layers' layer and a note; if that leaves no
-    1 <= i < j <= N, both are the defaults."""
+    """(i, j, notes) read off the entropy curve, `entropy[k - 1]` being layer k's (k = 1..N). I: our
+    rule for the paper's reading by eye ("drops near layer 2 and ~15" on LLaMA-2-7B). The drop at
+    k is H(k-1) - H(k), so k is the first state after the fall (k = 0, the embeddings, reads the
+    input token, not the model's view of it). i, j: the largest clear drop in lens_windows' two
+    windows (the earlier on a tie), else default_layers' with a note; both defaults if that
+    leaves no 1 <= i < j <= N."""
     n_layers = len(entropy)
     default_i, default_j = default_layers(n_layers, family)
     height = max(entropy) - min(entropy) if entropy else 0.0
@@ -1107,7 +1075,7 @@ def suggest_layers(entropy: list[float], family: str) -> tuple[int, int, list[st
 
 
 def token_piece(tok, token_id: int) -> str:
-    """A token as its vocabulary piece ("▁Paris", "<0x0A>"): word starts and bytes stay visible."""
+    """A token's vocabulary piece: word starts ("▁") and bytes ("<0x0A>") stay visible."""
     return tok.piece(token_id) if 0 <= token_id < tok.vocab_size else f"<id {token_id}>"
 
 
@@ -1115,10 +1083,9 @@ def _cell(text: str) -> str:
     return "`" + text.replace("`", "'").replace("|", "\\|") + "`"
 
 
-def lens_markdown(result: LensResult, tok, i: int, j: int, rule_notes: list[str],
+def lens_markdown(result: LensResult, first_example: dict, i: int, j: int, rule_notes: list[str],
                   header: list[str], notes: list[str]) -> str:
-    """Per-layer table, the suggested layers (`rule_notes`: where suggest_layers fell back to the
-    defaults), then the top-1 tokens at the first example's first response positions."""
+    """Per-layer table, the suggested layers, the first example's top-1 tokens per layer."""
     lines = ["# Logit lens", ""] + header + [""]
     lines += table_head("layer", "entropy (nats)", "drop H(k-1) - H(k)", "rank of true next token",
                         "P(true next token)", "top-1")
@@ -1135,13 +1102,12 @@ def lens_markdown(result: LensResult, tok, i: int, j: int, rule_notes: list[str]
            else "at the two entropy drops")
     lines += ["", f"**Suggested: `--lc-layer {i} --et-layer {j}`** ({how}; the rule: "
               "`evaluate.suggest_layers`).", ""]
-    if result.shown_targets:
+    if first_example["targets"]:
         lines += ["## Top-1 token per layer, first example, first response positions", ""]
-        lines += table_head("layer", *(f"+{p}" for p in range(len(result.shown_targets))))
-        lines.append(table_row("**true next token**",
-                               *(_cell(token_piece(tok, t)) for t in result.shown_targets)))
-        for k, ids in enumerate(result.shown_top1):
-            lines.append(table_row(k, *(_cell(token_piece(tok, t)) for t in ids)))
+        lines += table_head("layer", *(f"+{p}" for p in range(len(first_example["targets"]))))
+        lines.append(table_row("**true next token**", *map(_cell, first_example["targets"])))
+        for k, pieces in enumerate(first_example["top1"]):
+            lines.append(table_row(k, *map(_cell, pieces)))
         lines.append("")
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes]
@@ -1149,7 +1115,7 @@ def lens_markdown(result: LensResult, tok, i: int, j: int, rule_notes: list[str]
 
 
 def plot_lens(result: LensResult, i: int, j: int, path: Path) -> str:
-    """Entropy and mean rank of the true next token by layer, i and j marked; says what it did."""
+    """Entropy and mean rank by layer, i and j marked; returns what it did."""
     if Figure is None:
         return "PNG skipped: pip install matplotlib"
     ks = [row["layer"] for row in result.layers]
@@ -1181,8 +1147,7 @@ def run_logit_lens(args) -> Path:
     if not sequences:
         raise SystemExit(f"error: {data}: no record leaves a response position within "
                          f"max_seq_len={config.max_seq_len}; pass shorter records with --lens-data")
-    result = logit_lens(model, sequences, tok.pad_id, args.batch_size, show=args.lens_positions,
-                        desc="logit lens")
+    result = logit_lens(model, sequences, tok.pad_id, args.batch_size, desc="logit lens")
     i, j, rule_notes = suggest_layers([row["entropy"] for row in result.layers[1:]], config.family)
     png = plot_lens(result, i, j, out / "logit_lens.png")
     header = [f"Model `{args.model}` (family {config.family}, {config.n_layers} blocks, V = "
@@ -1194,10 +1159,11 @@ def run_logit_lens(args) -> Path:
               "Layer k = the residual stream after block k, read through the final norm and the "
               f"output head (the model's own output at k = {config.n_layers}). Rank 1 = the "
               "lens's top choice."]
-    md = lens_markdown(result, tok, i, j, rule_notes, header, rule_notes + notes + [png])
-    write_atomic(out / "logit_lens.md", md)
     first_example = dict(targets=[token_piece(tok, t) for t in result.shown_targets],
                          top1=[[token_piece(tok, t) for t in ids] for ids in result.shown_top1])
+    md = lens_markdown(result, first_example, i, j, rule_notes, header,
+                       rule_notes + notes + [png])
+    write_atomic(out / "logit_lens.md", md)
     report = dict(model=str(args.model), family=config.family, n_layers=config.n_layers,
                   vocab_size=config.vocab_size, data=str(data), lang=args.lens_lang,
                   examples=len(sequences), positions=result.positions, device=str(args.device),
@@ -1211,9 +1177,7 @@ def run_logit_lens(args) -> Path:
     return out
 
 
-# --------------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------------
+# --- CLI ------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
@@ -1268,9 +1232,6 @@ def build_parser() -> argparse.ArgumentParser:
                       "records, picking the bundled sample file (default: %(default)s)")
     lens.add_argument("--lens-examples", type=int, default=16, metavar="N",
                       help="first N records (default: %(default)s)")
-    lens.add_argument("--lens-positions", type=int, default=8, metavar="N",
-                      help="response positions of the first example whose top-1 tokens are shown "
-                      "(default: %(default)s)")
     return p
 
 
@@ -1281,7 +1242,7 @@ def parse_args(argv=None):
         p.error("--logit-lens and --prompt are separate modes; pass one of them")
     if args.qa_max_new_tokens is None:
         args.qa_max_new_tokens = 256 if args.prompt else Protocol.qa_max_new_tokens
-    for name in ("batch_size", "qa_max_new_tokens", "limit", "lens_examples", "lens_positions"):
+    for name in ("batch_size", "qa_max_new_tokens", "limit", "lens_examples"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} {value}: expected a positive integer")
@@ -1300,7 +1261,7 @@ def parse_args(argv=None):
 
 
 def load_model(path: str, device: str, dtype: str) -> tuple[Transformer, str]:
-    """The model in eval mode, and the name of the dtype it runs in (bfloat16, float32)."""
+    """The model in eval mode, and its dtype's name (bfloat16, float32)."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is visible; pass --device cpu")
@@ -1313,7 +1274,7 @@ def load_model(path: str, device: str, dtype: str) -> tuple[Transformer, str]:
 
 
 def output_dir(args) -> Path:
-    """--out (default MODEL/eval), made and shown writable before any model loads."""
+    """--out (default MODEL/eval), shown writable before any model loads."""
     out = Path(args.out) if args.out else Path(args.model) / "eval"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1322,17 +1283,6 @@ def output_dir(args) -> Path:
         raise SystemExit(f"error: --out {out}: cannot write there ({e.strerror or e}); pass a "
                          "writable directory") from None
     return out
-
-
-def replace_dir(new: Path, path: Path) -> None:
-    """Put folder `new` at `path`, removing what was there. A kill in between leaves no folder at
-    `path` (the old one lies beside it as .NAME.old), never a mix of the two."""
-    old = path.with_name("." + path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        path.rename(old)
-    new.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def run_prompt(args) -> None:
@@ -1345,8 +1295,7 @@ def run_prompt(args) -> None:
 
 
 def plan_cells(args) -> tuple[dict[tuple[str, str], Cell], list[str]]:
-    """Read every requested benchmark file before the model is loaded, so a missing or malformed
-    file fails fast. Returns the cells by (task, lang) and notes."""
+    """The cells by (task, lang) and notes, every file read before the model loads (fail fast)."""
     data_dir = Path(args.data_dir)
     bad = BadRows(args.skip_bad)
     bundled = data_dir.resolve() == BENCH_SAMPLE_DIR.resolve()
@@ -1388,26 +1337,41 @@ def plan_cells(args) -> tuple[dict[tuple[str, str], Cell], list[str]]:
 
 
 def score_cells(model, tok, cells: dict[tuple[str, str], Cell], protocol: Protocol,
-                batch_size: int, predictions: Path) -> tuple[list[dict], Counter]:
-    """results.json's rows for the cells read, and counts of what was cut or encoded apart; each
-    cell's predictions file goes into `predictions`."""
+                batch_size: int, out: Path) -> tuple[list[dict], Counter]:
+    """results.json's rows and counts of what was cut or encoded apart. The predictions are
+    written aside and replace OUT/predictions only when every cell is done: that folder never
+    holds an earlier run's files (its other tasks or languages), nor a mix after a kill."""
+    staging = out / ".predictions.partial"
+    shutil.rmtree(staging, ignore_errors=True)              # what a killed run left
+    staging.mkdir()
     counters, results = Counter(), []
-    for (task, lang), cell in cells.items():
-        if cell.state != "ok":
-            continue
-        bench = BENCHMARKS[task]
-        metrics, records = evaluate_cell(model, tok, bench, lang, cell.rows, protocol, batch_size,
-                                         counters)
-        (predictions / f"{task}.{lang}.jsonl").write_text(
-            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-        label = caveat([cell])
-        for metric in bench.metrics:
-            results.append(dict(task=task, lang=lang, metric=metric,
-                                value=round(metrics[metric], 4), n=len(cell.rows),
-                                prompt=protocol.describe(bench), file=str(cell.path),
-                                comparable=not label, caveat=label))
-        print(f"{task}/{lang}: " + ", ".join(f"{m} {metrics[m]:.2f}" for m in bench.metrics)
-              + f" (n={len(cell.rows)})" + (f" — {label}" if label else ""))
+    try:
+        for (task, lang), cell in cells.items():
+            if cell.state != "ok":
+                continue
+            bench = BENCHMARKS[task]
+            metrics, records = evaluate_cell(model, tok, bench, lang, cell.rows, protocol,
+                                             batch_size, counters)
+            (staging / f"{task}.{lang}.jsonl").write_text(
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                encoding="utf-8")
+            label = caveat([cell])
+            for metric in bench.metrics:
+                results.append(dict(task=task, lang=lang, metric=metric,
+                                    value=round(metrics[metric], 4), n=len(cell.rows),
+                                    prompt=protocol.describe(bench), file=str(cell.path),
+                                    comparable=not label, caveat=label))
+            print(f"{task}/{lang}: " + ", ".join(f"{m} {metrics[m]:.2f}" for m in bench.metrics)
+                  + f" (n={len(cell.rows)})" + (f" — {label}" if label else ""))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = out / ".predictions.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if (out / "predictions").exists():
+        (out / "predictions").rename(old)
+    staging.rename(out / "predictions")
+    shutil.rmtree(old, ignore_errors=True)
     return results, counters
 
 
@@ -1420,16 +1384,7 @@ def run_benchmarks(args) -> Path:
     tok = load_tokenizer(Path(args.model))
     model, dtype = load_model(args.model, args.device, args.dtype)
     protocol = Protocol(args.qa_max_new_tokens, args.qa_stop, args.mc_ties)
-    # The predictions are written aside and replace predictions/ only when every cell is done:
-    # that folder never holds an earlier run's files (its other tasks or languages).
-    staging = out / ".predictions.partial"
-    shutil.rmtree(staging, ignore_errors=True)              # what a killed run left
-    staging.mkdir()
-    try:
-        results, counters = score_cells(model, tok, cells, protocol, args.batch_size, staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    results, counters = score_cells(model, tok, cells, protocol, args.batch_size, out)
     notes += [f"protocol: {protocol.legend()}"]
     notes += [f"{name}: {count}" for name, count in counters.items() if count]
     notes += [f"{task}/{lang}: the benchmark has no {lang} release ({NO_LANGUAGE} in the table)"
@@ -1447,7 +1402,6 @@ def run_benchmarks(args) -> Path:
         header.append(f"**{label}: {fix}.**")
     md = results_markdown(results, cells, args.tasks, args.langs, family,
                           Path(args.model).name or "model", header, notes)
-    replace_dir(staging, out / "predictions")
     write_atomic(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     write_atomic(out / "results.md", md)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'predictions'}/")

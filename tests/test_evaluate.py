@@ -842,7 +842,7 @@ def test_logit_lens_cli_end_to_end(tiny_llama, tmp_path, capsys, monkeypatch):
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_llama, model_dir)       # the default output goes into MODEL/eval
     block_matplotlib(monkeypatch)
-    ev.main(["--model", str(model_dir), "--logit-lens", "--lens-examples", "3", "--lens-positions", "4",
+    ev.main(["--model", str(model_dir), "--logit-lens", "--lens-examples", "3",
              "--batch-size", "2", "--device", "cpu"])
     printed = capsys.readouterr().out
     out = model_dir / "eval"
@@ -863,7 +863,7 @@ def test_logit_lens_cli_end_to_end(tiny_llama, tmp_path, capsys, monkeypatch):
         assert 0.0 <= row["entropy"] <= math.log(model.args.vocab_size) + 1e-4
         assert 1.0 <= row["rank"] <= model.args.vocab_size and 0.0 <= row["prob"] <= 1.0
     ids, prompt_len = training_ids(tok, records[0])
-    pieces = [tok.sp.id_to_piece(t) for t in ids[prompt_len:prompt_len + 4]]
+    pieces = [tok.sp.id_to_piece(t) for t in ids[prompt_len:prompt_len + ev.LENS_SHOWN]]
     assert report["first_example"]["targets"] == pieces
     assert len(report["first_example"]["top1"]) == N + 1
     i, j = report["suggested"]["lc_layer"], report["suggested"]["et_layer"]
@@ -894,11 +894,11 @@ def test_a_model_without_bos_generates_and_runs_the_logit_lens(tiny_qwen2, tmp_p
     ids = tok.encode(prepare_data.PROMPT_NO_INPUT.format(instruction="Give three tips."), bos=True)
     assert printed == tok.decode(naive_greedy(model, tok, ids, 6)).strip()
     block_matplotlib(monkeypatch)
-    ev.main(["--model", str(tiny_qwen2), "--logit-lens", "--lens-examples", "2", "--lens-positions", "3",
+    ev.main(["--model", str(tiny_qwen2), "--logit-lens", "--lens-examples", "2",
              "--device", "cpu", "--out", str(tmp_path / "lens")])
     report = json.loads((tmp_path / "lens" / "logit_lens.json").read_text(encoding="utf-8"))
     ids, prompt_len = training_ids(tok, sample_records(1)[0])
-    assert report["first_example"]["targets"] == [tok.piece(t) for t in ids[prompt_len:prompt_len + 3]]
+    assert report["first_example"]["targets"] == [tok.piece(t) for t in ids[prompt_len:prompt_len + ev.LENS_SHOWN]]
 
 
 def test_logit_lens_bad_input_is_one_line(tiny_llama, tmp_path):
