@@ -111,10 +111,10 @@ class _FusedChunkedCE(torch.autograd.Function):
     def forward(ctx, rows, targets, chunk_size, softcap, norm, *params):
         # params: the head, then the norm's parameters (detached if frozen; the norm uses its own).
         needs = ctx.needs_input_grad[:1] + ctx.needs_input_grad[5:]
-        total, grad_rows, sums = _chunked_ce(rows, targets, chunk_size, softcap, norm, params, needs)
+        loss, grad_rows, sums = _chunked_ce(rows, targets, chunk_size, softcap, norm, params, needs)
         ctx.save_for_backward(grad_rows, *(None if grad_sum is None else grad_sum.to(p.dtype)
                                            for grad_sum, p in zip(sums, params)))
-        return total
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
