@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import prepare_data as pd
-from model import DFTConfig, Tokenizer, Transformer, count_targets
+from model import DFTConfig, Tokenizer, Transformer
+from test_dft_step import step_results as step
 
 LONG_EN = " ".join(["The capital of France is Paris, and 2 + 2 = 4."] * 6)
 LONG_VI = " ".join(["Ăn uống cân bằng và ngủ đủ giấc để giữ gìn sức khỏe."] * 6)
@@ -48,16 +49,6 @@ def truncated(request, tiny_llama, tiny_gemma2, tmp_path_factory):
         assert (row_lengths < max_len).any(), kind
     assert len(set(batch["tgt_prompt_len"].tolist())) > 1
     return Transformer.from_pretrained(model_dir), batch
-
-
-def step(model, batch, mode, cfg):
-    """Parts and gradients of one DFT step."""
-    model.zero_grad()
-    out = model.dft_step(batch, mode, cfg, count_targets(batch, mode, cfg))
-    out["loss"].backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    return {k: v.detach() for k, v in out.items()}, grads
 
 
 @pytest.mark.parametrize("overrides", [{}, {"lc_content_only": False}])
