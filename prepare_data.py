@@ -619,15 +619,16 @@ def data_identity(path) -> str:
     return digest.hexdigest()
 
 
-def load_prepared(path) -> PreparedDataset:
-    """Open a prepared directory (memory-mapped); one line when it is missing, old or damaged."""
+def load_prepared(path, make_command: str | None = None) -> PreparedDataset:
+    """Open a prepared directory (memory-mapped); one line when it is missing, old or damaged.
+    make_command: the command a missing directory's message shows (default: a generic one)."""
     path = Path(path)
     meta_file = path / "meta.json"
     rewrite = f"rerun prepare_data.py with --overwrite --out {path}"
     if not meta_file.is_file():
-        raise SystemExit(f"{meta_file}: not found; make the data with: "
-                         f"{prepare_command('parallel', None, out=path)} "
-                         f"(or --sft for English-only data)")
+        make = make_command or (f"{prepare_command('parallel', None, out=path)} "
+                                "(or --sft for English-only data)")
+        raise SystemExit(f"{meta_file}: not found; make the data with: {make}")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:

@@ -377,10 +377,7 @@ def check_inputs(cfg: TrainConfig):
 
     data_dir = Path(cfg.data)
     data_mode = "sft" if cfg.mode == "sft" else "parallel"
-    if not (data_dir / "meta.json").is_file():
-        raise SystemExit(f"{data_dir}/meta.json: not found; make the data with: "
-                         f"{prepare_command(data_mode, cfg.lang, cfg.model, data_dir)}")
-    dataset = load_prepared(data_dir)
+    dataset = load_prepared(data_dir, prepare_command(data_mode, cfg.lang, cfg.model, data_dir))
     check_meta(dataset.meta, cfg.lang, data_mode, tokenizer.sha256, data_dir)
     train_size = len(dataset) - cfg.val_size
     if train_size < cfg.global_batch:

@@ -279,7 +279,7 @@ def test_training_lowers_every_part_and_moves_head_and_norm(tiny_llama, mode):
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-    last = {k: float(v) for k, v in model.dft_step(batch, mode, cfg, counts).items()}
+    last = {k: float(v.detach()) for k, v in model.dft_step(batch, mode, cfg, counts).items()}
     for part in ("tft",) + (("lc", "et") if mode != "tft" else ()):
         assert last[part] < first[part], (part, first, last)
     assert not torch.equal(model.output.weight, head) and not torch.equal(model.norm.weight, norm)
