@@ -215,22 +215,31 @@ def supervised_ranges(en: EncodedSide, tgt: EncodedSide | None,
                "lc": prompt_len + len(en.prompt) - bos,  # x_en's BOS is not repeated
                "et": prompt_len + len(en.response)}
     ranges = {kind: (length, [(prompt_len, length)]) for kind, length in lengths.items()}
+    # LC's default targets (lc_content_only): x_en's instruction and input, not its template words.
+    shift = prompt_len - bos
+    ranges["lc_content"] = (lengths["lc"], [(shift + s, shift + e)
+                                            for s, e in (en.spans[:2], en.spans[2:])])
     ranges["en"] = (len(en.prompt), [en.spans[:2], en.spans[2:]])
     return ranges
 
 
 def sequence_stats(kept_ranges: list[dict], max_len: int) -> dict:
     """Per sequence kind, over the kept pairs' supervised_ranges: lengths before the cut, how many
-    sequences the cut shortens, and how many of their supervised tokens it removes."""
+    sequences the cut shortens, how many of their supervised tokens it removes, and how many it
+    leaves with none (their loss part is empty for that pair)."""
     stats = {}
     for kind in kept_ranges[0] if kept_ranges else ():
         lengths = [ranges[kind][0] for ranges in kept_ranges]
         supervised = [(start, end) for ranges in kept_ranges for start, end in ranges[kind][1]]
         n_supervised = sum(end - start for start, end in supervised)
         n_cut = sum(max(0, end - max(start, max_len)) for start, end in supervised)
+        # A sequence whose first target token lies past the cut keeps none.
+        firsts = [min((start for start, end in ranges[kind][1] if end > start), default=None)
+                  for ranges in kept_ranges]
+        emptied = sum(first is not None and first >= max_len for first in firsts)
         stats[kind] = {"max": max(lengths), "mean": round(float(np.mean(lengths)), 1),
                        "truncated": sum(length > max_len for length in lengths),
-                       "supervised_tokens": n_supervised, "cut_tokens": n_cut,
+                       "supervised_tokens": n_supervised, "cut_tokens": n_cut, "emptied": emptied,
                        "cut_share": round(n_cut / max(n_supervised, 1), 5)}
     return stats
 
@@ -333,7 +342,8 @@ def overlong_defect(en: EncodedSide, tgt: EncodedSide | None, ranges: dict,
     supervise), so x_tgt is never cut and stays the same prefix of tft, lc and et; and only when
     x_en keeps an instruction token (the feature losses pool over them)."""
     max_len = cfg.max_len
-    too_long = {kind: length for kind, (length, _) in ranges.items() if length > max_len}
+    too_long = {kind: length for kind, (length, _) in ranges.items()
+                if length > max_len and kind != "lc_content"}  # lc_content: lc's length
     if too_long and cfg.overlong == "drop":
         return "too_long", (", ".join(f"{kind} has {n} tokens" for kind, n in too_long.items())
                             + f" > --max-len {max_len}")
@@ -504,9 +514,14 @@ def format_report(report: dict, out: Path) -> str:
     lines.append(f"  sequences (tokens before the cut; --overlong {report['overlong']} "
                  f"at {report['max_len']}):")
     for kind, s in report["sequences"].items():
+        if kind == "lc_content":
+            lines.append(f"        of lc's x_en instruction+input tokens (LC's targets by default) "
+                         f"{100 * s['cut_share']:.2f}% cut; {s['emptied']} rows keep none")
+            continue
         what = "content tokens (feature pooling)" if kind == "en" else "supervised tokens"
         lines.append(f"    {kind:<3} max {s['max']:>5} mean {s['mean']:>7}  "
-                     f"{s['truncated']:>6} truncated, {100 * s['cut_share']:.2f}% of {what} cut")
+                     f"{s['truncated']:>6} truncated, {100 * s['cut_share']:.2f}% of {what} cut"
+                     + (f"; {s['emptied']} rows keep none" if s["emptied"] else ""))
     lines.append(f"  wrote {out} (report.json, meta.json)")
     return "\n".join(lines)
 

@@ -388,7 +388,8 @@ def test_truncate_keeps_every_pair_with_a_supervised_token_and_cuts_at_max_len(t
     assert [ds.source_index(i) for i in range(len(ds))] == [0, 1, 2, 4]
     assert [(d["reason"], d["index"]) for d in report["drops"]] == [("prompt_too_long", 3)]
 
-    expected = {kind: {"truncated": 0, "supervised_tokens": 0, "cut_tokens": 0} for kind in KINDS}
+    expected = {kind: {"truncated": 0, "supervised_tokens": 0, "cut_tokens": 0, "emptied": 0}
+                for kind in KINDS + ("lc_content",)}
     for i in range(len(ds)):
         ex, full = ds[i], whole[ds.source_index(i)]
         en, vi = OVERLONG_EN[ds.source_index(i)], OVERLONG_VI[ds.source_index(i)]
@@ -409,6 +410,7 @@ def test_truncate_keeps_every_pair_with_a_supervised_token_and_cuts_at_max_len(t
             expected[kind]["truncated"] += len(x_tgt + rest) > L
             expected[kind]["supervised_tokens"] += len(rest)
             expected[kind]["cut_tokens"] += max(0, len(x_tgt + rest) - L)
+            expected[kind]["emptied"] += len(x_tgt) >= L
         assert ex["en_tokens"].tolist() == x_en[:L]
         # The content masks are the untruncated example's, cut at the same place; lc_content (label
         # space) marks no label lost to the cut.
@@ -422,6 +424,12 @@ def test_truncate_keeps_every_pair_with_a_supervised_token_and_cuts_at_max_len(t
         expected["en"]["truncated"] += len(x_en) > L
         expected["en"]["supervised_tokens"] += int(full["en_content"].sum())
         expected["en"]["cut_tokens"] += int(full["en_content"][L:].sum())
+        # LC's default targets: x_en's content tokens, at position P - 1 + q in [x_tgt ; x_en[1:]].
+        content_at = [P - 1 + q for q, c in enumerate(full["en_content"].tolist()) if c]
+        expected["lc_content"]["truncated"] += len(x_tgt + x_en[1:]) > L
+        expected["lc_content"]["supervised_tokens"] += len(content_at)
+        expected["lc_content"]["cut_tokens"] += sum(p >= L for p in content_at)
+        expected["lc_content"]["emptied"] += min(content_at) >= L
     for kind, counts in expected.items():
         assert 0 < counts["truncated"] < len(ds), kind      # every kind has cut and whole sequences here
         stats = report["sequences"][kind]
@@ -629,3 +637,22 @@ def test_bundled_sample_is_clean_and_aligned(lang, tiny_llama, tmp_path_factory)
     assert n >= 100 and report["records"] == {"en": n, "tgt": n}
     assert report["dropped"] == {} and report["kept"] == n
     assert report["files"] == {"en": str(files[0]), "tgt": str(files[1])}
+
+
+def test_report_counts_rows_whose_cut_leaves_lc_no_content_target(tmp_path, tiny_llama):
+    """Under the default LC targets (x_en's instruction+input), a cut inside x_en can leave a kept
+    pair with no LC target: the report counts them, checked against the untruncated arrays."""
+    L = 256
+    args = ["--lang", "vi", "--tokenizer", str(tiny_llama)]
+    pd.main(args + ["--out", str(tmp_path / "whole"), "--max-len", "4096"])
+    report = pd.main(args + ["--out", str(tmp_path / "cut"), "--max-len", str(L)])
+    whole, cut = pd.load_prepared(tmp_path / "whole"), pd.load_prepared(tmp_path / "cut")
+    content_at = []  # per kept pair: LC positions of x_en's content tokens (x_en's BOS not repeated)
+    for i in range(len(cut)):
+        full = whole[cut.source_index(i)]
+        P = int(full["tgt_prompt_len"])
+        content_at.append([P - 1 + q for q, c in enumerate(full["en_content"].tolist()) if c])
+    stats = report["sequences"]["lc_content"]
+    assert stats["emptied"] == sum(min(at) >= L for at in content_at) > 0
+    assert stats["cut_tokens"] == sum(p >= L for at in content_at for p in at)
+    assert stats["supervised_tokens"] == sum(map(len, content_at))
