@@ -957,6 +957,9 @@ class Tokenizer:
         self.bpe = None
         if path.suffix == ".json":
             self._read_tokenizer_json(data)
+            # Its EOS and pad come from tokenizer_config.json: part of what prepared data depends on.
+            ids = f"\nbos={self.bos_id} eos={self.eos_id} pad={self.pad_id}".encode()
+            self.sha256 = hashlib.sha256(data + ids).hexdigest()
         else:
             self._read_sentencepiece(data)
 

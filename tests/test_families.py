@@ -322,6 +322,21 @@ def test_tokenizer_json_bos_from_its_post_processor_and_eos_fallback(tiny, tmp_p
     assert Tokenizer(path).eos_id == end_of_turn
 
 
+def test_prepared_data_made_with_another_eos_is_refused(tiny, tmp_path):
+    """tokenizer.json leaves the EOS to tokenizer_config.json: data prepared before the EOS changed
+    ends every response with the old one, so the check against the model's tokenizer refuses it."""
+    path = tmp_path / "llama3"
+    shutil.copytree(tiny["llama3"], path)
+    prepare_data.main(["--lang", "vi", "--tokenizer", str(path), "--out", str(tmp_path / "vi")])
+    meta = prepare_data.load_prepared(tmp_path / "vi").meta
+    prepare_data.check_meta(meta, "vi", "parallel", Tokenizer(path).sha256, tmp_path / "vi")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|eot_id|>"
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="tokenizer"):
+        prepare_data.check_meta(meta, "vi", "parallel", Tokenizer(path).sha256, tmp_path / "vi")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Prepared data and one DFT step
 
