@@ -61,8 +61,9 @@ from model import (LOSS_TYPES, MODES, CheckpointError, DFTConfig, Tokenizer, Tra
 from prepare_data import check_meta, collate, data_identity, load_prepared, prepare_command
 
 # Files of --model copied as they are next to the exported weights.
-SIDE_FILES = ("config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+SIDE_FILES = ("config.json", "tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt",
+              "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+              "generation_config.json")
 # Flags that may differ between a run and the rerun that resumes it: they change neither the data
 # order nor the mathematics of an optimizer step (the micro-batch size only regroups the same
 # examples; the others are speed).

@@ -429,6 +429,9 @@ def qwen2_setup(tmp_path_factory):
     texts = [prepare_data.PROMPT_WITH_INPUT, prepare_data.PROMPT_NO_INPUT] * 4 + [
         r[k] for r in en + vi for k in ("instruction", "input", "output") if r[k]]
     write_tiny_checkpoint(root / "qwen2", "qwen2", texts, vocab_size=320)
+    # Qwen2 also ships its BPE as vocab.json + merges.txt (transformers' slow tokenizer reads them).
+    (root / "qwen2" / "vocab.json").write_text('{"a": 0}')
+    (root / "qwen2" / "merges.txt").write_text("#version: 0.2\n")
     prepare_data.main(["--lang", "vi", "--en", str(root / "en.json"), "--tgt", str(root / "vi.json"),
                        "--tokenizer", str(root / "qwen2"), "--out", str(root / "qwen2-vi")])
     return root
@@ -436,6 +439,9 @@ def qwen2_setup(tmp_path_factory):
 
 def test_two_processes_equal_one_on_qwen2(qwen2_setup):
     test_train.test_two_processes_equal_one(qwen2_setup, "dft-logits", "qwen2")
+    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"):
+        exported = qwen2_setup / "two-dft-logits-qwen2" / "final" / name
+        assert exported.read_bytes() == (qwen2_setup / "qwen2" / name).read_bytes(), name
 
 
 # ---------------------------------------------------------------------------------------------------------------------
