@@ -71,7 +71,8 @@ def _ce_and_grad(logits, targets, softcap):
     exp = capped.sub_(top).exp_()
     total = exp.sum(dim=1, keepdim=True)
     loss = (top + total.log() - picked).sum()
-    grad = exp.div_(total).scatter_add_(1, targets[:, None], torch.full_like(picked, -1))
+    grad = exp.div_(total)
+    grad[torch.arange(len(targets), device=grad.device), targets] -= 1  # index_put: deterministic
     return loss, grad if softcap is None else grad.addcmul_(grad, tanh.square_(), value=-1)
 
 
