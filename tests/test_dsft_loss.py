@@ -267,7 +267,7 @@ def test_saved_tensors_do_not_scale_with_tokens_times_vocab():
     for time in (32, 256):
         tokens = batch * time
         # head + norm weight, the gathered hidden rows (fp32), and three int64 index/label vectors per token,
-        # plus at most one chunk of fp32 logits (which DESIGN.md allows; this implementation saves none).
+        # plus at most one chunk of fp32 logits (a chunked design may keep one; this implementation keeps none).
         bound = params + tokens * (dim * 4 + 3 * 8) + chunk * vocab * 4
         assert ours[time] <= bound, (time, ours[time], bound)
         assert materialised[time] >= tokens * vocab * 4  # the reference keeps [B*T, V] fp32 logits (or more)
