@@ -60,9 +60,10 @@ def _on_cpu(tensor):  # value checks read data on the host: free on CPU, a sync 
     return tensor.device.type == "cpu"
 
 
-def _ce_and_grad(logits, targets, softcap):
-    """Summed CE of softcap(logits) [n, V] and its gradient wrt the logits, in place over them:
-    z = c·tanh(l/c), p = softmax(z); dCE/dz = p − onehot(target), dz/dl = 1 − tanh²(l/c)."""
+def _ce_and_grad(logits, targets, softcap, want_grad):
+    """Summed CE of softcap(logits) [n, V] and, if want_grad, its gradient wrt the logits, in
+    place over them: z = c·tanh(l/c), p = softmax(z); dCE/dz = p − onehot(target),
+    dz/dl = 1 − tanh²(l/c)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32: logits, CE
     tanh = None if softcap is None else logits.div_(softcap).tanh_()
     capped = logits if softcap is None else tanh * softcap
@@ -71,6 +72,8 @@ def _ce_and_grad(logits, targets, softcap):
     exp = capped.sub_(top).exp_()
     total = exp.sum(dim=1, keepdim=True)
     loss = (top + total.log() - picked).sum()
+    if not want_grad:
+        return loss, None
     grad = exp.div_(total)
     grad[torch.arange(len(targets), device=grad.device), targets] -= 1  # index_put: deterministic
     return loss, grad if softcap is None else grad.addcmul_(grad, tanh.square_(), value=-1)
@@ -92,9 +95,9 @@ def _chunked_ce(rows, targets, chunk_size, softcap, norm, params, needs):
                    f"{tuple(chunk_rows.shape)} to {tuple(normed.shape)}; expected the same shape")
             # In the head's dtype: an fp32 copy of a bf16 [V, D] head would cost GBs.
             logits = F.linear(normed.to(params[0].dtype), params[0])  # [n, V]
-        loss, grad_logits = _ce_and_grad(logits.detach(), targets[chunk], softcap)
+        loss, grad_logits = _ce_and_grad(logits.detach(), targets[chunk], softcap, any(needs))
         total += loss
-        if any(needs):
+        if grad_logits is not None:
             wrt = [t for t, need in zip((chunk_rows, *params), needs) if need]
             grads = iter(torch.autograd.grad(logits, wrt, grad_logits.to(logits.dtype)))
             if needs[0]:

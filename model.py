@@ -450,7 +450,9 @@ class Transformer(nn.Module):
             build = create_block_mask if flex and cache is None else attention_mask_4d
             rule = functools.partial(attention_rule, start, q_pos, k_pos, k_valid)
             S = k_pos.shape[1]
-            full = build(rule(None), B, None, T, S, device=device)
+            # Mistral's layers all slide: no full mask to build then.
+            all_slide = window and all(self.args.sliding_layers[:n_run])
+            full = None if all_slide else build(rule(None), B, None, T, S, device=device)
             sliding = build(rule(window), B, None, T, S, device=device) if window else full
             masks = (full, sliding)
         cos, sin = rope_cos_sin(q_pos, self.args)
@@ -952,16 +954,17 @@ class Tokenizer:
             raise CheckpointError(missing_model_message(path, " or ".join(TOKENIZER_FILES)))
         self.path = path
         data = path.read_bytes()
-        self.sha256 = hashlib.sha256(data).hexdigest()
         self.sp = None
         self.bpe = None
         if path.suffix == ".json":
             self._read_tokenizer_json(data)
-            # Its EOS and pad come from tokenizer_config.json: part of what prepared data depends on.
-            ids = f"\nbos={self.bos_id} eos={self.eos_id} pad={self.pad_id}".encode()
-            self.sha256 = hashlib.sha256(data + ids).hexdigest()
+            # Its EOS and pad come from tokenizer_config.json: prepared data depends on them.
+            ids = f"\nbos={self.bos_id} eos={self.eos_id} pad={self.pad_id}"
+            identity = data + ids.encode()
         else:
             self._read_sentencepiece(data)
+            identity = data
+        self.sha256 = hashlib.sha256(identity).hexdigest()
 
     def _read_sentencepiece(self, data: bytes):
         self.sp = spm.SentencePieceProcessor()
@@ -989,23 +992,23 @@ class Tokenizer:
                                   f"text into {full}; expected at most one BOS in front and "
                                   "nothing after")
         self.bos_id = before[0] if before else None
-        eos_id = self._special_id("eos_token")
+        config = json_file(self.path.parent / "tokenizer_config.json")
+        eos_id = self._special_id(config, "eos_token")
         self.eos_id = eos_id if eos_id is not None else model_eos_id(self.path.parent)
-        pad_id = self._special_id("pad_token")
+        pad_id = self._special_id(config, "pad_token")
         self.pad_id = pad_id if pad_id is not None else self.eos_id
         self.vocab_size = self.bpe.get_vocab_size(with_added_tokens=True)
 
-    def _special_id(self, key: str) -> int | None:
+    def _special_id(self, config: dict, key: str) -> int | None:
         """The id of tokenizer_config.json's `key` (a string or an AddedToken); None if unset."""
-        config_file = self.path.parent / "tokenizer_config.json"
-        token = json_file(config_file).get(key)
+        token = config.get(key)
         token = token.get("content") if isinstance(token, dict) else token
         if token is None:
             return None
         token_id = self.bpe.token_to_id(token)
         if token_id is None:
-            raise CheckpointError(f"{config_file}: {token!r} is not a token of {self.path}; "
-                                  "re-download both files")
+            raise CheckpointError(f"{self.path.parent / 'tokenizer_config.json'}: {token!r} is "
+                                  f"not a token of {self.path}; re-download both files")
         return token_id
 
     def _bos(self, bos: bool) -> list[int]:
@@ -1023,13 +1026,14 @@ class Tokenizer:
             encoding = self.bpe.encode(text, add_special_tokens=False)  # offsets in characters
             ids, spans = encoding.ids, list(encoding.offsets)
         else:
-            ids, spans = self.sp.encode(text), self._sentencepiece_spans(text)
+            ids = self.sp.encode(text)
+            spans = self._sentencepiece_spans(text, ids)
         head = self._bos(bos)
         return head + ids, [(0, 0)] * len(head) + spans
 
-    def _sentencepiece_spans(self, text: str) -> list[tuple[int, int]]:
+    def _sentencepiece_spans(self, text: str, ids: list[int]) -> list[tuple[int, int]]:
         # Each piece's surface bytes: 1 for a byte-fallback <0xNN>, else its text, ▁ = space.
-        pieces = self.sp.id_to_piece(self.sp.encode(text))
+        pieces = self.sp.id_to_piece(ids)
         sizes = [1 if len(p) == 6 and p.startswith("<0x") and p.endswith(">")
                  else len(p.replace("\u2581", " ").encode()) for p in pieces]
         data = text.encode()
