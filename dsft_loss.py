@@ -26,20 +26,18 @@ Usage with a Hugging Face-style causal LM (LLaMA-2, Gemma-2), one parallel batch
 [x_tgt ; x_en] with (shifted) labels on x_en, `et_*` [x_tgt ; y_en] with labels on y_en.
 
     from dsft_loss import logit_lens_ce, feature_cosine_loss
-    body = model.model                   # LlamaModel / Gemma2Model inside *ForCausalLM
-    norm, head_w, i, j = body.norm, model.lm_head.weight, 2, 15
-    cap = getattr(model.config, "final_logit_softcapping", None)     # softcap; Gemma-2: 30.0
-    # hidden_states[k] is block k's output, but [N] is already normed: TFT gets an identity norm.
-    tgt = body(tft_tokens, attention_mask=tft_mask, output_hidden_states=True).hidden_states
+    body, head_w, i, j = model.model, model.lm_head.weight, 2, 15   # inside *ForCausalLM
+    cap = getattr(model.config, "final_logit_softcapping", None)     # Gemma-2: 30.0
+    def states(tokens, mask):  # [k]: block k's output, but HF's [N] is already normed
+        return body(tokens, attention_mask=mask, output_hidden_states=True).hidden_states
+    tgt = states(tft_tokens, tft_mask)
     tft = logit_lens_ce(tgt[-1], torch.nn.Identity(), head_w, tft_labels, softcap=cap,
                         freeze_head=False)
     # DFT-logits: frozen head, gradient into blocks 1..i (resp. 1..j)
-    h_i = body(lc_tokens, attention_mask=lc_mask, output_hidden_states=True).hidden_states[i]
-    h_j = body(et_tokens, attention_mask=et_mask, output_hidden_states=True).hidden_states[j]
-    lc = logit_lens_ce(h_i, norm, head_w, lc_labels, softcap=cap)
-    et = logit_lens_ce(h_j, norm, head_w, et_labels, softcap=cap)
+    lc = logit_lens_ce(states(lc_tokens, lc_mask)[i], body.norm, head_w, lc_labels, softcap=cap)
+    et = logit_lens_ce(states(et_tokens, et_mask)[j], body.norm, head_w, et_labels, softcap=cap)
     # DFT-feature instead: students come free from the TFT pass; masks mark the query's content.
-    en = body(en_tokens, attention_mask=en_mask, output_hidden_states=True).hidden_states
+    en = states(en_tokens, en_mask)
     lc = feature_cosine_loss(tgt[i], en[i], tgt_content, en_content)
     et = feature_cosine_loss(tgt[j], en[-1], tgt_content, en_content)
     (tft + lc + et).backward()
@@ -141,15 +139,12 @@ def logit_lens_ce(hidden, norm, head_weight, labels, chunk_size=1024, softcap=No
     mean over supervised tokens ("mean"; 0.0 over none). freeze_head=True (L_LC, L_ET): head and
     norm get no gradient, the hidden state does; False (L_TFT): all do.
 
-    Memory (I): rows run `chunk_size` at a time; each chunk's gradients are formed while its logits
+    Memory (I): rows run `chunk_size` at a time, each chunk's gradients formed while its logits
     exist (the loss is a sum over rows), softmax and softcap by hand and in place: two [chunk, V]
-    fp32 buffers with a softcap, one without; nothing with a V dimension kept for backward but the
-    head's gradient; no recompute (head matmuls per chunk: 3, 2 if frozen, 1 with grad mode off).
-    Parameter gradients sum over chunks in a transient fp32 buffer (a bf16 head's error does not
-    grow with the chunk count) and are zeros, not None, with no supervised token (FSDP2 needs them
-    on every rank). Labels are value-checked on CPU only (elsewhere a check syncs). Under FSDP2 call
-    this inside forward or a method given to register_fsdp_forward_method, with the norm and head
-    in that module's FSDP unit.
+    fp32 buffers with a softcap, one without; no recompute, nothing with a V dimension kept for
+    backward but the head's gradient, summed over chunks in fp32 (a bf16 head's error does not
+    grow with the chunk count; zeros, not None, with no supervised token: FSDP2 needs them on every
+    rank). Labels are value-checked on CPU only (see _on_cpu).
     """
     fn = "logit_lens_ce"
     _check(reduction in ("mean", "sum"), f"{fn}: reduction={reduction!r}; expected 'mean' or 'sum'")
@@ -230,8 +225,7 @@ def feature_cosine_loss(h_student, h_teacher, mask_student, mask_teacher, poolin
     for name, mask, h in (("mask_student", mask_student, h_student),
                           ("mask_teacher", mask_teacher, h_teacher)):
         _check(mask.shape == h.shape[:2] and mask.device == h.device, f"{fn}: {name} has shape "
-               f"{tuple(mask.shape)} on {mask.device}; expected its states' {tuple(h.shape[:2])} "
-               f"on {h.device}")
+               f"{tuple(mask.shape)} on {mask.device}; expected {tuple(h.shape[:2])} on {h.device}")
     if detach_teacher:
         h_teacher = h_teacher.detach()  # stop-gradient: the English side is the teacher (I)
     student = _pool(h_student, mask_student, pooling, "mask_student")  # [B, D]
