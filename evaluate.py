@@ -290,30 +290,19 @@ def parse_json(path: Path, text: str):
         raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
 
 
-JSON_GAP = re.compile(r"[\s,]*")       # what lies between the rows of a valid JSON array
-
-
 def json_rows(path: Path):
-    """(where, row) of a JSON array or a JSON Lines file, where = "line N", the line the row starts
-    on. A bad JSON Lines line arrives as a BadRow; an array that does not parse stops the run."""
+    """(where, row) of a JSON array (where = "record N", from 0) or a JSON Lines file ("line N"). A
+    bad JSON Lines line arrives as a BadRow; an array that does not parse stops the run."""
     text = read_text(path)
-    if not text.lstrip().startswith("["):
-        for n, line in enumerate(text.split("\n"), 1):
-            if line.strip():
-                try:
-                    yield f"line {n}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield f"line {n}", BadRow(f"not valid JSON ({e.msg})")
+    if text.lstrip().startswith("["):
+        yield from ((f"record {n}", row) for n, row in enumerate(parse_json(path, text)))
         return
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    line, counted = 1, 0                                      # line `line` holds offset `counted`
-    for row in parse_json(path, text):
-        pos = JSON_GAP.match(text, pos).end()                 # where this row starts
-        line += text.count("\n", counted, pos)
-        counted = pos
-        yield f"line {line}", row
-        pos = decoder.raw_decode(text, pos)[1]
+    for n, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                yield f"line {n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"line {n}", BadRow(f"not valid JSON ({e.msg})")
 
 
 def tsv_rows(path: Path, need: tuple[str, ...]):
