@@ -941,19 +941,18 @@ class LensResult:
 
 def lens_records(path: Path, n: int, tok: Tokenizer) -> list[dict]:
     """The first `n` records of an Alpaca-format JSON list, each checked for this tokenizer."""
+    expected = "a JSON list of {instruction, input, output}"
     if not path.is_file():
-        raise SystemExit(f"error: {path}: not found; pass --lens-data FILE.json, an Alpaca-format "
-                         "JSON list of {instruction, input, output} (or --lens-lang one of "
-                         + "/".join(LENS_LANGS) + ")")
+        raise SystemExit(f"error: {path}: not found; pass --lens-data FILE.json, {expected} (or "
+                         "--lens-lang one of " + "/".join(LENS_LANGS) + ")")
     records = read_records(path)[:n]
+    if not records:
+        raise SystemExit(f"error: {path}: the JSON list is empty; expected {expected}")
     for index, record in enumerate(records):
         defect = record_defect(record, sentencepiece=tok.sp is not None)
         if defect is not None:
-            raise SystemExit(f"error: {path}: record {index}: {defect[1]} (fix the record or pass "
-                             "another --lens-data)")
-    if not records:
-        raise SystemExit(f"error: {path}: the JSON list is empty; expected Alpaca records "
-                         "{instruction, input, output}")
+            raise SystemExit(f"error: {path}: record {index}: {defect[1]} (fix it or pass another "
+                             "--lens-data)")
     return records
 
 
@@ -1040,8 +1039,7 @@ def suggest_layers(entropy: list[float], family: str) -> tuple[int, int, list[st
     drop = {k: entropy[k - 2] - entropy[k - 1] for k in range(2, n_layers + 1)}
     notes = []
     if height < LENS_FLAT:
-        notes.append(f"the entropy curve is flat (range {height:.3f} nats < {LENS_FLAT}): no drops "
-                     "to read")
+        notes.append(f"flat entropy curve (range {height:.3f} < {LENS_FLAT} nats): no drop to read")
     picks = []
     first_third, middle_third = lens_windows(n_layers)
     for name, window, default in (("i", first_third, default_i), ("j", middle_third, default_j)):
@@ -1078,15 +1076,13 @@ def lens_markdown(result: LensResult, first_example: dict, i: int, j: int, rule_
     lines = ["# Logit lens", ""] + header + [""]
     lines += table_head("layer", "entropy (nats)", "drop H(k-1) - H(k)", "rank of true next token",
                         "P(true next token)", "top-1")
-    previous = None
     for row in result.layers:
         k = row["layer"]
         label = {0: "0 (embeddings)", i: f"{k} ← i (--lc-layer)",
                  j: f"{k} ← j (--et-layer)"}.get(k, str(k))
-        drop = f"{previous - row['entropy']:+.3f}" if previous is not None and k > 1 else ""
+        drop = f"{result.layers[k - 1]['entropy'] - row['entropy']:+.3f}" if k > 1 else ""
         lines.append(table_row(label, f"{row['entropy']:.3f}", drop, f"{row['rank']:.1f}",
                                f"{row['prob']:.4f}", f"{100 * row['top1']:.1f}%"))
-        previous = row["entropy"]
     how = ("falling back to default_layers, see the notes" if rule_notes
            else "at the two entropy drops")
     lines += ["", f"**Suggested: `--lc-layer {i} --et-layer {j}`** ({how}; the rule: "
@@ -1140,28 +1136,25 @@ def run_logit_lens(args) -> Path:
     i, j, rule_notes = suggest_layers([row["entropy"] for row in result.layers[1:]], config.family)
     png = plot_lens(result, i, j, out / "logit_lens.png")
     header = [f"Model `{args.model}` (family {config.family}, {config.n_layers} blocks, V = "
-              f"{config.vocab_size}: the largest possible entropy is ln V = "
-              f"{math.log(config.vocab_size):.2f} nats), device {args.device}, dtype {dtype}.",
-              f"Data `{data}` ({args.lens_lang}): {len(sequences)} examples as training sequences "
-              f"(Alpaca prompt + response), teacher-forced; means over all {result.positions} "
-              "response positions, each predicting the response's next token.",
-              "Layer k = the residual stream after block k, read through the final norm and the "
-              f"output head (the model's own output at k = {config.n_layers}). Rank 1 = the "
-              "lens's top choice."]
+              f"{config.vocab_size}, so entropy <= ln V = {math.log(config.vocab_size):.2f} nats), "
+              f"device {args.device}, dtype {dtype}.",
+              f"Data `{data}` ({args.lens_lang}): {len(sequences)} training sequences (Alpaca "
+              f"prompt + response), teacher-forced; means over all {result.positions} response "
+              "positions, each predicting the next token. Layer k: the residual stream after block "
+              "k through the final norm and the output head (k = "
+              f"{config.n_layers}: the model's output). Rank 1: the lens's top choice."]
     first_example = dict(targets=[token_piece(tok, t) for t in result.shown_targets],
                          top1=[[token_piece(tok, t) for t in ids] for ids in result.shown_top1])
     md = lens_markdown(result, first_example, i, j, rule_notes, header,
                        rule_notes + notes + [png])
     write_atomic(out / "logit_lens.md", md)
-    report = dict(model=str(args.model), family=config.family, n_layers=config.n_layers,
+    report = dict(model=args.model, family=config.family, n_layers=config.n_layers,
                   vocab_size=config.vocab_size, data=str(data), lang=args.lens_lang,
-                  examples=len(sequences), positions=result.positions, device=str(args.device),
-                  dtype=dtype, layers=result.layers,
-                  suggested=dict(lc_layer=i, et_layer=j, notes=rule_notes),
-                  first_example=first_example, notes=notes)
+                  examples=len(sequences), positions=result.positions, device=args.device,
+                  dtype=dtype, layers=result.layers, first_example=first_example, notes=notes,
+                  suggested=dict(lc_layer=i, et_layer=j, notes=rule_notes))
     write_atomic(out / "logit_lens.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(md)
-    print(png)
     print(f"wrote {out / 'logit_lens.md'} and {out / 'logit_lens.json'}")
     return out
 
@@ -1177,20 +1170,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, of {','.join(LANGS)} (default: %(default)s)")
     p.add_argument("--tasks", default="all", help="'all' or comma-separated, of "
                    f"{','.join(BENCHMARKS)} (default: %(default)s)")
-    p.add_argument("--data-dir", default=str(BENCH_SAMPLE_DIR),
-                   help="BENCH_DIR with <task>/<original release file>, the tree above (default: "
-                   f"the bundled sample {BENCH_SAMPLE_DIR.relative_to(REPO_DIR)}, 3-5 rows per "
-                   "task, whose numbers are labelled 'not comparable' everywhere)")
+    p.add_argument("--data-dir", default=str(BENCH_SAMPLE_DIR), help="BENCH_DIR, the tree above "
+                   f"(default: the bundled sample {BENCH_SAMPLE_DIR.relative_to(REPO_DIR)}, 3-5 "
+                   "rows per task, its numbers labelled 'not comparable' everywhere)")
     p.add_argument("--out", help="output dir for results.json, results.md, predictions/ and the "
                    "logit lens (default: MODEL/eval)")
     p.add_argument("--limit", type=int, help="evaluate only the first N examples of each task and "
                    "language (default: all of them)")
     p.add_argument("--batch-size", type=int, default=16,
                    help="sequences per forward pass (default: %(default)s)")
-    p.add_argument("--qa-max-new-tokens", "--max-new-tokens", dest="qa_max_new_tokens", type=int,
-                   help="greedy tokens per generated answer, for the QA benchmarks and --prompt "
-                   f"(default: {Protocol.qa_max_new_tokens}; 256 with --prompt). --max-new-tokens "
-                   "is the same flag")
+    p.add_argument("--qa-max-new-tokens", "--max-new-tokens", type=int, help="greedy tokens per "
+                   f"generated answer (default: {Protocol.qa_max_new_tokens}; 256 with --prompt)")
     p.add_argument("--qa-stop", choices=tuple(QA_STOPS), default=Protocol.qa_stop,
                    help="where a generated QA answer ends: "
                    + "; ".join(f"{k}: {v}" for k, v in QA_STOPS.items())
@@ -1200,23 +1190,18 @@ def build_parser() -> argparse.ArgumentParser:
                    + " (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when present, else cpu; here %(default)s)")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 on CUDA, fp32 on CPU, where bf16 matmuls are very slow "
-                   "(default: %(default)s)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip malformed benchmark rows, counted in results.md (default: off; the "
-                   "first malformed row stops the run, naming its file, row and field)")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 "
+                   "on CUDA, fp32 on CPU, where bf16 matmuls are very slow (default: %(default)s)")
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed benchmark rows, "
+                   "counted in results.md (default: off: the first one stops the run)")
     p.add_argument("--prompt", help="only generate a greedy response to this instruction (Alpaca "
                    "template) and print it (default: none; run the benchmarks)")
-    lens = p.add_argument_group("logit lens (--logit-lens: per-layer entropy, suggested "
-                                "--lc-layer/--et-layer)")
-    lens.add_argument("--logit-lens", action="store_true", help="only run the logit-lens analysis: "
-                      "OUT/logit_lens.md, .json and .png with matplotlib (default: off; run the "
-                      "benchmarks)")
-    lens.add_argument("--lens-data", metavar="FILE.json",
-                      help="Alpaca-format records of the target language (default: "
-                      f"{SAMPLE_DIR.relative_to(REPO_DIR)}/alpaca_LANG.json, LANG from "
-                      "--lens-lang)")
+    lens = p.add_argument_group("logit lens")
+    lens.add_argument("--logit-lens", action="store_true", help="only run the logit lens: "
+                      "per-layer entropy and suggested --lc-layer/--et-layer in "
+                      "OUT/logit_lens.md, .json and .png (default: off; run the benchmarks)")
+    lens.add_argument("--lens-data", metavar="FILE.json", help="the target language's Alpaca "
+                      f"records (default: {SAMPLE_DIR.relative_to(REPO_DIR)}/alpaca_LANG.json)")
     lens.add_argument("--lens-lang", choices=LENS_LANGS, default="vi", help="the language of the "
                       "records, picking the bundled sample file (default: %(default)s)")
     lens.add_argument("--lens-examples", type=int, default=16, metavar="N",
@@ -1238,8 +1223,7 @@ def parse_args(argv=None):
     args.langs = [x.strip() for x in args.langs.split(",") if x.strip()]
     unknown = [x for x in args.langs if x not in LANGS]
     if unknown or not args.langs:
-        p.error(f"--langs {','.join(args.langs)}: unknown {unknown}; expected some of "
-                f"{','.join(LANGS)}")
+        p.error(f"--langs: unknown {unknown}; expected some of {','.join(LANGS)}")
     args.explicit_tasks = args.tasks.strip() != "all"
     args.tasks = ([x.strip() for x in args.tasks.split(",") if x.strip()] if args.explicit_tasks
                   else list(BENCHMARKS))
