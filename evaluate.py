@@ -330,9 +330,8 @@ def squad_rows(path: Path):
     doc = parse_json(path, read_text(path))
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: top-level field 'data' is missing or not a list; expected "
-                         "SQuAD v1.1 json "
-                         '({"version": ..., "data": [{"paragraphs": [{"context", "qas"}]}]})')
+        raise ValueError(f"{path}: top-level field 'data' is missing or not a list; expected SQuAD "
+                         'v1.1 json ({"data": [{"paragraphs": [{"context", "qas"}]}]})')
     for i, article in enumerate(data):
         paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
         if not isinstance(paragraphs, list):
@@ -454,7 +453,7 @@ def read_xstorycloze(path: Path, lang: str, bad: BadRows) -> list[dict]:
 
 @dataclass
 class MCItem:
-    id: str | int                        # the release's id of the example, or the line it is on
+    id: str | int                        # the release's id of the example, else where it is
     context: str
     choices: list[str]
     gold: int                            # index of the correct choice (acc, acc_norm, MC1)
@@ -1000,12 +999,11 @@ def logit_lens(model, sequences: list[LensSequence], pad_id: int, batch_size: in
                 logits = model.head_logits(h[None, a:a + chunk_size])[0]      # [C, V] fp32
                 logp = logits.log_softmax(-1)                                  # [C, V]
                 target = targets[a:a + chunk_size, None]                       # [C, 1]
-                target_logp = logp.gather(1, target)                           # [C, 1]
                 top1 = logits.argmax(-1)                                       # [C]
                 entropy = -(logp.exp() * logp).sum(-1)                         # [C]
                 # ranked on the logits: fp32 log-normalising could round two apart into a tie
                 rank = (logits > logits.gather(1, target)).sum(-1) + 1         # [C]
-                stats = (entropy, rank, target_logp.double().exp(), top1 == target[:, 0])
+                stats = (entropy, rank, logp.gather(1, target).double().exp(), top1 == target[:, 0])
                 sums[k] += torch.stack([x.double().sum() for x in stats]).cpu()
                 if start == 0 and a < shown:       # the first sequence's positions come first
                     shown_top1[k] += top1[:shown - a].tolist()
@@ -1041,8 +1039,7 @@ def suggest_layers(entropy: list[float], family: str) -> tuple[int, int, list[st
     if height < LENS_FLAT:
         notes.append(f"flat entropy curve (range {height:.3f} < {LENS_FLAT} nats): no drop to read")
     picks = []
-    first_third, middle_third = lens_windows(n_layers)
-    for name, window, default in (("i", first_third, default_i), ("j", middle_third, default_j)):
+    for name, window, default in zip("ij", lens_windows(n_layers), (default_i, default_j)):
         clear = [k for k in window
                  if height >= LENS_FLAT and drop[k] > 0 and drop[k] >= LENS_CLEAR_DROP * height]
         if clear:
@@ -1297,7 +1294,7 @@ def plan_cells(args) -> tuple[dict[tuple[str, str], Cell], list[str]]:
                 notes.append(problem)
                 cells[(task, lang)] = Cell(MISSING, path)
                 continue
-            kept = rows[:args.limit] if args.limit else rows
+            kept = rows[:args.limit]                                # all of them without --limit
             why = "bundled" if bundled else "limit" if len(kept) < len(rows) else ""
             cells[(task, lang)] = Cell("ok", path, kept, not_comparable=why)
     for cell in cells.values():
@@ -1369,9 +1366,8 @@ def run_benchmarks(args) -> Path:
               + (f", --limit {args.limit}" if args.limit else "")
               + ". Zero-shot; values in %. Per-example outputs: `predictions/`."]
     label = caveat(cells.values())
-    fix = "; ".join(NOT_COMPARABLE[why][1] for why in {c.not_comparable for c in cells.values()}
-                    if why)
-    if label:
+    if label:       # one reason per run: the bundled sample's, else --limit's
+        fix = next(NOT_COMPARABLE[c.not_comparable][1] for c in cells.values() if c.not_comparable)
         header.append(f"**{label}: {fix}.**")
     md = results_markdown(results, cells, args.tasks, args.langs, family,
                           Path(args.model).name or "model", header, notes)
