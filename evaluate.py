@@ -515,9 +515,8 @@ def xcopa_item(row: dict, lang: str) -> MCItem:
     # lm-evaluation-harness cuts the last character whatever it is; we cut only punctuation.
     if is_punct(premise[-1]):
         premise = premise[:-1]
-    lower_first = lambda s: s[0].lower() + s[1:]  # noqa: E731
     return MCItem(row["id"], f"{premise} {XCOPA_CONNECTORS[lang][row['question']]}",
-                  [lower_first(row["choice1"]), lower_first(row["choice2"])], row["label"])
+                  [c[0].lower() + c[1:] for c in (row["choice1"], row["choice2"])], row["label"])
 
 
 def xstorycloze_item(row: dict, lang: str) -> MCItem:
@@ -619,14 +618,12 @@ def loglikelihoods(model, tok, requests: list[tuple[str, str]], notes: Counter,
     """Summed log P(continuation | context) of each request; each context tokenised once, each
     distinct request scored once. Only continuation positions go through the head: no [B, T, V]."""
     max_len = model.args.max_seq_len
-    context_ids: dict[str, list[int]] = {}
+    encode_context = functools.cache(lambda context: tok.encode(context, bos=True))
     unique: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
     for context, continuation in requests:
         if (context, continuation) in unique:
             continue
-        if context not in context_ids:
-            context_ids[context] = tok.encode(context, bos=True)
-        ctx = context_ids[context]
+        ctx = encode_context(context)
         cont, alone = split_continuation(tok, ctx, context, continuation)
         notes["continuations encoded alone"] += alone
         room = max_len + 1 - len(cont)          # the continuation's last id is only a target
@@ -729,10 +726,6 @@ class Protocol:
             return (f"{bench.prompt}; greedy, max {self.qa_max_new_tokens} new tokens, "
                     f"stop {self.qa_stop}")
         return f"{bench.prompt}; log-likelihood, ties {self.mc_ties}"
-
-    def legend(self) -> str:
-        return (f"stop {self.qa_stop}: {QA_STOPS[self.qa_stop]} (--qa-stop); "
-                f"ties {self.mc_ties}: {MC_TIES[self.mc_ties]} (--mc-ties)")
 
 
 def answer_text(generation: str, qa_stop: str) -> str:
@@ -1010,9 +1003,8 @@ def logit_lens(model, sequences: list[LensSequence], pad_id: int, batch_size: in
             bar.update(1)
         n_positions += len(targets)
     bar.close()
-    means = (sums / n_positions).tolist()
     layers = [dict(layer=k, entropy=e, rank=r, prob=p, top1=t)
-              for k, (e, r, p, t) in enumerate(means)]
+              for k, (e, r, p, t) in enumerate((sums / n_positions).tolist())]
     shown_targets = sequences[0].ids[sequences[0].first + 1:][:shown]
     return LensResult(layers, n_positions, shown_targets, shown_top1)
 
@@ -1033,7 +1025,7 @@ def suggest_layers(entropy: list[float], family: str) -> tuple[int, int, list[st
     leaves no 1 <= i < j <= N."""
     n_layers = len(entropy)
     default_i, default_j = default_layers(n_layers, family)
-    height = max(entropy) - min(entropy) if entropy else 0.0
+    height = max(entropy) - min(entropy)
     drop = {k: entropy[k - 2] - entropy[k - 1] for k in range(2, n_layers + 1)}
     notes = []
     if height < LENS_FLAT:
@@ -1080,8 +1072,7 @@ def lens_markdown(result: LensResult, first_example: dict, i: int, j: int, rule_
         drop = f"{result.layers[k - 1]['entropy'] - row['entropy']:+.3f}" if k > 1 else ""
         lines.append(table_row(label, f"{row['entropy']:.3f}", drop, f"{row['rank']:.1f}",
                                f"{row['prob']:.4f}", f"{100 * row['top1']:.1f}%"))
-    how = ("falling back to default_layers, see the notes" if rule_notes
-           else "at the two entropy drops")
+    how = "default_layers' fallback, see the notes" if rule_notes else "at the two entropy drops"
     lines += ["", f"**Suggested: `--lc-layer {i} --et-layer {j}`** ({how}; the rule: "
               "`evaluate.suggest_layers`).", ""]
     if first_example["targets"]:
@@ -1355,7 +1346,8 @@ def run_benchmarks(args) -> Path:
     model, dtype = load_model(args.model, args.device, args.dtype)
     protocol = Protocol(args.qa_max_new_tokens, args.qa_stop, args.mc_ties)
     results, counters = score_cells(model, tok, cells, protocol, args.batch_size, out)
-    notes += [f"protocol: {protocol.legend()}"]
+    notes += [f"protocol: stop {protocol.qa_stop}: {QA_STOPS[protocol.qa_stop]} (--qa-stop); "
+              f"ties {protocol.mc_ties}: {MC_TIES[protocol.mc_ties]} (--mc-ties)"]
     notes += [f"{name}: {count}" for name, count in counters.items() if count]
     notes += [f"{task}/{lang}: the benchmark has no {lang} release ({NO_LANGUAGE} in the table)"
               for (task, lang), cell in cells.items() if cell.state == NO_LANGUAGE]
