@@ -11,16 +11,8 @@ Writes into --out: results.json (rows {"task", "lang", "metric", "value" in [0, 
 the model's family, then per task and language the file, split and protocol) and predictions/,
 this run's <task>.<lang>.jsonl files, one line per example: results.json is recomputable from them.
 
-BENCH_DIR holds the files exactly as the benchmarks release them (nothing is downloaded):
-
-    xquad/xquad.{vi,ar,zh}.json                         SQuAD v1.1 json (XQuAD)
-    mlqa/test-context-{l}-question-{l}.json             SQuAD v1.1 json (MLQA_V1/test)
-    mkqa/mkqa.jsonl.gz (or mkqa.jsonl)                  MKQA, all languages in one file
-    truthfulqa/{l}_validation.json                      Okapi's TruthfulQA translation
-    mmlu/{l}_test.json                                  Okapi's MMLU translation
-    xnli/xnli.test.tsv                                  XNLI-1.0, all languages in one file
-    xcopa/test.{vi,zh}.jsonl                            XCOPA (no Arabic)
-    xstorycloze/spring2016.val.{ar,zh}.tsv.split_20_80_eval.tsv    XStoryCloze (no Vietnamese)
+BENCH_DIR holds the files exactly as the benchmarks release them (nothing is downloaded; MKQA's
+may be unpacked), at the paths listed at the end of --help.
 
 Multiple choice: the log-likelihood of each choice (acc) and the same per character (acc_norm),
 prompts as lm-evaluation-harness (XNLI, XCOPA, XStoryCloze) and Okapi (MMLU, TruthfulQA).
@@ -1150,7 +1142,9 @@ def run_logit_lens(args) -> Path:
 # --- CLI ------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
+    releases = "".join(f"\n  {b.release:<60}{b.title} ({', '.join(b.langs)})"
+                       for b in BENCHMARKS.values())
+    p = argparse.ArgumentParser(description=__doc__, epilog="BENCH_DIR's files:" + releases,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint dir in the HF layout (config.json, "
                    "safetensors, tokenizer.model), e.g. OUT/final (required; no default)")
@@ -1158,7 +1152,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, of {','.join(LANGS)} (default: %(default)s)")
     p.add_argument("--tasks", default="all", help="'all' or comma-separated, of "
                    f"{','.join(BENCHMARKS)} (default: %(default)s)")
-    p.add_argument("--data-dir", default=str(BENCH_SAMPLE_DIR), help="BENCH_DIR, the tree above "
+    p.add_argument("--data-dir", default=str(BENCH_SAMPLE_DIR), help="BENCH_DIR, the tree below "
                    f"(default: the bundled sample {BENCH_SAMPLE_DIR.relative_to(REPO_DIR)}, 3-5 "
                    "rows per task, its numbers labelled 'not comparable' everywhere)")
     p.add_argument("--out", help="output dir for results.json, results.md, predictions/ and the "
