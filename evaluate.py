@@ -861,8 +861,7 @@ def table_head(*columns: str) -> list[str]:
 def results_markdown(results: list[dict], cells: dict[tuple[str, str], Cell], tasks: list[str],
                      langs: list[str], family: str, model_name: str, header_lines: list[str],
                      notes: list[str]) -> str:
-    """The paper's Tables 1 and 2 with its rows for `family` above ours, every metric, per cell the
-    file, split and protocol, notes. Non-comparable numbers carry their caveat wherever shown."""
+    """results.md, where numbers not comparable to the paper's carry their caveat wherever shown."""
     ours = {(r["task"], r["lang"], r["metric"]): r["value"] for r in results}
     protocols = {(r["task"], r["lang"]): r["prompt"] for r in results}
     lines = [f"# Zero-shot evaluation: {model_name}", ""] + header_lines + [""]
@@ -1120,9 +1119,8 @@ def run_logit_lens(args) -> Path:
               f"device {args.device}, dtype {dtype}.",
               f"Data `{data}` ({args.lens_lang}): {len(sequences)} training sequences (Alpaca "
               f"prompt + response), teacher-forced; means over all {result.positions} response "
-              "positions, each predicting the next token. Layer k: the residual stream after block "
-              "k through the final norm and the output head (k = "
-              f"{config.n_layers}: the model's output). Rank 1: the lens's top choice."]
+              "positions, each predicting the next token. Layer k: block k's output through the "
+              f"final norm and output head (k = {config.n_layers}: the model's own output)."]
     first_example = dict(targets=[token_piece(tok, t) for t in result.shown_targets],
                          top1=[[token_piece(tok, t) for t in ids] for ids in result.shown_top1])
     md = lens_markdown(result, first_example, i, j, rule_notes, header,
@@ -1202,16 +1200,15 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} {value}: expected a positive integer")
-    args.langs = [x.strip() for x in args.langs.split(",") if x.strip()]
-    unknown = [x for x in args.langs if x not in LANGS]
-    if unknown or not args.langs:
-        p.error(f"--langs: unknown {unknown}; expected some of {','.join(LANGS)}")
     args.explicit_tasks = args.tasks.strip() != "all"
-    args.tasks = ([x.strip() for x in args.tasks.split(",") if x.strip()] if args.explicit_tasks
-                  else list(BENCHMARKS))
-    unknown = [x for x in args.tasks if x not in BENCHMARKS]
-    if unknown or not args.tasks:
-        p.error(f"--tasks: unknown {unknown}; expected 'all' or some of {','.join(BENCHMARKS)}")
+    if not args.explicit_tasks:
+        args.tasks = ",".join(BENCHMARKS)
+    for name, known in (("langs", LANGS), ("tasks", BENCHMARKS)):
+        names = [x.strip() for x in getattr(args, name).split(",") if x.strip()]
+        unknown = [x for x in names if x not in known]
+        if unknown or not names:
+            p.error(f"--{name}: unknown {unknown}; expected some of {','.join(known)}")
+        setattr(args, name, names)
     return args
 
 
