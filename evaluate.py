@@ -1123,8 +1123,7 @@ def run_logit_lens(args) -> Path:
               f"final norm and output head (k = {config.n_layers}: the model's own output)."]
     first_example = dict(targets=[token_piece(tok, t) for t in result.shown_targets],
                          top1=[[token_piece(tok, t) for t in ids] for ids in result.shown_top1])
-    md = lens_markdown(result, first_example, i, j, rule_notes, header,
-                       rule_notes + notes + [png])
+    md = lens_markdown(result, first_example, i, j, rule_notes, header, rule_notes + notes + [png])
     write_atomic(out / "logit_lens.md", md)
     report = dict(model=args.model, family=config.family, n_layers=config.n_layers,
                   vocab_size=config.vocab_size, data=str(data), lang=args.lens_lang,
