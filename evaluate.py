@@ -11,16 +11,8 @@ Writes into --out: results.json (rows {"task", "lang", "metric", "value" in [0, 
 the model's family, then per task and language the file, split and protocol) and predictions/,
 this run's <task>.<lang>.jsonl files, one line per example: results.json is recomputable from them.
 
-BENCH_DIR holds the files exactly as the benchmarks release them (nothing is downloaded):
-
-    xquad/xquad.{vi,ar,zh}.json                         SQuAD v1.1 json (XQuAD)
-    mlqa/test-context-{l}-question-{l}.json             SQuAD v1.1 json (MLQA_V1/test)
-    mkqa/mkqa.jsonl.gz (or mkqa.jsonl)                  MKQA, all languages in one file
-    truthfulqa/{l}_validation.json                      Okapi's TruthfulQA translation
-    mmlu/{l}_test.json                                  Okapi's MMLU translation
-    xnli/xnli.test.tsv                                  XNLI-1.0, all languages in one file
-    xcopa/test.{vi,zh}.jsonl                            XCOPA (no Arabic)
-    xstorycloze/spring2016.val.{ar,zh}.tsv.split_20_80_eval.tsv    XStoryCloze (no Vietnamese)
+BENCH_DIR holds the files exactly as the benchmarks release them (nothing is downloaded; MKQA's
+may be unpacked), at the paths listed at the end of --help.
 
 Multiple choice: the log-likelihood of each choice (acc) and the same per character (acc_norm),
 prompts as lm-evaluation-harness (XNLI, XCOPA, XStoryCloze) and Okapi (MMLU, TruthfulQA).
@@ -290,30 +282,19 @@ def parse_json(path: Path, text: str):
         raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
 
 
-JSON_GAP = re.compile(r"[\s,]*")       # what lies between the rows of a valid JSON array
-
-
 def json_rows(path: Path):
-    """(where, row) of a JSON array or a JSON Lines file, where = "line N", the line the row starts
-    on. A bad JSON Lines line arrives as a BadRow; an array that does not parse stops the run."""
+    """(where, row) of a JSON array (where = "record N", from 0) or a JSON Lines file ("line N"). A
+    bad JSON Lines line arrives as a BadRow; an array that does not parse stops the run."""
     text = read_text(path)
-    if not text.lstrip().startswith("["):
-        for n, line in enumerate(text.split("\n"), 1):
-            if line.strip():
-                try:
-                    yield f"line {n}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield f"line {n}", BadRow(f"not valid JSON ({e.msg})")
+    if text.lstrip().startswith("["):
+        yield from ((f"record {n}", row) for n, row in enumerate(parse_json(path, text)))
         return
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    line, counted = 1, 0                                      # line `line` holds offset `counted`
-    for row in parse_json(path, text):
-        pos = JSON_GAP.match(text, pos).end()                 # where this row starts
-        line += text.count("\n", counted, pos)
-        counted = pos
-        yield f"line {line}", row
-        pos = decoder.raw_decode(text, pos)[1]
+    for n, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                yield f"line {n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"line {n}", BadRow(f"not valid JSON ({e.msg})")
 
 
 def tsv_rows(path: Path, need: tuple[str, ...]):
@@ -341,9 +322,8 @@ def squad_rows(path: Path):
     doc = parse_json(path, read_text(path))
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: top-level field 'data' is missing or not a list; expected "
-                         "SQuAD v1.1 json "
-                         '({"version": ..., "data": [{"paragraphs": [{"context", "qas"}]}]})')
+        raise ValueError(f"{path}: top-level field 'data' is missing or not a list; expected SQuAD "
+                         'v1.1 json ({"data": [{"paragraphs": [{"context", "qas"}]}]})')
     for i, article in enumerate(data):
         paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
         if not isinstance(paragraphs, list):
@@ -465,7 +445,7 @@ def read_xstorycloze(path: Path, lang: str, bad: BadRows) -> list[dict]:
 
 @dataclass
 class MCItem:
-    id: str | int                        # the release's id of the example, or the line it is on
+    id: str | int                        # the release's id of the example, else where it is
     context: str
     choices: list[str]
     gold: int                            # index of the correct choice (acc, acc_norm, MC1)
@@ -527,9 +507,8 @@ def xcopa_item(row: dict, lang: str) -> MCItem:
     # lm-evaluation-harness cuts the last character whatever it is; we cut only punctuation.
     if is_punct(premise[-1]):
         premise = premise[:-1]
-    lower_first = lambda s: s[0].lower() + s[1:]  # noqa: E731
     return MCItem(row["id"], f"{premise} {XCOPA_CONNECTORS[lang][row['question']]}",
-                  [lower_first(row["choice1"]), lower_first(row["choice2"])], row["label"])
+                  [c[0].lower() + c[1:] for c in (row["choice1"], row["choice2"])], row["label"])
 
 
 def xstorycloze_item(row: dict, lang: str) -> MCItem:
@@ -631,14 +610,12 @@ def loglikelihoods(model, tok, requests: list[tuple[str, str]], notes: Counter,
     """Summed log P(continuation | context) of each request; each context tokenised once, each
     distinct request scored once. Only continuation positions go through the head: no [B, T, V]."""
     max_len = model.args.max_seq_len
-    context_ids: dict[str, list[int]] = {}
+    encode_context = functools.cache(lambda context: tok.encode(context, bos=True))
     unique: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
     for context, continuation in requests:
         if (context, continuation) in unique:
             continue
-        if context not in context_ids:
-            context_ids[context] = tok.encode(context, bos=True)
-        ctx = context_ids[context]
+        ctx = encode_context(context)
         cont, alone = split_continuation(tok, ctx, context, continuation)
         notes["continuations encoded alone"] += alone
         room = max_len + 1 - len(cont)          # the continuation's last id is only a target
@@ -741,10 +718,6 @@ class Protocol:
             return (f"{bench.prompt}; greedy, max {self.qa_max_new_tokens} new tokens, "
                     f"stop {self.qa_stop}")
         return f"{bench.prompt}; log-likelihood, ties {self.mc_ties}"
-
-    def legend(self) -> str:
-        return (f"stop {self.qa_stop}: {QA_STOPS[self.qa_stop]} (--qa-stop); "
-                f"ties {self.mc_ties}: {MC_TIES[self.mc_ties]} (--mc-ties)")
 
 
 def answer_text(generation: str, qa_stop: str) -> str:
@@ -888,8 +861,7 @@ def table_head(*columns: str) -> list[str]:
 def results_markdown(results: list[dict], cells: dict[tuple[str, str], Cell], tasks: list[str],
                      langs: list[str], family: str, model_name: str, header_lines: list[str],
                      notes: list[str]) -> str:
-    """The paper's Tables 1 and 2 with its rows for `family` above ours, every metric, per cell the
-    file, split and protocol, notes. Non-comparable numbers carry their caveat wherever shown."""
+    """results.md, where numbers not comparable to the paper's carry their caveat wherever shown."""
     ours = {(r["task"], r["lang"], r["metric"]): r["value"] for r in results}
     protocols = {(r["task"], r["lang"]): r["prompt"] for r in results}
     lines = [f"# Zero-shot evaluation: {model_name}", ""] + header_lines + [""]
@@ -952,19 +924,18 @@ class LensResult:
 
 def lens_records(path: Path, n: int, tok: Tokenizer) -> list[dict]:
     """The first `n` records of an Alpaca-format JSON list, each checked for this tokenizer."""
+    expected = "a JSON list of {instruction, input, output}"
     if not path.is_file():
-        raise SystemExit(f"error: {path}: not found; pass --lens-data FILE.json, an Alpaca-format "
-                         "JSON list of {instruction, input, output} (or --lens-lang one of "
-                         + "/".join(LENS_LANGS) + ")")
+        raise SystemExit(f"error: {path}: not found; pass --lens-data FILE.json, {expected} (or "
+                         "--lens-lang one of " + "/".join(LENS_LANGS) + ")")
     records = read_records(path)[:n]
+    if not records:
+        raise SystemExit(f"error: {path}: the JSON list is empty; expected {expected}")
     for index, record in enumerate(records):
         defect = record_defect(record, sentencepiece=tok.sp is not None)
         if defect is not None:
-            raise SystemExit(f"error: {path}: record {index}: {defect[1]} (fix the record or pass "
-                             "another --lens-data)")
-    if not records:
-        raise SystemExit(f"error: {path}: the JSON list is empty; expected Alpaca records "
-                         "{instruction, input, output}")
+            raise SystemExit(f"error: {path}: record {index}: {defect[1]} (fix it or pass another "
+                             "--lens-data)")
     return records
 
 
@@ -1012,21 +983,19 @@ def logit_lens(model, sequences: list[LensSequence], pad_id: int, batch_size: in
                 logits = model.head_logits(h[None, a:a + chunk_size])[0]      # [C, V] fp32
                 logp = logits.log_softmax(-1)                                  # [C, V]
                 target = targets[a:a + chunk_size, None]                       # [C, 1]
-                target_logp = logp.gather(1, target)                           # [C, 1]
                 top1 = logits.argmax(-1)                                       # [C]
                 entropy = -(logp.exp() * logp).sum(-1)                         # [C]
                 # ranked on the logits: fp32 log-normalising could round two apart into a tie
                 rank = (logits > logits.gather(1, target)).sum(-1) + 1         # [C]
-                stats = (entropy, rank, target_logp.double().exp(), top1 == target[:, 0])
+                stats = (entropy, rank, logp.gather(1, target).double().exp(), top1 == target[:, 0])
                 sums[k] += torch.stack([x.double().sum() for x in stats]).cpu()
                 if start == 0 and a < shown:       # the first sequence's positions come first
                     shown_top1[k] += top1[:shown - a].tolist()
             bar.update(1)
         n_positions += len(targets)
     bar.close()
-    means = (sums / n_positions).tolist()
     layers = [dict(layer=k, entropy=e, rank=r, prob=p, top1=t)
-              for k, (e, r, p, t) in enumerate(means)]
+              for k, (e, r, p, t) in enumerate((sums / n_positions).tolist())]
     shown_targets = sequences[0].ids[sequences[0].first + 1:][:shown]
     return LensResult(layers, n_positions, shown_targets, shown_top1)
 
@@ -1047,15 +1016,13 @@ def suggest_layers(entropy: list[float], family: str) -> tuple[int, int, list[st
     leaves no 1 <= i < j <= N."""
     n_layers = len(entropy)
     default_i, default_j = default_layers(n_layers, family)
-    height = max(entropy) - min(entropy) if entropy else 0.0
+    height = max(entropy) - min(entropy)
     drop = {k: entropy[k - 2] - entropy[k - 1] for k in range(2, n_layers + 1)}
     notes = []
     if height < LENS_FLAT:
-        notes.append(f"the entropy curve is flat (range {height:.3f} nats < {LENS_FLAT}): no drops "
-                     "to read")
+        notes.append(f"flat entropy curve (range {height:.3f} < {LENS_FLAT} nats): no drop to read")
     picks = []
-    first_third, middle_third = lens_windows(n_layers)
-    for name, window, default in (("i", first_third, default_i), ("j", middle_third, default_j)):
+    for name, window, default in zip("ij", lens_windows(n_layers), (default_i, default_j)):
         clear = [k for k in window
                  if height >= LENS_FLAT and drop[k] > 0 and drop[k] >= LENS_CLEAR_DROP * height]
         if clear:
@@ -1089,17 +1056,14 @@ def lens_markdown(result: LensResult, first_example: dict, i: int, j: int, rule_
     lines = ["# Logit lens", ""] + header + [""]
     lines += table_head("layer", "entropy (nats)", "drop H(k-1) - H(k)", "rank of true next token",
                         "P(true next token)", "top-1")
-    previous = None
     for row in result.layers:
         k = row["layer"]
         label = {0: "0 (embeddings)", i: f"{k} ← i (--lc-layer)",
                  j: f"{k} ← j (--et-layer)"}.get(k, str(k))
-        drop = f"{previous - row['entropy']:+.3f}" if previous is not None and k > 1 else ""
+        drop = f"{result.layers[k - 1]['entropy'] - row['entropy']:+.3f}" if k > 1 else ""
         lines.append(table_row(label, f"{row['entropy']:.3f}", drop, f"{row['rank']:.1f}",
                                f"{row['prob']:.4f}", f"{100 * row['top1']:.1f}%"))
-        previous = row["entropy"]
-    how = ("falling back to default_layers, see the notes" if rule_notes
-           else "at the two entropy drops")
+    how = "default_layers' fallback, see the notes" if rule_notes else "at the two entropy drops"
     lines += ["", f"**Suggested: `--lc-layer {i} --et-layer {j}`** ({how}; the rule: "
               "`evaluate.suggest_layers`).", ""]
     if first_example["targets"]:
@@ -1151,28 +1115,23 @@ def run_logit_lens(args) -> Path:
     i, j, rule_notes = suggest_layers([row["entropy"] for row in result.layers[1:]], config.family)
     png = plot_lens(result, i, j, out / "logit_lens.png")
     header = [f"Model `{args.model}` (family {config.family}, {config.n_layers} blocks, V = "
-              f"{config.vocab_size}: the largest possible entropy is ln V = "
-              f"{math.log(config.vocab_size):.2f} nats), device {args.device}, dtype {dtype}.",
-              f"Data `{data}` ({args.lens_lang}): {len(sequences)} examples as training sequences "
-              f"(Alpaca prompt + response), teacher-forced; means over all {result.positions} "
-              "response positions, each predicting the response's next token.",
-              "Layer k = the residual stream after block k, read through the final norm and the "
-              f"output head (the model's own output at k = {config.n_layers}). Rank 1 = the "
-              "lens's top choice."]
+              f"{config.vocab_size}, so entropy <= ln V = {math.log(config.vocab_size):.2f} nats), "
+              f"device {args.device}, dtype {dtype}.",
+              f"Data `{data}` ({args.lens_lang}): {len(sequences)} training sequences (Alpaca "
+              f"prompt + response), teacher-forced; means over all {result.positions} response "
+              "positions, each predicting the next token. Layer k: block k's output through the "
+              f"final norm and output head (k = {config.n_layers}: the model's own output)."]
     first_example = dict(targets=[token_piece(tok, t) for t in result.shown_targets],
                          top1=[[token_piece(tok, t) for t in ids] for ids in result.shown_top1])
-    md = lens_markdown(result, first_example, i, j, rule_notes, header,
-                       rule_notes + notes + [png])
+    md = lens_markdown(result, first_example, i, j, rule_notes, header, rule_notes + notes + [png])
     write_atomic(out / "logit_lens.md", md)
-    report = dict(model=str(args.model), family=config.family, n_layers=config.n_layers,
+    report = dict(model=args.model, family=config.family, n_layers=config.n_layers,
                   vocab_size=config.vocab_size, data=str(data), lang=args.lens_lang,
-                  examples=len(sequences), positions=result.positions, device=str(args.device),
-                  dtype=dtype, layers=result.layers,
-                  suggested=dict(lc_layer=i, et_layer=j, notes=rule_notes),
-                  first_example=first_example, notes=notes)
+                  examples=len(sequences), positions=result.positions, device=args.device,
+                  dtype=dtype, layers=result.layers, first_example=first_example, notes=notes,
+                  suggested=dict(lc_layer=i, et_layer=j, notes=rule_notes))
     write_atomic(out / "logit_lens.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(md)
-    print(png)
     print(f"wrote {out / 'logit_lens.md'} and {out / 'logit_lens.json'}")
     return out
 
@@ -1180,7 +1139,9 @@ def run_logit_lens(args) -> Path:
 # --- CLI ------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
+    releases = "".join(f"\n  {b.release:<60}{b.title} ({', '.join(b.langs)})"
+                       for b in BENCHMARKS.values())
+    p = argparse.ArgumentParser(description=__doc__, epilog="BENCH_DIR's files:" + releases,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint dir in the HF layout (config.json, "
                    "safetensors, tokenizer.model), e.g. OUT/final (required; no default)")
@@ -1188,20 +1149,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, of {','.join(LANGS)} (default: %(default)s)")
     p.add_argument("--tasks", default="all", help="'all' or comma-separated, of "
                    f"{','.join(BENCHMARKS)} (default: %(default)s)")
-    p.add_argument("--data-dir", default=str(BENCH_SAMPLE_DIR),
-                   help="BENCH_DIR with <task>/<original release file>, the tree above (default: "
-                   f"the bundled sample {BENCH_SAMPLE_DIR.relative_to(REPO_DIR)}, 3-5 rows per "
-                   "task, whose numbers are labelled 'not comparable' everywhere)")
+    p.add_argument("--data-dir", default=str(BENCH_SAMPLE_DIR), help="BENCH_DIR, the tree below "
+                   f"(default: the bundled sample {BENCH_SAMPLE_DIR.relative_to(REPO_DIR)}, 3-5 "
+                   "rows per task, its numbers labelled 'not comparable' everywhere)")
     p.add_argument("--out", help="output dir for results.json, results.md, predictions/ and the "
                    "logit lens (default: MODEL/eval)")
     p.add_argument("--limit", type=int, help="evaluate only the first N examples of each task and "
                    "language (default: all of them)")
     p.add_argument("--batch-size", type=int, default=16,
                    help="sequences per forward pass (default: %(default)s)")
-    p.add_argument("--qa-max-new-tokens", "--max-new-tokens", dest="qa_max_new_tokens", type=int,
-                   help="greedy tokens per generated answer, for the QA benchmarks and --prompt "
-                   f"(default: {Protocol.qa_max_new_tokens}; 256 with --prompt). --max-new-tokens "
-                   "is the same flag")
+    p.add_argument("--qa-max-new-tokens", "--max-new-tokens", type=int, help="greedy tokens per "
+                   f"generated answer (default: {Protocol.qa_max_new_tokens}; 256 with --prompt)")
     p.add_argument("--qa-stop", choices=tuple(QA_STOPS), default=Protocol.qa_stop,
                    help="where a generated QA answer ends: "
                    + "; ".join(f"{k}: {v}" for k, v in QA_STOPS.items())
@@ -1211,23 +1169,18 @@ def build_parser() -> argparse.ArgumentParser:
                    + " (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when present, else cpu; here %(default)s)")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 on CUDA, fp32 on CPU, where bf16 matmuls are very slow "
-                   "(default: %(default)s)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip malformed benchmark rows, counted in results.md (default: off; the "
-                   "first malformed row stops the run, naming its file, row and field)")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 "
+                   "on CUDA, fp32 on CPU, where bf16 matmuls are very slow (default: %(default)s)")
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed benchmark rows, "
+                   "counted in results.md (default: off: the first one stops the run)")
     p.add_argument("--prompt", help="only generate a greedy response to this instruction (Alpaca "
                    "template) and print it (default: none; run the benchmarks)")
-    lens = p.add_argument_group("logit lens (--logit-lens: per-layer entropy, suggested "
-                                "--lc-layer/--et-layer)")
-    lens.add_argument("--logit-lens", action="store_true", help="only run the logit-lens analysis: "
-                      "OUT/logit_lens.md, .json and .png with matplotlib (default: off; run the "
-                      "benchmarks)")
-    lens.add_argument("--lens-data", metavar="FILE.json",
-                      help="Alpaca-format records of the target language (default: "
-                      f"{SAMPLE_DIR.relative_to(REPO_DIR)}/alpaca_LANG.json, LANG from "
-                      "--lens-lang)")
+    lens = p.add_argument_group("logit lens")
+    lens.add_argument("--logit-lens", action="store_true", help="only run the logit lens: "
+                      "per-layer entropy and suggested --lc-layer/--et-layer in "
+                      "OUT/logit_lens.md, .json and .png (default: off; run the benchmarks)")
+    lens.add_argument("--lens-data", metavar="FILE.json", help="the target language's Alpaca "
+                      f"records (default: {SAMPLE_DIR.relative_to(REPO_DIR)}/alpaca_LANG.json)")
     lens.add_argument("--lens-lang", choices=LENS_LANGS, default="vi", help="the language of the "
                       "records, picking the bundled sample file (default: %(default)s)")
     lens.add_argument("--lens-examples", type=int, default=16, metavar="N",
@@ -1246,17 +1199,15 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} {value}: expected a positive integer")
-    args.langs = [x.strip() for x in args.langs.split(",") if x.strip()]
-    unknown = [x for x in args.langs if x not in LANGS]
-    if unknown or not args.langs:
-        p.error(f"--langs {','.join(args.langs)}: unknown {unknown}; expected some of "
-                f"{','.join(LANGS)}")
     args.explicit_tasks = args.tasks.strip() != "all"
-    args.tasks = ([x.strip() for x in args.tasks.split(",") if x.strip()] if args.explicit_tasks
-                  else list(BENCHMARKS))
-    unknown = [x for x in args.tasks if x not in BENCHMARKS]
-    if unknown or not args.tasks:
-        p.error(f"--tasks: unknown {unknown}; expected 'all' or some of {','.join(BENCHMARKS)}")
+    if not args.explicit_tasks:
+        args.tasks = ",".join(BENCHMARKS)
+    for name, known in (("langs", LANGS), ("tasks", BENCHMARKS)):
+        names = [x.strip() for x in getattr(args, name).split(",") if x.strip()]
+        unknown = [x for x in names if x not in known]
+        if unknown or not names:
+            p.error(f"--{name}: unknown {unknown}; expected some of {','.join(known)}")
+        setattr(args, name, names)
     return args
 
 
@@ -1324,7 +1275,7 @@ def plan_cells(args) -> tuple[dict[tuple[str, str], Cell], list[str]]:
                 notes.append(problem)
                 cells[(task, lang)] = Cell(MISSING, path)
                 continue
-            kept = rows[:args.limit] if args.limit else rows
+            kept = rows[:args.limit]                                # all of them without --limit
             why = "bundled" if bundled else "limit" if len(kept) < len(rows) else ""
             cells[(task, lang)] = Cell("ok", path, kept, not_comparable=why)
     for cell in cells.values():
@@ -1385,7 +1336,8 @@ def run_benchmarks(args) -> Path:
     model, dtype = load_model(args.model, args.device, args.dtype)
     protocol = Protocol(args.qa_max_new_tokens, args.qa_stop, args.mc_ties)
     results, counters = score_cells(model, tok, cells, protocol, args.batch_size, out)
-    notes += [f"protocol: {protocol.legend()}"]
+    notes += [f"protocol: stop {protocol.qa_stop}: {QA_STOPS[protocol.qa_stop]} (--qa-stop); "
+              f"ties {protocol.mc_ties}: {MC_TIES[protocol.mc_ties]} (--mc-ties)"]
     notes += [f"{name}: {count}" for name, count in counters.items() if count]
     notes += [f"{task}/{lang}: the benchmark has no {lang} release ({NO_LANGUAGE} in the table)"
               for (task, lang), cell in cells.items() if cell.state == NO_LANGUAGE]
@@ -1396,9 +1348,8 @@ def run_benchmarks(args) -> Path:
               + (f", --limit {args.limit}" if args.limit else "")
               + ". Zero-shot; values in %. Per-example outputs: `predictions/`."]
     label = caveat(cells.values())
-    fix = "; ".join(NOT_COMPARABLE[why][1] for why in {c.not_comparable for c in cells.values()}
-                    if why)
-    if label:
+    if label:       # one reason per run: the bundled sample's, else --limit's
+        fix = next(NOT_COMPARABLE[c.not_comparable][1] for c in cells.values() if c.not_comparable)
         header.append(f"**{label}: {fix}.**")
     md = results_markdown(results, cells, args.tasks, args.langs, family,
                           Path(args.model).name or "model", header, notes)

@@ -206,12 +206,6 @@ def test_truthfulqa_question_is_cleaned_up_as_lm_eval_okapi_does():
     assert mc1.context.endswith("Barcelona, Spain.\n\nQ: Có thật không?\nA:") and mc2.context == mc1.context
 
 
-def _line_of_nth_object(text: str, n: int) -> int:
-    """1-based line of the n-th (0-based) element of a pretty-printed top-level JSON array."""
-    starts = [i for i, line in enumerate(text.splitlines(), 1) if line.rstrip() == "    {"]   # json.dumps(indent=4)
-    return starts[n]
-
-
 def _corrupt(tmp_path, rel, edit):
     path = tmp_path / rel
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,9 +243,10 @@ MALFORMED = [
     ("xstorycloze/spring2016.val.zh.tsv.split_20_80_eval.tsv", ev.read_xstorycloze, "zh",
      _jsonl_edit(3, lambda l: l.rsplit("\t", 1)[0]), 2, ["line 3", "7 tab-separated fields"]),
     ("mmlu/ar_test.json", ev.read_mmlu, "ar",
-     _json_edit(lambda rows: rows[1].update(answer="E")), 3, ["'answer' is 'E'", "A/B/C/D"]),
+     _json_edit(lambda rows: rows[1].update(answer="E")), 3, ["record 1:", "'answer' is 'E'", "A/B/C/D"]),
     ("truthfulqa/zh_validation.json", ev.read_truthfulqa, "zh",
-     _json_edit(lambda rows: rows[2].update(mc1_targets_labels=[1, 1, 0])), 2, ["'mc1_targets_labels'", "exactly one"]),
+     _json_edit(lambda rows: rows[2].update(mc1_targets_labels=[1, 1, 0])), 2,
+     ["record 2:", "'mc1_targets_labels'", "exactly one"]),
     ("xquad/xquad.vi.json", ev.read_squad, "vi",
      _json_edit(lambda doc: doc["data"][0]["paragraphs"][0]["qas"][1].update(answers=[])), 3,
      ["data[0].paragraphs[0].qas[1]", "'answers'"]),
@@ -267,8 +262,6 @@ def test_malformed_rows_name_file_and_line(tmp_path, rel, reader, lang, edit, n_
     assert message.startswith(f"{path}: ") and "\n" not in message and "--skip-bad" in message
     for part in expected:
         assert part in message
-    if rel.endswith(".json") and "xquad" not in rel:     # JSON arrays: the line where the bad element starts
-        assert f"line {_line_of_nth_object(path.read_text(encoding='utf-8'), 1 if 'mmlu' in rel else 2)}:" in message
     bad = ev.BadRows(skip=True)
     assert len(reader(path, lang, bad)) == n_left and bad.count(path) == 1
 
@@ -283,10 +276,10 @@ def test_mkqa_gzip_release_is_preferred_and_read_the_same(tmp_path):
     assert ev.read_mkqa(path, "vi", ev.BadRows())[0]["answers"] == ["Paris", "Pa ri"]
 
 
-def test_json_array_and_jsonl_line_numbers(tmp_path):
+def test_json_array_records_and_jsonl_line_numbers(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text('\n[\n  {"a": 1},\n\n  {"a": [2,\n   3]}, {"a": 4}\n]\n', encoding="utf-8")
-    assert list(ev.json_rows(path)) == [("line 3", {"a": 1}), ("line 5", {"a": [2, 3]}), ("line 6", {"a": 4})]
+    assert list(ev.json_rows(path)) == [("record 0", {"a": 1}), ("record 1", {"a": [2, 3]}), ("record 2", {"a": 4})]
     path.write_text('{"a": 1}\n\n{"a": "x\u2028y"}\n', encoding="utf-8")      # U+2028 is no line break in JSON
     assert list(ev.json_rows(path)) == [("line 1", {"a": 1}), ("line 3", {"a": "x\u2028y"})]
     path.write_text('[\n  {"a": 1}\n  {"a": 2}\n]', encoding="utf-8")
