@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from model import Tokenizer, Transformer, default_layers, resolve_dtype, write_atomic
+from model import Tokenizer, Transformer, default_layers, replace_dir, resolve_dtype, write_atomic
 from prepare_data import (SAMPLE_DIR, alpaca_prompt_ids, format_prompt, load_tokenizer,
                           read_records, record_defect)
 
@@ -1317,12 +1317,7 @@ def score_cells(model, tok, cells: dict[tuple[str, str], Cell], protocol: Protoc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    old = out / ".predictions.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if (out / "predictions").exists():
-        (out / "predictions").rename(old)
-    staging.rename(out / "predictions")
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(staging, out / "predictions")
     return results, counters
 
 

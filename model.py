@@ -553,9 +553,7 @@ class Transformer(nn.Module):
                 (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
             config = dict(self.args.hf_config) or hf_config_of(self.args)
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            if Path(path).exists():
-                shutil.rmtree(path)
-            os.rename(tmp, path)
+            replace_dir(tmp, Path(path))
         if dist.is_initialized():
             dist.barrier()      # nobody reads the export before rank 0 has renamed it into place
 
@@ -744,6 +742,17 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Put the complete dir `staging` in `target`'s place. The old target is renamed aside, then
+    removed: a kill leaves it whole (maybe as target.old), never half deleted or mixed."""
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.rename(target, old)
+    os.rename(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def hf_names(args: ModelArgs) -> dict[str, str]:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import IGNORE_INDEX, SAMPLE_DIR, Tokenizer
+from model import IGNORE_INDEX, SAMPLE_DIR, Tokenizer, replace_dir
 
 FORMAT_VERSION = 2  # 2: parts stored whole, cut at meta's max_len on load
 TEMPLATE_ID = "alpaca-en/joint-v2"  # the template and its encoding (encode_prompt, encode_side)
@@ -445,7 +445,6 @@ def write_prepared(cfg: PrepareConfig, tokenizer, kept: list, report: dict) -> N
     """Write arrays, meta.json and report.json into the staging directory, then swap it in: never
     a half directory, and one line when the disk refuses."""
     tmp = staging_dir(cfg.out)
-    old = cfg.out.with_name(cfg.out.name + ".old")
     truncated = {kind: {"sequences": s["truncated"], "cut_share": s["cut_share"]}
                  for kind, s in report["sequences"].items()}
     try:
@@ -481,11 +480,7 @@ def write_prepared(cfg: PrepareConfig, tokenizer, kept: list, report: dict) -> N
         }
         for name, content in (("meta.json", meta), ("report.json", report)):
             (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
-        if cfg.out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            cfg.out.rename(old)
-        tmp.rename(cfg.out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, cfg.out)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise cannot_write(cfg.out, err) from None

@@ -56,8 +56,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from tqdm import tqdm
 
 from model import (LOSS_TYPES, MODES, CheckpointError, DFTConfig, Tokenizer, Transformer,
-                   check_checkpoint, count_targets, load_weights, read_args, resolve_dtype,
-                   write_atomic)
+                   check_checkpoint, count_targets, load_weights, read_args, replace_dir,
+                   resolve_dtype, write_atomic)
 from prepare_data import check_meta, collate, data_identity, load_prepared, prepare_command
 
 # Files of --model copied as they are next to the exported weights.
@@ -512,8 +512,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, state: dict,
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
     if rank == 0:
         write_atomic(tmp / "state.json", json.dumps(state, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
+        replace_dir(tmp, final)
         for old in checkpoints(ckpt_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -536,8 +535,7 @@ def export(model: Transformer, model_dir: Path, out: Path) -> Path:
         for name in SIDE_FILES:
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, staging / name)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(staging, final)
+        replace_dir(staging, final)
     dist.barrier()
     return final
 

@@ -419,3 +419,29 @@ def test_gemma2_config_fields():
                                      "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0})
     assert args.head_dim == 256 and args.tie_embeddings and args.sliding_layers[:3] == (True, False, True)
     assert args.query_scale == 256 ** -0.5 and args.embed_scale == 2304 ** 0.5
+
+
+def test_replace_dir_swaps_whole_dirs_and_a_kill_leaves_the_old_one_whole(tmp_path, monkeypatch):
+    target = tmp_path / "final"
+    for version in ("v1", "v2"):
+        staging = tmp_path / f"final.{version}"
+        staging.mkdir()
+        (staging / "weights").write_text(version)
+        model_module.replace_dir(staging, target)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+        assert [p.name for p in target.iterdir()] == ["weights"]
+        assert (target / "weights").read_text() == version
+    # Killed between the two renames: the old dir is whole, set aside, and the next call tidies up.
+    staging = tmp_path / "final.v3"
+    staging.mkdir()
+    (staging / "weights").write_text("v3")
+    real_rename = os.rename
+    monkeypatch.setattr(os, "rename", lambda a, b: (real_rename(a, b) if Path(b).name
+                                                     == "final.old" else 1 / 0))
+    with pytest.raises(ZeroDivisionError):
+        model_module.replace_dir(staging, target)
+    assert (tmp_path / "final.old" / "weights").read_text() == "v2"
+    monkeypatch.setattr(os, "rename", real_rename)
+    model_module.replace_dir(staging, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert (target / "weights").read_text() == "v3"
