@@ -620,8 +620,9 @@ def loglikelihoods(model, tok, requests: list[tuple[str, str]], notes: Counter,
         notes["continuations encoded alone"] += alone
         room = max_len + 1 - len(cont)          # the continuation's last id is only a target
         if len(ctx) > room and room < 2:
-            raise ValueError(f"a continuation of {len(cont)} tokens does not fit "
-                             f"max_seq_len={max_len}: {continuation[:60]!r}")
+            raise SystemExit(f"error: {desc or 'scoring'}: the choice {continuation[:60]!r} has "
+                             f"{len(cont)} tokens, more than the model's context of {max_len}; "
+                             "leave this task out of --tasks")
         ctx = fit_prompt(ctx, room, notes, tok.bos_id is not None, "contexts")
         unique[(context, continuation)] = (ctx, cont)
     keys = sorted(unique, key=lambda k: -sum(map(len, unique[k])))

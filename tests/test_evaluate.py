@@ -339,6 +339,17 @@ def test_long_contexts_are_cut_on_the_left_keeping_bos_if_the_model_has_one(requ
     assert got == pytest.approx(want, rel=1e-5, abs=1e-4)
 
 
+def test_a_choice_longer_than_the_context_is_refused_in_one_line(tiny_llama, monkeypatch):
+    model, tok = Transformer.from_pretrained(tiny_llama), Tokenizer(tiny_llama)
+    monkeypatch.setattr(model.args, "max_seq_len", 8)
+    with pytest.raises(SystemExit) as stop:
+        ev.loglikelihoods(model, tok, [("Q:", " one two three four five six seven eight nine")],
+                          Counter(), desc="xnli/vi")
+    message = str(stop.value.code)
+    assert message.startswith("error: xnli/vi: the choice ' one two") and "\n" not in message
+    assert "context of 8" in message and "--tasks" in message
+
+
 def test_fit_prompt_keeps_bos_only_when_the_model_has_one():
     notes = Counter()
     assert ev.fit_prompt([1, 5, 6, 7, 8], 3, notes, bos=True) == [1, 7, 8]
