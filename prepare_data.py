@@ -6,8 +6,7 @@ OUT/report.json); each text is encoded once and reused for the four training seq
 
     tft = x_tgt ; y_tgt        lc = x_tgt ; x_en        et = x_tgt ; y_en        en = x_en
 
-x = BOS + the Alpaca prompt (ending in "### Response:"), y = output ids + EOS; in lc the x_en part
-carries no BOS of its own.
+x = BOS + the Alpaca prompt (ending in "### Response:"), y = output + EOS; lc's x_en has no BOS.
 
 Output directory (FORMAT_VERSION 2), memory-mapped on load:
     {part}.ids.npy (int32, flat) + {part}.offsets.npy (int64, N+1) for part in x_tgt, y_tgt, x_en,
@@ -107,11 +106,9 @@ def read_records(path: Path) -> list:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise SystemExit(f"{path}: file not found; "
-                         f"see `python prepare_data.py --help` for where to get it")
+        raise SystemExit(f"{path}: not found; `python prepare_data.py --help` says where to get it")
     except UnicodeDecodeError as err:
-        raise SystemExit(f"{path}: byte {err.start}: not UTF-8 text ({err.reason}); "
-                         f"expected a UTF-8 JSON file")
+        raise SystemExit(f"{path}: byte {err.start}: not UTF-8 ({err.reason}); save it as UTF-8")
     except json.JSONDecodeError as err:
         raise SystemExit(f"{path}: line {err.lineno} column {err.colno}: invalid JSON ({err.msg}); "
                          f"{expected}")
@@ -136,9 +133,8 @@ def record_defect(record, sentencepiece: bool) -> tuple[str, str] | None:
             return f"empty_{field}", f"field {field!r} is empty"
     for field in FIELDS if sentencepiece else ():
         if WORD_MARKER in record[field]:
-            return "word_marker", (f"field {field!r} holds '{WORD_MARKER}' (U+2581), which the "
-                                   f"tokenizer reads as a space; replace it (e.g. by '_') to keep "
-                                   f"the record")
+            return "word_marker", (f"field {field!r} holds U+2581, the tokenizer's space mark; "
+                                   f"replace it (e.g. by '_') to keep the record")
     return None
 
 
@@ -270,26 +266,20 @@ def resolve_config(cfg: PrepareConfig) -> PrepareConfig:
         lang, en, tgt = "en", cfg.en or SAMPLE_DIR / "alpaca_en.json", None
     else:
         if not cfg.lang:
-            raise SystemExit("--lang is required for parallel data (e.g. --lang vi); "
-                             "use --sft for English-only data")
+            raise SystemExit("--lang is required (e.g. --lang vi); --sft makes English-only data")
         if cfg.lang == "en":
-            raise SystemExit("--lang en: parallel data pairs English with another language; "
-                             "use --sft for English-only data")
+            raise SystemExit("--lang en: not a target language; use --sft for English-only data")
         if (cfg.en is None) != (cfg.tgt is None):
-            raise SystemExit("--en and --tgt go together: "
-                             "give both files, or neither for the bundled sample")
+            raise SystemExit("--en and --tgt go together: give both, or neither (bundled sample)")
         lang, en, tgt = cfg.lang, cfg.en, cfg.tgt
         if en is None:
             en, tgt = SAMPLE_DIR / "alpaca_en.json", SAMPLE_DIR / f"alpaca_{lang}.json"
             if not tgt.is_file():
-                raise SystemExit(f"{tgt}: no bundled sample for --lang {lang}; "
-                                 f"pass --en and --tgt files")
+                raise SystemExit(f"{tgt}: no bundled sample for --lang {lang}; pass --en and --tgt")
     if cfg.max_len < 8:
-        raise SystemExit(f"--max-len {cfg.max_len}: too small to hold the Alpaca template; "
-                         f"the usual value is 512")
+        raise SystemExit(f"--max-len {cfg.max_len}: too small for the Alpaca prompt; use e.g. 512")
     if cfg.overlong not in OVERLONG_POLICIES:
-        raise SystemExit(f"--overlong {cfg.overlong}: "
-                         f"expected one of {', '.join(OVERLONG_POLICIES)}")
+        raise SystemExit(f"--overlong {cfg.overlong}: expected {' or '.join(OVERLONG_POLICIES)}")
     bounds = cfg.ratio_bounds or RATIO_BOUNDS.get(lang, DEFAULT_RATIO_BOUNDS)
     if not 0 < bounds[0] < bounds[1]:
         raise SystemExit(f"--ratio-bounds {bounds[0]} {bounds[1]}: expected 0 < LOW < HIGH")
@@ -322,11 +312,9 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     except (OSError, ValueError, AttributeError):
         prepared = False
     if out.exists() and not prepared and (not out.is_dir() or any(out.iterdir())):
-        raise SystemExit(f"{out}: exists and is not a prepared-data directory; "
-                         f"choose another --out or remove it")
+        raise SystemExit(f"{out}: not a prepared-data directory; choose another --out or remove it")
     if prepared and not overwrite:
-        raise SystemExit(f"{out}: already holds prepared data; pass --overwrite to replace it, "
-                         f"or choose another --out")
+        raise SystemExit(f"{out}: already holds prepared data; pass --overwrite or another --out")
     try:
         shutil.rmtree(staging_dir(out), ignore_errors=True)
         staging_dir(out).mkdir(parents=True)
