@@ -358,11 +358,9 @@ def prepare(cfg: PrepareConfig) -> dict:
     longer = max(files, key=lambda side: len(records[side]))
     if len(records[longer]) > n_pairs:
         if not cfg.allow_length_mismatch:
-            raise SystemExit(
-                f"{cfg.en} has {len(records['en'])} examples but {cfg.tgt} has "
-                f"{len(records['tgt'])}; the files pair by index, so a different count usually "
-                f"means entries were dropped or reordered. Fix the files, or pass "
-                f"--allow-length-mismatch to pair the first {n_pairs} and drop the rest")
+            raise SystemExit(f"{cfg.en} has {len(records['en'])} examples but {cfg.tgt} has "
+                             f"{len(records['tgt'])}; they pair by index: fix the files, or pass "
+                             f"--allow-length-mismatch to pair the first {n_pairs}")
         drops += [{"reason": "unpaired", "file": str(files[longer]), "index": index,
                    "detail": f"beyond the {n_pairs} examples of the shorter file"}
                   for index in range(n_pairs, len(records[longer]))]
@@ -418,11 +416,9 @@ def prepare(cfg: PrepareConfig) -> dict:
         "drops": drops,
     }
     if not cfg.sft:
-        report["ratio"] = {"bounds": [low, high]}
-        if ratios:
-            quantiles = np.quantile(ratios, [0, 0.01, 0.5, 0.99, 1])
-            names = ["min", "p01", "median", "p99", "max"]
-            report["ratio"] |= {name: round(float(q), 3) for name, q in zip(names, quantiles)}
+        quantiles = {"min": 0, "p01": 0.01, "median": 0.5, "p99": 0.99, "max": 1} if ratios else {}
+        report["ratio"] = {"bounds": [low, high]} | {
+            name: round(float(np.quantile(ratios, q)), 3) for name, q in quantiles.items()}
     report["seconds"] = round(time.perf_counter() - started, 2)
     write_prepared(cfg, tokenizer, kept, report)
     print(format_report(report, cfg.out), file=sys.stderr)
@@ -527,18 +523,10 @@ def prepare_command(mode: str, lang: str | None, tokenizer="MODEL_DIR", out=None
 def check_meta(meta: dict, lang: str, mode: str, tokenizer_sha256: str, path) -> None:
     """One-line refusal of prepared data made for another mode ("parallel" | "sft"), language or
     tokenizer. sft data is English whatever language the model is evaluated on: lang unchecked."""
-    remake = prepare_command(mode, lang, out=path)
-    where = f"{path}/meta.json"
-    if meta.get("mode") != mode:
-        raise SystemExit(f"{where}: mode={meta.get('mode')!r} data, but this run needs {mode!r} "
-                         f"data; make it with: {remake}")
-    if mode == "parallel" and meta.get("lang") != lang:
-        raise SystemExit(f"{where}: lang={meta.get('lang')!r} data, but this run is for --lang "
-                         f"{lang}; make it with: {remake}")
-    if meta.get("tokenizer_sha256") != tokenizer_sha256:
-        found = str(meta.get("tokenizer_sha256"))[:12]
-        raise SystemExit(f"{where}: tokenised with another tokenizer (sha256 {found}...) than the "
-                         f"model's ({tokenizer_sha256[:12]}...); make it with: {remake}")
+    for field, needed in (("mode", mode), ("lang", lang), ("tokenizer_sha256", tokenizer_sha256)):
+        if meta.get(field) != needed and not (field == "lang" and mode == "sft"):
+            raise SystemExit(f"{path}/meta.json: {field}={meta.get(field)!r}, but this run needs "
+                             f"{needed!r}; make it with: {prepare_command(mode, lang, out=path)}")
 
 
 def supervise_continuation(prompt: np.ndarray, continuation: np.ndarray,
@@ -639,8 +627,7 @@ def load_prepared(path, make_command: str | None = None) -> PreparedDataset:
                          f"remove {path} and rerun prepare_data.py")
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         found = meta.get("format_version") if isinstance(meta, dict) else None
-        raise SystemExit(f"{meta_file}: format_version={found!r}, "
-                         f"this code reads {FORMAT_VERSION}; {rewrite}")
+        raise SystemExit(f"{meta_file}: format_version={found!r}, not {FORMAT_VERSION}; {rewrite}")
     if meta.get("mode") not in ("parallel", "sft"):
         raise SystemExit(f"{meta_file}: mode={meta.get('mode')!r}; expected 'parallel' or 'sft'")
     sides = ("en",) if meta["mode"] == "sft" else ("en", "tgt")
@@ -662,8 +649,7 @@ def load_prepared(path, make_command: str | None = None) -> PreparedDataset:
     if n != meta.get("num_examples"):
         problems.append(f"source_index has {n} entries, meta.json says {meta.get('num_examples')}")
     if not isinstance(meta.get("max_len"), int) or meta["max_len"] < 1:
-        problems.append(f"meta.json has max_len={meta.get('max_len')!r}, "
-                        f"expected a number of tokens")
+        problems.append(f"meta.json has max_len={meta.get('max_len')!r}, not a number of tokens")
     for side in sides:
         if arrays[f"{side}_spans"].shape != (n, 4):
             problems.append(f"{side}_spans shape {arrays[f'{side}_spans'].shape} != ({n}, 4)")
@@ -671,9 +657,8 @@ def load_prepared(path, make_command: str | None = None) -> PreparedDataset:
             ids, offsets = arrays[f"{part}_{side}.ids"], arrays[f"{part}_{side}.offsets"]
             if (offsets.shape != (n + 1,) or offsets[0] != 0 or offsets[-1] != len(ids)
                     or ids.ndim != 1):
-                last = offsets[-1] if len(offsets) else None
-                problems.append(f"{part}_{side}: offsets do not match ids ({offsets.shape[0]} "
-                                f"offsets for {n} examples, last {last} vs {len(ids)} ids)")
+                problems.append(f"{part}_{side}: {len(offsets)} offsets for {n} examples do not "
+                                f"index its {len(ids)} ids")
     if problems:
         raise SystemExit(f"{path}: damaged prepared data: {'; '.join(problems)}; {rewrite}")
     return PreparedDataset(meta, arrays)
