@@ -497,13 +497,11 @@ def format_report(report: dict, out: Path) -> str:
                      f"p99 {r['p99']} max {r['max']} (bounds {r['bounds'][0]}..{r['bounds'][1]})")
     lines.append(f"  sequences (tokens before the cut; --overlong {report['overlong']} "
                  f"at {report['max_len']}):")
+    targets = {"en": "content tokens (feature pooling)",
+               "lc_content": "LC's default targets (x_en's instruction+input)"}
     for kind, s in report["sequences"].items():
-        if kind == "lc_content":
-            lines.append(f"        of lc's x_en instruction+input tokens (LC's targets by default) "
-                         f"{100 * s['cut_share']:.2f}% cut; {s['emptied']} rows keep none")
-            continue
-        what = "content tokens (feature pooling)" if kind == "en" else "supervised tokens"
-        lines.append(f"    {kind:<3} max {s['max']:>5} mean {s['mean']:>7}  "
+        what = targets.get(kind, "supervised tokens")
+        lines.append(f"    {kind:<10} max {s['max']:>5} mean {s['mean']:>7}  "
                      f"{s['truncated']:>6} truncated, {100 * s['cut_share']:.2f}% of {what} cut"
                      + (f"; {s['emptied']} rows keep none" if s["emptied"] else ""))
     lines.append(f"  wrote {out} (report.json, meta.json)")
@@ -687,17 +685,13 @@ EPILOG = """\
 where the real files come from: x-LLM's data archive, linked in the README of
 https://github.com/NJUNLP/x-LLM
   target   data/alpaca/alpaca_{lang}.json, x-LLM's translations (lang: ar el es hi ru tr vi zh)
-  English  data/alpaca/alpaca_en.json from the same archive, the English file x-LLM released
-           beside its translations (it comes from Stanford Alpaca's alpaca_data.json, 52,002
-           examples: https://github.com/tatsu-lab/stanford_alpaca)
+  English  data/alpaca/alpaca_en.json from the same archive (Stanford Alpaca's alpaca_data.json,
+           52,002 examples: https://github.com/tatsu-lab/stanford_alpaca)
   Both are JSON lists of {"instruction", "input", "output"}, aligned by index. The tgt/en
   token-ratio check drops pairs that do not look like translations of each other: many such
   drops mean the files are misaligned.
 
-output: OUT/ holds memory-mapped token arrays, meta.json (lang, mode, tokenizer sha256, max_len,
-over-length policy, template, counts, source files with their sha256, format version) and
-report.json (every dropped pair with its file, index and reason; per sequence kind, the sequences
-cut at --max-len). train.py --data OUT reads it.
+output: OUT/ is what train.py --data OUT reads; OUT/report.json lists every dropped pair and why.
 
 examples:
   python prepare_data.py --lang vi                  # bundled sample, models/Llama-2-7b-hf tokenizer
@@ -708,23 +702,18 @@ examples:
 
 
 def parse_args(argv: list[str] | None = None) -> PrepareConfig:
-    parser = argparse.ArgumentParser(
-        description="Validate, tokenise and memory-map parallel Alpaca data "
-                    "(English + target language) for DFT.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lang", help="target language code: vi, zh, ar, or others with "
                                        "--en/--tgt (no default: required unless --sft)")
     parser.add_argument("--en", type=Path, metavar="FILE",
-                        help="English Alpaca JSON (default: the bundled sample)")
+                        help="English Alpaca JSON (default: bundled sample)")
     parser.add_argument("--tgt", type=Path, metavar="FILE",
-                        help="target-language Alpaca JSON, same order "
-                             "(default: the bundled sample)")
+                        help="target-language Alpaca JSON, same order (default: bundled sample)")
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, metavar="MODEL_DIR",
-                        help="model dir holding tokenizer.model, or the file itself "
-                             "(default: %(default)s)")
+                        help="model dir or its tokenizer file (default: %(default)s)")
     parser.add_argument("--out", type=Path, metavar="DIR",
-                        help="output dir (default: data/prepared/LANG, or data/prepared/sft-en "
-                             "with --sft)")
+                        help="output dir (default: data/prepared/LANG or data/prepared/sft-en)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the prepared data already in --out (default: refuse)")
     parser.add_argument("--max-len", type=int, default=PrepareConfig.max_len, metavar="N",
@@ -738,8 +727,7 @@ def parse_args(argv: list[str] | None = None) -> PrepareConfig:
                         help="files with different numbers of records: pair the first min(n) by "
                              "index and drop the rest (default: refuse)")
     parser.add_argument("--sft", action="store_true",
-                        help="English-only data for the SFT baseline, from --en alone "
-                             "(default: parallel data)")
+                        help="English-only data for the SFT baseline (default: parallel data)")
     parser.add_argument("--ratio-bounds", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="allowed tgt/en token-length ratio (default per language: "
                              + ", ".join(f"{k} {lo}-{hi}" for k, (lo, hi) in RATIO_BOUNDS.items())
