@@ -527,14 +527,15 @@ def check_meta(meta: dict, lang: str, mode: str, tokenizer_sha256: str, path) ->
                              f"{needed!r}; make it with: {prepare_command(mode, lang, out=path)}")
 
 
-def supervise_continuation(prompt: np.ndarray, continuation: np.ndarray,
-                           max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """tokens = (prompt ; continuation) cut after max_len tokens (len(prompt) < max_len), and
-    shifted labels supervising exactly the continuation's tokens that are left."""
+def supervised_sequence(kind: str, prompt: np.ndarray, continuation: np.ndarray,
+                        max_len: int) -> dict[str, torch.Tensor]:
+    """{kind}_tokens = (prompt ; continuation) cut after max_len tokens (len(prompt) < max_len),
+    {kind}_labels supervising exactly the continuation's tokens that are left, {kind}_mask."""
     tokens = torch.from_numpy(np.concatenate([prompt, continuation])[:max_len])
     labels = torch.full_like(tokens, IGNORE_INDEX)
     labels[len(prompt) - 1:-1] = tokens[len(prompt):]
-    return tokens, labels
+    return {f"{kind}_tokens": tokens, f"{kind}_labels": labels,
+            f"{kind}_mask": torch.ones_like(tokens)}
 
 
 def span_mask(length: int, spans: np.ndarray, shift: int) -> torch.Tensor:
@@ -569,31 +570,25 @@ class PreparedDataset:
         i = range(len(self))[i]  # an IndexError past the end, and a negative i from the end
         x_en, y_en = self._part("x_en", i), self._part("y_en", i)
         if self.meta["mode"] == "sft":
-            tokens, labels = supervise_continuation(x_en, y_en, self.max_len)
-            return {"tft_tokens": tokens, "tft_labels": labels, "tft_mask": torch.ones_like(tokens),
-                    "tgt_prompt_len": len(x_en)}
+            tft = supervised_sequence("tft", x_en, y_en, self.max_len)
+            return tft | {"tgt_prompt_len": len(x_en)}
         x_tgt, y_tgt = self._part("x_tgt", i), self._part("y_tgt", i)
         tgt_spans, en_spans = self.arrays["tgt_spans"][i], self.arrays["en_spans"][i]
         prompt_len = len(x_tgt)  # < max_len in every kept pair: x_tgt is never cut
-
-        tft_tokens, tft_labels = supervise_continuation(x_tgt, y_tgt, self.max_len)
         bos = int(self.meta["bos_id"] is not None)  # Qwen2's prompts have no BOS
-        lc_tokens, lc_labels = supervise_continuation(x_tgt, x_en[bos:], self.max_len)  # no BOS
-        et_tokens, et_labels = supervise_continuation(x_tgt, y_en, self.max_len)
-        x_en = x_en[:self.max_len]
+        example = (supervised_sequence("tft", x_tgt, y_tgt, self.max_len)
+                   | supervised_sequence("lc", x_tgt, x_en[bos:], self.max_len)
+                   | supervised_sequence("et", x_tgt, y_en, self.max_len))
+        en_tokens = torch.from_numpy(x_en[:self.max_len])
         # x_en token k (k >= bos) sits at lc position prompt_len + k - bos and is the label of the
         # position before; a label lost to the cut is no content.
-        lc_content = (span_mask(len(lc_tokens), en_spans, shift=prompt_len - bos - 1)
-                      * (lc_labels != IGNORE_INDEX))
-        return {
-            "tft_tokens": tft_tokens, "tft_labels": tft_labels,
-            "tft_mask": torch.ones_like(tft_tokens), "tgt_prompt_len": prompt_len,
-            "tgt_content": span_mask(len(tft_tokens), tgt_spans, shift=0),
-            "lc_tokens": lc_tokens, "lc_labels": lc_labels, "lc_mask": torch.ones_like(lc_tokens),
-            "lc_content": lc_content,
-            "et_tokens": et_tokens, "et_labels": et_labels, "et_mask": torch.ones_like(et_tokens),
-            "en_tokens": torch.from_numpy(x_en), "en_mask": torch.ones(len(x_en), dtype=torch.long),
-            "en_content": span_mask(len(x_en), en_spans, shift=0),
+        lc_content = span_mask(len(example["lc_tokens"]), en_spans, shift=prompt_len - bos - 1)
+        return example | {
+            "tgt_prompt_len": prompt_len,
+            "tgt_content": span_mask(len(example["tft_tokens"]), tgt_spans, shift=0),
+            "lc_content": lc_content * (example["lc_labels"] != IGNORE_INDEX),
+            "en_tokens": en_tokens, "en_mask": torch.ones_like(en_tokens),
+            "en_content": span_mask(len(en_tokens), en_spans, shift=0),
         }
 
 
