@@ -57,11 +57,10 @@ PROMPT_NO_INPUT = (
 )
 FIELDS = ("instruction", "input", "output")
 
-# Bounds on the tgt/en token-count ratio of a pair (instruction + input + output, RATIO_SMOOTHING
-# tokens added on both sides so that short examples such as "4" vs "4" are never flagged). Wide on
-# purpose: LLaMA-2's vocabulary splits vi/ar/zh into 2-4x as many tokens as English, Gemma-2's
-# hardly at all. The check catches gross damage (a translation cut short, a pair shifted onto
-# another example), not style; --ratio-bounds overrides.
+# Bounds on a pair's tgt/en token-count ratio (instruction + input + output, RATIO_SMOOTHING added
+# to both so that short examples such as "4" vs "4" pass). Wide on purpose: LLaMA-2 splits vi/ar/zh
+# into 2-4x as many tokens as English, Gemma-2 hardly at all; the check catches gross damage (a
+# translation cut short, a pair shifted onto another example), not style.
 RATIO_BOUNDS = {"vi": (0.33, 8.0), "zh": (0.2, 6.0), "ar": (0.33, 8.0)}
 DEFAULT_RATIO_BOUNDS = (0.2, 8.0)
 RATIO_SMOOTHING = 8
@@ -85,8 +84,7 @@ DROP_REASONS = {
     "length_ratio": "implausible tgt/en token-length ratio",
     "too_long": "a sequence is longer than --max-len (--overlong drop)",
     "prompt_too_long": "the prompt fills --max-len: no response token left to supervise",
-    "en_content_cut": "--max-len cuts x_en before its instruction: "
-                      "nothing for feature losses to pool",
+    "en_content_cut": "--max-len cuts x_en before its instruction (nothing for feature pooling)",
     "unpaired": "no partner in the other file (--allow-length-mismatch)",
 }
 
@@ -610,8 +608,7 @@ def load_prepared(path, make_command: str | None = None) -> PreparedDataset:
     meta_file = path / "meta.json"
     rewrite = f"rerun prepare_data.py with --overwrite --out {path}"
     if not meta_file.is_file():
-        make = make_command or (f"{prepare_command('parallel', None, out=path)} "
-                                "(or --sft for English-only data)")
+        make = make_command or prepare_command("parallel", None, out=path) + " (or --sft)"
         raise SystemExit(f"{meta_file}: not found; make the data with: {make}")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
