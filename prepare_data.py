@@ -337,8 +337,7 @@ def overlong_defect(en: EncodedSide, tgt: EncodedSide | None, ranges: dict,
     if prompt_len >= max_len:
         return "prompt_too_long", f"the prompt has {prompt_len} tokens >= --max-len {max_len}"
     if tgt is not None and en.spans[0] >= max_len:
-        return "en_content_cut", (f"x_en's instruction starts at token {en.spans[0]} "
-                                  f">= --max-len {max_len}")
+        return "en_content_cut", f"x_en's instruction at token {en.spans[0]} >= --max-len {max_len}"
     return None
 
 
@@ -406,8 +405,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         "records": {side: len(side_records) for side, side_records in records.items()},
         "kept": len(kept),
         "dropped": {reason: dropped[reason] for reason in DROP_REASONS if dropped[reason]},
-        "max_len": cfg.max_len,
-        "overlong": cfg.overlong,
+        "max_len": cfg.max_len, "overlong": cfg.overlong,
         "sequences": sequence_stats(kept_ranges, cfg.max_len),
         "duplicates_kept": {str(files[side]): find_duplicates(side_records)
                             for side, side_records in records.items()},
@@ -519,10 +517,12 @@ def prepare_command(mode: str, lang: str | None, tokenizer="MODEL_DIR", out=None
 def check_meta(meta: dict, lang: str, mode: str, tokenizer_sha256: str, path) -> None:
     """One-line refusal of prepared data made for another mode ("parallel" | "sft"), language or
     tokenizer. sft data is English whatever language the model is evaluated on: lang unchecked."""
-    for field, needed in (("mode", mode), ("lang", lang), ("tokenizer_sha256", tokenizer_sha256)):
+    remake = prepare_command(mode, lang, out=path)
+    for field, what, needed in (("mode", "mode", mode), ("lang", "language", lang),
+                                ("tokenizer_sha256", "tokenizer", tokenizer_sha256)):
         if meta.get(field) != needed and not (field == "lang" and mode == "sft"):
-            raise SystemExit(f"{path}/meta.json: {field}={meta.get(field)!r}, but this run needs "
-                             f"{needed!r}; make it with: {prepare_command(mode, lang, out=path)}")
+            raise SystemExit(f"{path}/meta.json: {field}={meta.get(field)!r}, another {what} than "
+                             f"this run's {needed!r}; make it with: {remake}")
 
 
 def supervised_sequence(kind: str, prompt: np.ndarray, continuation: np.ndarray,
