@@ -6,8 +6,7 @@ OUT/report.json); each text is encoded once and reused for the four training seq
 
     tft = x_tgt ; y_tgt        lc = x_tgt ; x_en        et = x_tgt ; y_en        en = x_en
 
-x = BOS + the Alpaca prompt (ending in "### Response:"), y = output ids + EOS; in lc the x_en part
-carries no BOS of its own.
+x = BOS + the Alpaca prompt (ending in "### Response:"), y = output + EOS; lc's x_en has no BOS.
 
 Output directory (FORMAT_VERSION 2), memory-mapped on load:
     {part}.ids.npy (int32, flat) + {part}.offsets.npy (int64, N+1) for part in x_tgt, y_tgt, x_en,
@@ -58,11 +57,10 @@ PROMPT_NO_INPUT = (
 )
 FIELDS = ("instruction", "input", "output")
 
-# Bounds on the tgt/en token-count ratio of a pair (instruction + input + output, RATIO_SMOOTHING
-# tokens added on both sides so that short examples such as "4" vs "4" are never flagged). Wide on
-# purpose: LLaMA-2's vocabulary splits vi/ar/zh into 2-4x as many tokens as English, Gemma-2's
-# hardly at all. The check catches gross damage (a translation cut short, a pair shifted onto
-# another example), not style; --ratio-bounds overrides.
+# Bounds on a pair's tgt/en token-count ratio (instruction + input + output, RATIO_SMOOTHING added
+# to both so that short examples such as "4" vs "4" pass). Wide on purpose: LLaMA-2 splits vi/ar/zh
+# into 2-4x as many tokens as English, Gemma-2 hardly at all; the check catches gross damage (a
+# translation cut short, a pair shifted onto another example), not style.
 RATIO_BOUNDS = {"vi": (0.33, 8.0), "zh": (0.2, 6.0), "ar": (0.33, 8.0)}
 DEFAULT_RATIO_BOUNDS = (0.2, 8.0)
 RATIO_SMOOTHING = 8
@@ -86,8 +84,7 @@ DROP_REASONS = {
     "length_ratio": "implausible tgt/en token-length ratio",
     "too_long": "a sequence is longer than --max-len (--overlong drop)",
     "prompt_too_long": "the prompt fills --max-len: no response token left to supervise",
-    "en_content_cut": "--max-len cuts x_en before its instruction: "
-                      "nothing for feature losses to pool",
+    "en_content_cut": "--max-len cuts x_en before its instruction (nothing for feature pooling)",
     "unpaired": "no partner in the other file (--allow-length-mismatch)",
 }
 
@@ -107,11 +104,9 @@ def read_records(path: Path) -> list:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise SystemExit(f"{path}: file not found; "
-                         f"see `python prepare_data.py --help` for where to get it")
+        raise SystemExit(f"{path}: not found; `python prepare_data.py --help` says where to get it")
     except UnicodeDecodeError as err:
-        raise SystemExit(f"{path}: byte {err.start}: not UTF-8 text ({err.reason}); "
-                         f"expected a UTF-8 JSON file")
+        raise SystemExit(f"{path}: byte {err.start}: not UTF-8 ({err.reason}); save it as UTF-8")
     except json.JSONDecodeError as err:
         raise SystemExit(f"{path}: line {err.lineno} column {err.colno}: invalid JSON ({err.msg}); "
                          f"{expected}")
@@ -136,9 +131,8 @@ def record_defect(record, sentencepiece: bool) -> tuple[str, str] | None:
             return f"empty_{field}", f"field {field!r} is empty"
     for field in FIELDS if sentencepiece else ():
         if WORD_MARKER in record[field]:
-            return "word_marker", (f"field {field!r} holds '{WORD_MARKER}' (U+2581), which the "
-                                   f"tokenizer reads as a space; replace it (e.g. by '_') to keep "
-                                   f"the record")
+            return "word_marker", (f"field {field!r} holds U+2581, the tokenizer's space mark; "
+                                   f"replace it (e.g. by '_') to keep the record")
     return None
 
 
@@ -270,26 +264,20 @@ def resolve_config(cfg: PrepareConfig) -> PrepareConfig:
         lang, en, tgt = "en", cfg.en or SAMPLE_DIR / "alpaca_en.json", None
     else:
         if not cfg.lang:
-            raise SystemExit("--lang is required for parallel data (e.g. --lang vi); "
-                             "use --sft for English-only data")
+            raise SystemExit("--lang is required (e.g. --lang vi); --sft makes English-only data")
         if cfg.lang == "en":
-            raise SystemExit("--lang en: parallel data pairs English with another language; "
-                             "use --sft for English-only data")
+            raise SystemExit("--lang en: not a target language; use --sft for English-only data")
         if (cfg.en is None) != (cfg.tgt is None):
-            raise SystemExit("--en and --tgt go together: "
-                             "give both files, or neither for the bundled sample")
+            raise SystemExit("--en and --tgt go together: give both, or neither (bundled sample)")
         lang, en, tgt = cfg.lang, cfg.en, cfg.tgt
         if en is None:
             en, tgt = SAMPLE_DIR / "alpaca_en.json", SAMPLE_DIR / f"alpaca_{lang}.json"
             if not tgt.is_file():
-                raise SystemExit(f"{tgt}: no bundled sample for --lang {lang}; "
-                                 f"pass --en and --tgt files")
+                raise SystemExit(f"{tgt}: no bundled sample for --lang {lang}; pass --en and --tgt")
     if cfg.max_len < 8:
-        raise SystemExit(f"--max-len {cfg.max_len}: too small to hold the Alpaca template; "
-                         f"the usual value is 512")
+        raise SystemExit(f"--max-len {cfg.max_len}: too small for the Alpaca prompt; use e.g. 512")
     if cfg.overlong not in OVERLONG_POLICIES:
-        raise SystemExit(f"--overlong {cfg.overlong}: "
-                         f"expected one of {', '.join(OVERLONG_POLICIES)}")
+        raise SystemExit(f"--overlong {cfg.overlong}: expected {' or '.join(OVERLONG_POLICIES)}")
     bounds = cfg.ratio_bounds or RATIO_BOUNDS.get(lang, DEFAULT_RATIO_BOUNDS)
     if not 0 < bounds[0] < bounds[1]:
         raise SystemExit(f"--ratio-bounds {bounds[0]} {bounds[1]}: expected 0 < LOW < HIGH")
@@ -322,11 +310,9 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     except (OSError, ValueError, AttributeError):
         prepared = False
     if out.exists() and not prepared and (not out.is_dir() or any(out.iterdir())):
-        raise SystemExit(f"{out}: exists and is not a prepared-data directory; "
-                         f"choose another --out or remove it")
+        raise SystemExit(f"{out}: not a prepared-data directory; choose another --out or remove it")
     if prepared and not overwrite:
-        raise SystemExit(f"{out}: already holds prepared data; pass --overwrite to replace it, "
-                         f"or choose another --out")
+        raise SystemExit(f"{out}: already holds prepared data; pass --overwrite or another --out")
     try:
         shutil.rmtree(staging_dir(out), ignore_errors=True)
         staging_dir(out).mkdir(parents=True)
@@ -351,8 +337,7 @@ def overlong_defect(en: EncodedSide, tgt: EncodedSide | None, ranges: dict,
     if prompt_len >= max_len:
         return "prompt_too_long", f"the prompt has {prompt_len} tokens >= --max-len {max_len}"
     if tgt is not None and en.spans[0] >= max_len:
-        return "en_content_cut", (f"x_en's instruction starts at token {en.spans[0]} "
-                                  f">= --max-len {max_len}")
+        return "en_content_cut", f"x_en's instruction at token {en.spans[0]} >= --max-len {max_len}"
     return None
 
 
@@ -370,11 +355,9 @@ def prepare(cfg: PrepareConfig) -> dict:
     longer = max(files, key=lambda side: len(records[side]))
     if len(records[longer]) > n_pairs:
         if not cfg.allow_length_mismatch:
-            raise SystemExit(
-                f"{cfg.en} has {len(records['en'])} examples but {cfg.tgt} has "
-                f"{len(records['tgt'])}; the files pair by index, so a different count usually "
-                f"means entries were dropped or reordered. Fix the files, or pass "
-                f"--allow-length-mismatch to pair the first {n_pairs} and drop the rest")
+            raise SystemExit(f"{cfg.en} has {len(records['en'])} examples but {cfg.tgt} has "
+                             f"{len(records['tgt'])}; they pair by index: fix the files, or pass "
+                             f"--allow-length-mismatch to pair the first {n_pairs}")
         drops += [{"reason": "unpaired", "file": str(files[longer]), "index": index,
                    "detail": f"beyond the {n_pairs} examples of the shorter file"}
                   for index in range(n_pairs, len(records[longer]))]
@@ -422,19 +405,16 @@ def prepare(cfg: PrepareConfig) -> dict:
         "records": {side: len(side_records) for side, side_records in records.items()},
         "kept": len(kept),
         "dropped": {reason: dropped[reason] for reason in DROP_REASONS if dropped[reason]},
-        "max_len": cfg.max_len,
-        "overlong": cfg.overlong,
+        "max_len": cfg.max_len, "overlong": cfg.overlong,
         "sequences": sequence_stats(kept_ranges, cfg.max_len),
         "duplicates_kept": {str(files[side]): find_duplicates(side_records)
                             for side, side_records in records.items()},
         "drops": drops,
     }
     if not cfg.sft:
-        report["ratio"] = {"bounds": [low, high]}
-        if ratios:
-            quantiles = np.quantile(ratios, [0, 0.01, 0.5, 0.99, 1])
-            names = ["min", "p01", "median", "p99", "max"]
-            report["ratio"] |= {name: round(float(q), 3) for name, q in zip(names, quantiles)}
+        quantiles = {"min": 0, "p01": 0.01, "median": 0.5, "p99": 0.99, "max": 1} if ratios else {}
+        report["ratio"] = {"bounds": [low, high]} | {
+            name: round(float(np.quantile(ratios, q)), 3) for name, q in quantiles.items()}
     report["seconds"] = round(time.perf_counter() - started, 2)
     write_prepared(cfg, tokenizer, kept, report)
     print(format_report(report, cfg.out), file=sys.stderr)
@@ -508,13 +488,11 @@ def format_report(report: dict, out: Path) -> str:
                      f"p99 {r['p99']} max {r['max']} (bounds {r['bounds'][0]}..{r['bounds'][1]})")
     lines.append(f"  sequences (tokens before the cut; --overlong {report['overlong']} "
                  f"at {report['max_len']}):")
+    targets = {"en": "content tokens (feature pooling)",
+               "lc_content": "LC's default targets (x_en's instruction+input)"}
     for kind, s in report["sequences"].items():
-        if kind == "lc_content":
-            lines.append(f"        of lc's x_en instruction+input tokens (LC's targets by default) "
-                         f"{100 * s['cut_share']:.2f}% cut; {s['emptied']} rows keep none")
-            continue
-        what = "content tokens (feature pooling)" if kind == "en" else "supervised tokens"
-        lines.append(f"    {kind:<3} max {s['max']:>5} mean {s['mean']:>7}  "
+        what = targets.get(kind, "supervised tokens")
+        lines.append(f"    {kind:<10} max {s['max']:>5} mean {s['mean']:>7}  "
                      f"{s['truncated']:>6} truncated, {100 * s['cut_share']:.2f}% of {what} cut"
                      + (f"; {s['emptied']} rows keep none" if s["emptied"] else ""))
     lines.append(f"  wrote {out} (report.json, meta.json)")
@@ -535,27 +513,22 @@ def check_meta(meta: dict, lang: str, mode: str, tokenizer_sha256: str, path) ->
     """One-line refusal of prepared data made for another mode ("parallel" | "sft"), language or
     tokenizer. sft data is English whatever language the model is evaluated on: lang unchecked."""
     remake = prepare_command(mode, lang, out=path)
-    where = f"{path}/meta.json"
-    if meta.get("mode") != mode:
-        raise SystemExit(f"{where}: mode={meta.get('mode')!r} data, but this run needs {mode!r} "
-                         f"data; make it with: {remake}")
-    if mode == "parallel" and meta.get("lang") != lang:
-        raise SystemExit(f"{where}: lang={meta.get('lang')!r} data, but this run is for --lang "
-                         f"{lang}; make it with: {remake}")
-    if meta.get("tokenizer_sha256") != tokenizer_sha256:
-        found = str(meta.get("tokenizer_sha256"))[:12]
-        raise SystemExit(f"{where}: tokenised with another tokenizer (sha256 {found}...) than the "
-                         f"model's ({tokenizer_sha256[:12]}...); make it with: {remake}")
+    for field, what, needed in (("mode", "mode", mode), ("lang", "language", lang),
+                                ("tokenizer_sha256", "tokenizer", tokenizer_sha256)):
+        if meta.get(field) != needed and not (field == "lang" and mode == "sft"):
+            raise SystemExit(f"{path}/meta.json: {field}={meta.get(field)!r}, another {what} than "
+                             f"this run's {needed!r}; make it with: {remake}")
 
 
-def supervise_continuation(prompt: np.ndarray, continuation: np.ndarray,
-                           max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """tokens = (prompt ; continuation) cut after max_len tokens (len(prompt) < max_len), and
-    shifted labels supervising exactly the continuation's tokens that are left."""
+def supervised_sequence(kind: str, prompt: np.ndarray, continuation: np.ndarray,
+                        max_len: int) -> dict[str, torch.Tensor]:
+    """{kind}_tokens = (prompt ; continuation) cut after max_len tokens (len(prompt) < max_len),
+    {kind}_labels supervising exactly the continuation's tokens that are left, {kind}_mask."""
     tokens = torch.from_numpy(np.concatenate([prompt, continuation])[:max_len])
     labels = torch.full_like(tokens, IGNORE_INDEX)
     labels[len(prompt) - 1:-1] = tokens[len(prompt):]
-    return tokens, labels
+    return {f"{kind}_tokens": tokens, f"{kind}_labels": labels,
+            f"{kind}_mask": torch.ones_like(tokens)}
 
 
 def span_mask(length: int, spans: np.ndarray, shift: int) -> torch.Tensor:
@@ -590,31 +563,25 @@ class PreparedDataset:
         i = range(len(self))[i]  # an IndexError past the end, and a negative i from the end
         x_en, y_en = self._part("x_en", i), self._part("y_en", i)
         if self.meta["mode"] == "sft":
-            tokens, labels = supervise_continuation(x_en, y_en, self.max_len)
-            return {"tft_tokens": tokens, "tft_labels": labels, "tft_mask": torch.ones_like(tokens),
-                    "tgt_prompt_len": len(x_en)}
+            tft = supervised_sequence("tft", x_en, y_en, self.max_len)
+            return tft | {"tgt_prompt_len": len(x_en)}
         x_tgt, y_tgt = self._part("x_tgt", i), self._part("y_tgt", i)
         tgt_spans, en_spans = self.arrays["tgt_spans"][i], self.arrays["en_spans"][i]
         prompt_len = len(x_tgt)  # < max_len in every kept pair: x_tgt is never cut
-
-        tft_tokens, tft_labels = supervise_continuation(x_tgt, y_tgt, self.max_len)
         bos = int(self.meta["bos_id"] is not None)  # Qwen2's prompts have no BOS
-        lc_tokens, lc_labels = supervise_continuation(x_tgt, x_en[bos:], self.max_len)  # no BOS
-        et_tokens, et_labels = supervise_continuation(x_tgt, y_en, self.max_len)
-        x_en = x_en[:self.max_len]
+        example = (supervised_sequence("tft", x_tgt, y_tgt, self.max_len)
+                   | supervised_sequence("lc", x_tgt, x_en[bos:], self.max_len)
+                   | supervised_sequence("et", x_tgt, y_en, self.max_len))
+        en_tokens = torch.from_numpy(x_en[:self.max_len])
         # x_en token k (k >= bos) sits at lc position prompt_len + k - bos and is the label of the
         # position before; a label lost to the cut is no content.
-        lc_content = (span_mask(len(lc_tokens), en_spans, shift=prompt_len - bos - 1)
-                      * (lc_labels != IGNORE_INDEX))
-        return {
-            "tft_tokens": tft_tokens, "tft_labels": tft_labels,
-            "tft_mask": torch.ones_like(tft_tokens), "tgt_prompt_len": prompt_len,
-            "tgt_content": span_mask(len(tft_tokens), tgt_spans, shift=0),
-            "lc_tokens": lc_tokens, "lc_labels": lc_labels, "lc_mask": torch.ones_like(lc_tokens),
-            "lc_content": lc_content,
-            "et_tokens": et_tokens, "et_labels": et_labels, "et_mask": torch.ones_like(et_tokens),
-            "en_tokens": torch.from_numpy(x_en), "en_mask": torch.ones(len(x_en), dtype=torch.long),
-            "en_content": span_mask(len(x_en), en_spans, shift=0),
+        lc_content = span_mask(len(example["lc_tokens"]), en_spans, shift=prompt_len - bos - 1)
+        return example | {
+            "tgt_prompt_len": prompt_len,
+            "tgt_content": span_mask(len(example["tft_tokens"]), tgt_spans, shift=0),
+            "lc_content": lc_content * (example["lc_labels"] != IGNORE_INDEX),
+            "en_tokens": en_tokens, "en_mask": torch.ones_like(en_tokens),
+            "en_content": span_mask(len(en_tokens), en_spans, shift=0),
         }
 
 
@@ -636,8 +603,7 @@ def load_prepared(path, make_command: str | None = None) -> PreparedDataset:
     meta_file = path / "meta.json"
     rewrite = f"rerun prepare_data.py with --overwrite --out {path}"
     if not meta_file.is_file():
-        make = make_command or (f"{prepare_command('parallel', None, out=path)} "
-                                "(or --sft for English-only data)")
+        make = make_command or prepare_command("parallel", None, out=path) + " (or --sft)"
         raise SystemExit(f"{meta_file}: not found; make the data with: {make}")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
@@ -646,8 +612,7 @@ def load_prepared(path, make_command: str | None = None) -> PreparedDataset:
                          f"remove {path} and rerun prepare_data.py")
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         found = meta.get("format_version") if isinstance(meta, dict) else None
-        raise SystemExit(f"{meta_file}: format_version={found!r}, "
-                         f"this code reads {FORMAT_VERSION}; {rewrite}")
+        raise SystemExit(f"{meta_file}: format_version={found!r}, not {FORMAT_VERSION}; {rewrite}")
     if meta.get("mode") not in ("parallel", "sft"):
         raise SystemExit(f"{meta_file}: mode={meta.get('mode')!r}; expected 'parallel' or 'sft'")
     sides = ("en",) if meta["mode"] == "sft" else ("en", "tgt")
@@ -669,8 +634,7 @@ def load_prepared(path, make_command: str | None = None) -> PreparedDataset:
     if n != meta.get("num_examples"):
         problems.append(f"source_index has {n} entries, meta.json says {meta.get('num_examples')}")
     if not isinstance(meta.get("max_len"), int) or meta["max_len"] < 1:
-        problems.append(f"meta.json has max_len={meta.get('max_len')!r}, "
-                        f"expected a number of tokens")
+        problems.append(f"meta.json has max_len={meta.get('max_len')!r}, not a number of tokens")
     for side in sides:
         if arrays[f"{side}_spans"].shape != (n, 4):
             problems.append(f"{side}_spans shape {arrays[f'{side}_spans'].shape} != ({n}, 4)")
@@ -678,9 +642,8 @@ def load_prepared(path, make_command: str | None = None) -> PreparedDataset:
             ids, offsets = arrays[f"{part}_{side}.ids"], arrays[f"{part}_{side}.offsets"]
             if (offsets.shape != (n + 1,) or offsets[0] != 0 or offsets[-1] != len(ids)
                     or ids.ndim != 1):
-                last = offsets[-1] if len(offsets) else None
-                problems.append(f"{part}_{side}: offsets do not match ids ({offsets.shape[0]} "
-                                f"offsets for {n} examples, last {last} vs {len(ids)} ids)")
+                problems.append(f"{part}_{side}: {len(offsets)} offsets for {n} examples do not "
+                                f"index its {len(ids)} ids")
     if problems:
         raise SystemExit(f"{path}: damaged prepared data: {'; '.join(problems)}; {rewrite}")
     return PreparedDataset(meta, arrays)
@@ -709,17 +672,13 @@ EPILOG = """\
 where the real files come from: x-LLM's data archive, linked in the README of
 https://github.com/NJUNLP/x-LLM
   target   data/alpaca/alpaca_{lang}.json, x-LLM's translations (lang: ar el es hi ru tr vi zh)
-  English  data/alpaca/alpaca_en.json from the same archive, the English file x-LLM released
-           beside its translations (it comes from Stanford Alpaca's alpaca_data.json, 52,002
-           examples: https://github.com/tatsu-lab/stanford_alpaca)
+  English  data/alpaca/alpaca_en.json from the same archive (Stanford Alpaca's alpaca_data.json,
+           52,002 examples: https://github.com/tatsu-lab/stanford_alpaca)
   Both are JSON lists of {"instruction", "input", "output"}, aligned by index. The tgt/en
   token-ratio check drops pairs that do not look like translations of each other: many such
   drops mean the files are misaligned.
 
-output: OUT/ holds memory-mapped token arrays, meta.json (lang, mode, tokenizer sha256, max_len,
-over-length policy, template, counts, source files with their sha256, format version) and
-report.json (every dropped pair with its file, index and reason; per sequence kind, the sequences
-cut at --max-len). train.py --data OUT reads it.
+output: OUT/ is what train.py --data OUT reads; OUT/report.json lists every dropped pair and why.
 
 examples:
   python prepare_data.py --lang vi                  # bundled sample, models/Llama-2-7b-hf tokenizer
@@ -730,23 +689,18 @@ examples:
 
 
 def parse_args(argv: list[str] | None = None) -> PrepareConfig:
-    parser = argparse.ArgumentParser(
-        description="Validate, tokenise and memory-map parallel Alpaca data "
-                    "(English + target language) for DFT.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lang", help="target language code: vi, zh, ar, or others with "
                                        "--en/--tgt (no default: required unless --sft)")
     parser.add_argument("--en", type=Path, metavar="FILE",
-                        help="English Alpaca JSON (default: the bundled sample)")
+                        help="English Alpaca JSON (default: bundled sample)")
     parser.add_argument("--tgt", type=Path, metavar="FILE",
-                        help="target-language Alpaca JSON, same order "
-                             "(default: the bundled sample)")
+                        help="target-language Alpaca JSON, same order (default: bundled sample)")
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, metavar="MODEL_DIR",
-                        help="model dir holding tokenizer.model, or the file itself "
-                             "(default: %(default)s)")
+                        help="model dir or its tokenizer file (default: %(default)s)")
     parser.add_argument("--out", type=Path, metavar="DIR",
-                        help="output dir (default: data/prepared/LANG, or data/prepared/sft-en "
-                             "with --sft)")
+                        help="output dir (default: data/prepared/LANG or data/prepared/sft-en)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the prepared data already in --out (default: refuse)")
     parser.add_argument("--max-len", type=int, default=PrepareConfig.max_len, metavar="N",
@@ -760,8 +714,7 @@ def parse_args(argv: list[str] | None = None) -> PrepareConfig:
                         help="files with different numbers of records: pair the first min(n) by "
                              "index and drop the rest (default: refuse)")
     parser.add_argument("--sft", action="store_true",
-                        help="English-only data for the SFT baseline, from --en alone "
-                             "(default: parallel data)")
+                        help="English-only data for the SFT baseline (default: parallel data)")
     parser.add_argument("--ratio-bounds", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="allowed tgt/en token-length ratio (default per language: "
                              + ", ".join(f"{k} {lo}-{hi}" for k, (lo, hi) in RATIO_BOUNDS.items())
