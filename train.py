@@ -14,18 +14,17 @@ Under --out (with several nodes, on a filesystem every node sees):
                     tokens (real tokens of every pass the step ran), padded_tokens (rows x padded
                     length, every pass), tokens_per_s; + peak_mem_gib on GPU; + val_loss, val_tft,
                     val_lc, val_et every --eval-every
-    ckpt/step_N/    sharded model + optimizer + state.json (step, data position, schedule, the
-                    data's identity), written whole or not at all; the last --keep-last kept.
-                    Rerunning the same command resumes from the newest.
+    ckpt/step_N/    sharded model + optimizer, state.json (step, data position, schedule, data
+                    identity); complete or absent; the last --keep-last kept (rerun to resume)
     final/          the model in the Hugging Face layout with the tokenizer and generation files of
                     --model, for transformers and evaluate.py
 
 Each loss part is divided by its number of targets over the whole optimizer step on all ranks, so
 the number of processes and --batch-size change neither the loss nor the gradients.
 
-SIGTERM / SIGINT (Ctrl-C): the current step is finished, a checkpoint written, and the run exits; a
-second Ctrl-C stops at once. Exit status: 0 done (or stopped by a signal, checkpoint saved), 2
-refused or stopped with a one-line message (bad input, a non-finite loss), 1 a crash.
+SIGTERM / SIGINT (Ctrl-C): the step is finished, a checkpoint saved, the run exits; a second Ctrl-C
+stops at once. Exit status: 0 done or stopped by a signal, 2 a one-line refusal (bad input, a
+non-finite loss), 1 a crash.
 """
 from __future__ import annotations
 
@@ -213,8 +212,7 @@ def pass_lengths(examples: list[dict], lc_type: str, et_type: str,
 
 
 def padded_tokens(lengths: torch.Tensor) -> int:
-    """Tokens a micro-batch with these pass_lengths computes: each pass pads its rows to its
-    longest one."""
+    """Tokens a micro-batch with these pass_lengths computes: each pass pads to its longest row."""
     if not len(lengths):
         return 0
     return len(lengths) * int(lengths.max(0).values.clamp(min=1).sum())
@@ -298,11 +296,9 @@ def describe_meta_change(old: dict | None, new: dict) -> str:
 # --- Checking the inputs (before any work) and resolving the defaults -----------------------------
 
 def resolve_config(cfg: TrainConfig, world_size: int, device_type: str) -> TrainConfig:
-    """Fill in the defaults that depend on other flags and on the device; one-line errors for
-    impossible values."""
+    """The defaults that depend on other flags and on the device; one line per impossible value."""
     if cfg.mode != "sft" and not cfg.lang:
-        raise SystemExit(f"--lang is required for --mode {cfg.mode} (the data's target language, "
-                         f"e.g. --lang vi)")
+        raise SystemExit(f"--mode {cfg.mode} needs --lang (the data's language, e.g. --lang vi)")
     lang = cfg.lang or "en"                   # --mode sft needs none: its data is English
     # Where prepare_data.py writes by default (its --out):
     data = cfg.data or ("data/prepared/sft-en" if cfg.mode == "sft" else f"data/prepared/{lang}")
@@ -334,9 +330,8 @@ def resolve_config(cfg: TrainConfig, world_size: int, device_type: str) -> Train
 
 
 def check_inputs(cfg: TrainConfig):
-    """Model, tokenizer, layers and data, checked from their small files only, then --out made:
-    one line per problem, before any process group, allocation or output exists. Returns (model
-    args, tokenizer, dataset, cfg.dft with its layers resolved)."""
+    """Model, tokenizer, layers and data checked from their small files, then --out made, before any
+    process group or allocation -> (model args, tokenizer, dataset, cfg.dft with its layers)."""
     model_dir = Path(cfg.model)
     try:
         args = read_args(model_dir)             # a missing config.json: the line names the download
@@ -366,8 +361,7 @@ def check_inputs(cfg: TrainConfig):
         raise SystemExit(f"{data_dir}: {train_size} examples left after --val-size {cfg.val_size}, "
                          f"fewer than --global-batch {cfg.global_batch}")
 
-    # --out last, so that a refused run leaves no new directory behind; made by every rank (with
-    # several nodes, each must see it).
+    # --out last: a refused run leaves no new directory. Made by every rank: each node must see it.
     out = Path(cfg.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -441,8 +435,7 @@ def apply_fsdp(model: Transformer, bf16: bool, activation_checkpointing: bool,
 
 def make_optimizer(model: Transformer, cfg: TrainConfig,
                    device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on the matrices only; the fused kernel on CUDA (one launch for all
-    parameters), the default implementation elsewhere."""
+    """AdamW, decay on the matrices only; fused on CUDA (one kernel launch for all parameters)."""
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
@@ -461,8 +454,7 @@ def row_step(line: str) -> int | None:
 
 
 def checkpoints(ckpt_dir: Path) -> list[Path]:
-    """The complete checkpoints, oldest first: step_N dirs with their state.json (a step_N.tmp dir
-    is an unfinished write)."""
+    """The complete checkpoints, oldest first: step_N dirs with a state.json (not step_N.tmp)."""
     done = [d for d in ckpt_dir.glob("step_*")
             if d.name[5:].isdigit() and (d / "state.json").is_file()]
     return sorted(done, key=lambda d: int(d.name[5:]))
@@ -532,8 +524,7 @@ def on_device(batch: dict, device) -> dict:
 
 def forward_backward(model, micro: list[dict], counts: dict, mode: str, dft: DFTConfig,
                      device) -> torch.Tensor:
-    """This rank's micro-batches of one step, forward and backward (gradients accumulate);
-    -> the sums of their LOSS_PARTS."""
+    """This rank's micro-batches, forward and backward (gradients add up) -> sums of LOSS_PARTS."""
     sums = torch.zeros(len(LOSS_PARTS), device=device)
     for batch in micro:
         parts = model.dft_step(on_device(batch, device), mode, dft, counts)
@@ -572,9 +563,9 @@ def non_finite_stop(step: int, what: str, ckpt_dir: Path) -> SystemExit:
 
 
 def exit_with_one_line(stop: SystemExit) -> None:
-    """Print a one-line refusal once and exit with EXIT_ONE_LINE. Every rank checks the same inputs
-    (or the same all-reduced numbers), so rank 0 speaks for all. A SystemExit, unlike an
-    exception, leaves no traceback of ours and no error file (torchrun still reports the worker)."""
+    """Print a one-line refusal once (every rank checks the same inputs or all-reduced numbers:
+    rank 0 speaks for all) and exit with EXIT_ONE_LINE. A SystemExit, unlike an exception, leaves
+    no traceback of ours and no error file (torchrun still reports the worker)."""
     if not isinstance(stop.code, str):
         raise stop
     if os.environ.get("RANK", "0") != "0":
@@ -644,11 +635,10 @@ def main(argv=None):
         optimizer = make_optimizer(model, cfg, device)
 
         # --- resume --------------------------------------------------------------------------
-        step = 0
+        step = resume["step"] if resume else 0
         metrics_file = out / "metrics.jsonl"
         if resume is not None:
             load_checkpoint(resume_from, model, optimizer)
-            step = resume["step"]
             if is_main:
                 print(f"train.py: resumed from {resume_from} (step {step}, epoch "
                       f"{resume['epoch']})", file=sys.stderr)
