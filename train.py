@@ -63,8 +63,7 @@ RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_last", "eval_every", "batc
                      "activation_checkpointing", "compile", "world_size", "grad_accum",
                      "dft.chunk_size", "dft.prefix_share"}
 LOSS_PARTS = ("loss", "tft", "lc", "et")
-# Exit status of a run refused or stopped with a one-line message; a crash exits with 1.
-EXIT_ONE_LINE = 2
+EXIT_ONE_LINE = 2  # the exit status of a one-line refusal or stop; a crash exits with 1
 # Seconds the other ranks leave rank 0 to print a refusal they all reached (torchrun then ends
 # them); a rank still alive after that prints the line itself: an error of its own is never lost.
 RANK_0_GRACE_S = 10
