@@ -19,9 +19,6 @@ Under --out (with several nodes, on a filesystem every node sees):
     final/          the model in the Hugging Face layout with the tokenizer and generation files of
                     --model, for transformers and evaluate.py
 
-Each loss part is divided by its number of targets over the whole optimizer step on all ranks, so
-the number of processes and --batch-size change neither the loss nor the gradients.
-
 SIGTERM / SIGINT (Ctrl-C): the step is finished, a checkpoint saved, the run exits; a second Ctrl-C
 stops at once. Exit status: 0 done or stopped by a signal, 2 a one-line refusal (bad input, a
 non-finite loss), 1 a crash.
@@ -106,8 +103,7 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(f"{self.prog}: {message}; python {self.prog} --help lists the options")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter,
-                    argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help shows every default; where one is None, the option's text says what is used."""
 
     def _get_help_string(self, action):
@@ -639,8 +635,7 @@ def main(argv=None):
         if resume is not None:
             load_checkpoint(resume_from, model, optimizer)
             if is_main:
-                print(f"train.py: resumed from {resume_from} (step {step}, epoch "
-                      f"{resume['epoch']})", file=sys.stderr)
+                print(f"train.py: resumed from {resume_from} (step {step})", file=sys.stderr)
         if is_main:
             for unfinished in ckpt_dir.glob("step_*.tmp"):     # a killed run's writes
                 shutil.rmtree(unfinished, ignore_errors=True)
@@ -703,10 +698,9 @@ def main(argv=None):
                 step += 1
 
                 tokens = int(lengths.sum())                      # real tokens, all ranks
+                padded = sum(padded_tokens(lengths[group]) for groups in plan for group in groups)
                 row = {"step": step, "epoch": round(step / steps_per_epoch, 4), **parts, "lr": lr,
-                       "grad_norm": grad_norm.item(), "tokens": tokens,
-                       "padded_tokens": sum(padded_tokens(lengths[group])
-                                            for groups in plan for group in groups),
+                       "grad_norm": grad_norm.item(), "tokens": tokens, "padded_tokens": padded,
                        "tokens_per_s": round(tokens / (time.perf_counter() - started), 1)}
                 if device.type == "cuda":
                     row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
