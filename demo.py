@@ -94,8 +94,7 @@ def print_table(runs: dict) -> None:
 
 def plot_losses(runs: dict, path: Path) -> None:
     if plt is None:
-        print(f"\nloss-curve PNG skipped: matplotlib is not installed (pip install matplotlib to "
-              f"get {path})")
+        print(f"\nno {path}: matplotlib is not installed (pip install matplotlib, then rerun)")
         return
     rows = {mode: read_metrics(run) for mode, run in runs.items()}
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharex=True)

@@ -11,13 +11,11 @@
 Under --out (with several nodes, on a filesystem every node sees):
     config.json     the resolved configuration (flags + what was derived from them)
     metrics.jsonl   one row per optimizer step: step, epoch, loss, tft, lc, et, lr, grad_norm,
-                    tokens (real tokens of every pass the step ran), padded_tokens (rows x padded
-                    length, every pass), tokens_per_s; + peak_mem_gib on GPU; + val_loss, val_tft,
-                    val_lc, val_et every --eval-every
+                    tokens (real tokens of all passes), padded_tokens (rows x padded length, all
+                    passes), tokens_per_s; + peak_mem_gib on GPU; + val_* every --eval-every
     ckpt/step_N/    sharded model + optimizer, state.json (step, data position, schedule, data
                     identity); complete or absent; the last --keep-last kept (rerun to resume)
-    final/          the model in the Hugging Face layout with the tokenizer and generation files of
-                    --model, for transformers and evaluate.py
+    final/          the model, Hugging Face layout, with --model's tokenizer and generation files
 
 SIGTERM / SIGINT (Ctrl-C): the step is finished, a checkpoint saved, the run exits; a second Ctrl-C
 stops at once. Exit status: 0 done or stopped by a signal, 2 a one-line refusal (bad input, a
