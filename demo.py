@@ -1,10 +1,9 @@
 """The whole pipeline on CPU in a few minutes, nothing to download: python demo.py
 
-A tiny random LLaMA-architecture checkpoint with a tokenizer trained on the bundled texts -> the
-bundled Vietnamese sample prepared -> 2-process torchrun training with TFT and with DFT-logits ->
-evaluate.py on the bundled benchmark samples -> the two side by side, with the training losses (and
-loss curves as a PNG when matplotlib is installed). Everything goes under runs/demo/; each stage is
-skipped when its output exists and training resumes, so a rerun reuses what finished.
+A tiny random LLaMA-architecture checkpoint -> the bundled Vietnamese sample prepared -> 2-process
+torchrun training with TFT and with DFT-logits -> evaluate.py on the bundled benchmark samples ->
+the two side by side, with their training losses (and loss curves as a PNG with matplotlib). All
+under runs/demo/; a rerun skips each stage whose output exists and resumes training.
 """
 from __future__ import annotations
 
@@ -24,28 +23,24 @@ except ImportError:
 
 HERE = Path(__file__).resolve().parent
 OUT = Path("runs/demo")
-NOTE = ("A tiny random-init model trained for a few steps shows that the pipeline works end to "
-        "end; its scores say nothing about the method's effect (that takes LLaMA-2-7B / "
-        "Gemma-2-2B, see README.md).")
+NOTE = ("A tiny random model trained for a few steps shows that the pipeline works end to end; "
+        "its scores say nothing about the method's effect (that takes LLaMA-2-7B / Gemma-2-2B).")
 MODES = ("tft", "dft-logits")
 # The metric the paper reports for each benchmark (results.json holds more).
 MAIN_METRICS = {"f1", "acc", "mc1"}
 
 
 def stage(title: str, done: bool, command: list) -> None:
-    """Run one step of the pipeline as its own process, unless its output exists; a failed stage
-    ends the demo with its exit status (its own message is above)."""
+    """A pipeline step as its own process, unless its output exists; a failure ends the demo."""
     print(f"\n=== {title}" + (" (done before: reused)" if done else ""), flush=True)
     if done:
         return
-    command = [str(part) for part in command]
-    print("$ " + " ".join(command), flush=True)
+    print("$ " + " ".join(map(str, command)), flush=True)
     started = time.perf_counter()
     # One thread per process: the two training processes share the CPU cores.
     finished = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if finished.returncode:
-        sys.exit(f"demo.py: the stage '{title}' failed (exit status {finished.returncode}); see "
-                 f"its output above")
+        sys.exit(f"demo.py: '{title}' failed (exit status {finished.returncode}); see above")
     print(f"({time.perf_counter() - started:.0f} s)", flush=True)
 
 
@@ -61,8 +56,7 @@ def run_demo(out: Path) -> dict:
     runs = {}
     for mode in MODES:
         run = runs[mode] = out / mode
-        # ~110 training examples, 16 per step: ~7 steps per epoch, at a learning rate a tiny model
-        # learns from.
+        # ~110 training examples, 16 a step: ~7 steps an epoch; an lr a tiny model learns at.
         stage(f"train --mode {mode} (torchrun, 2 CPU processes)",
               (run / "final" / "config.json").is_file(),
               [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -88,32 +82,28 @@ def print_table(runs: dict) -> None:
                       for r in json.loads((run / "final" / "eval" / "results.json").read_text())}
                for mode, run in runs.items()}
     last = {mode: read_metrics(run)[-1] for mode, run in runs.items()}
-    modes = list(runs)
-    print("\n| task | lang | metric | " + " | ".join(modes) + " |")
-    print("|---|---|---|" + "---|" * len(modes))
+    print("\n| task | lang | metric | " + " | ".join(runs) + " |")
+    print("|---|---|---|" + "---|" * len(runs))
     for key in sorted(k for k in set().union(*results.values()) if k[2] in MAIN_METRICS):
-        cells = [f"{results[m][key]:.2f}" if key in results[m] else "–" for m in modes]
+        cells = [f"{results[m][key]:.2f}" if key in results[m] else "–" for m in runs]
         print(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
     for part in ("loss", "tft", "lc", "et"):
-        cells = [f"{last[m][part]:.3f}" if last[m].get(part) else "–" for m in modes]
+        cells = [f"{last[m][part]:.3f}" if last[m].get(part) else "–" for m in runs]
         print(f"| train (last step) | vi | {part} | " + " | ".join(cells) + " |")
 
 
 def plot_losses(runs: dict, path: Path) -> None:
     if plt is None:
-        print(f"\nloss-curve PNG skipped: matplotlib is not installed (pip install matplotlib to "
-              f"get {path})")
+        print(f"\nno {path}: matplotlib is not installed (pip install matplotlib, then rerun)")
         return
+    rows = {mode: read_metrics(run) for mode, run in runs.items()}
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharex=True)
-    for mode, run in runs.items():
-        rows = read_metrics(run)
-        for ax, part in zip(axes, ("tft", "lc", "et")):
-            points = [(r["step"], r[part]) for r in rows if r.get(part)]
+    for ax, part in zip(axes, ("tft", "lc", "et")):
+        for mode in runs:
+            points = [(r["step"], r[part]) for r in rows[mode] if r.get(part)]
             if points:
                 ax.plot(*zip(*points), label=mode)
-    for ax, title in zip(axes, ("L_TFT", "L_LC", "L_ET")):
-        ax.set_title(title)
-        ax.set_xlabel("optimizer step")
+        ax.set(title=f"L_{part.upper()}", xlabel="optimizer step")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

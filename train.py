@@ -8,30 +8,18 @@
         --data data/prepared/tiny-vi --global-batch 8 --batch-size 2   # 2 CPU processes (gloo)
     python train.py --lang vi ...                                      # one process, no torchrun
 
-What the run writes under --out:
+Under --out (with several nodes, on a filesystem every node sees):
     config.json     the resolved configuration (flags + what was derived from them)
     metrics.jsonl   one row per optimizer step: step, epoch, loss, tft, lc, et, lr, grad_norm,
-                    tokens (real tokens of every pass the step ran), padded_tokens (what it
-                    computed: rows x padded length over every pass), tokens_per_s (real tokens);
-                    + peak_mem_gib on GPU; + val_loss, val_tft, val_lc, val_et every --eval-every
-    ckpt/step_N/    sharded model + optimizer (torch.distributed.checkpoint) + state.json (step,
-                    data position, schedule, the data's identity); written as step_N.tmp and
-                    renamed when complete, the last --keep-last kept. Rerunning the same command
-                    resumes from the newest. With several nodes, --out must be on a filesystem every
-                    node sees.
-    final/          the fine-tuned model in the Hugging Face layout, with the tokenizer and
-                    generation files of --model: loadable by transformers and by
-                    model.Transformer.from_pretrained (evaluate.py)
+                    tokens (real tokens of all passes), padded_tokens (rows x padded length, all
+                    passes), tokens_per_s; + peak_mem_gib on GPU; + val_* every --eval-every
+    ckpt/step_N/    sharded model + optimizer, state.json (step, data position, schedule, data
+                    identity); complete or absent; the last --keep-last kept (rerun to resume)
+    final/          the model, Hugging Face layout, with --model's tokenizer and generation files
 
-Exactness: every loss part is divided by its number of targets over the whole optimizer step on
-all ranks (counted before the forward pass and all-reduced), so how the global batch is split across
-processes and micro-batches does not change the loss or the gradients. So the step's examples (one
-permutation per epoch from --seed, the same for any number of processes) are split by length:
-similar lengths share a micro-batch, and every rank gets about as many tokens.
-
-SIGTERM / SIGINT (Ctrl-C): the current step is finished, a checkpoint written, and the run exits; a
-second Ctrl-C stops at once. Exit status: 0 done (or stopped by a signal, checkpoint saved), 2
-refused or stopped with a one-line message (bad input, a non-finite loss), 1 a crash.
+SIGTERM / SIGINT (Ctrl-C): the step is finished, a checkpoint saved, the run exits; a second Ctrl-C
+stops at once. Exit status: 0 done or stopped by a signal, 2 a one-line refusal (bad input, a
+non-finite loss), 1 a crash.
 """
 from __future__ import annotations
 
@@ -64,15 +52,13 @@ from prepare_data import check_meta, collate, data_identity, load_prepared, prep
 SIDE_FILES = ("config.json", "tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt",
               "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
               "generation_config.json")
-# Flags that may differ between a run and the rerun that resumes it: they change neither the data
-# order nor the mathematics of an optimizer step (the micro-batch size only regroups the same
-# examples; the others are speed).
+# Flags a rerun may change and still resume: they change neither the data order nor an optimizer
+# step's mathematics (the micro-batch size only regroups the step's examples; the rest is speed).
 RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_last", "eval_every", "batch_size",
                      "activation_checkpointing", "compile", "world_size", "grad_accum",
                      "dft.chunk_size", "dft.prefix_share"}
 LOSS_PARTS = ("loss", "tft", "lc", "et")
-# Exit status of a run refused or stopped with a one-line message; a crash exits with 1.
-EXIT_ONE_LINE = 2
+EXIT_ONE_LINE = 2  # the exit status of a one-line refusal or stop; a crash exits with 1
 # Seconds the other ranks leave rank 0 to print a refusal they all reached (torchrun then ends
 # them); a rank still alive after that prints the line itself: an error of its own is never lost.
 RANK_0_GRACE_S = 10
@@ -115,8 +101,7 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(f"{self.prog}: {message}; python {self.prog} --help lists the options")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter,
-                    argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help shows every default; where one is None, the option's text says what is used."""
 
     def _get_help_string(self, action):
@@ -125,42 +110,34 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter,
 
 def parse_args(argv=None) -> TrainConfig:
     p = ArgumentParser(prog="train.py", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--lang", help="target language of the data (vi, zh, ar, ...); required, "
-                                  "except for --mode sft")
+    p.add_argument("--lang", help="the data's language (vi, zh, ar...); required unless --mode sft")
     p.add_argument("--model", help="HF checkpoint dir to start from")
     p.add_argument("--data", help="prepared data dir (default: data/prepared/LANG; "
                                   "data/prepared/sft-en for --mode sft)")
-    p.add_argument("--out", help="run dir (default: runs/MODEL-MODE-LANG); rerunning with the "
-                                 "same --out resumes")
-    p.add_argument("--mode", choices=MODES,
-                   help="sft: English data only; tft: target-language data only; dft-logits / "
-                        "dft-feature: TFT + the LC and ET losses below")
+    p.add_argument("--out", help="run dir (default: runs/MODEL-MODE-LANG); rerun with it to resume")
+    p.add_argument("--mode", choices=MODES, help="sft: English data only; tft: target-language "
+                   "data only; dft-logits / dft-feature: TFT + the LC and ET losses below")
     g = p.add_argument_group("optimisation (defaults: the paper's recipe)")
     g.add_argument("--epochs", type=int, help="passes over the training data")
     g.add_argument("--lr", type=float, help="peak learning rate, then cosine decay to 0")
     g.add_argument("--global-batch", type=int, help="examples per optimizer step, all processes")
-    g.add_argument("--batch-size", type=int,
-                   help="examples per process and micro-batch; accumulation = global / (batch x "
-                        "processes)")
+    g.add_argument("--batch-size", type=int, help="examples per process and micro-batch; "
+                   "accumulation = global / (batch x processes)")
     g.add_argument("--warmup-ratio", type=float, help="linear warmup over this share of the steps")
     g.add_argument("--weight-decay", type=float, help="AdamW decay of the matrices (norms never)")
     g.add_argument("--max-grad-norm", type=float, help="clip the global gradient norm to this")
-    g.add_argument("--max-steps", type=int,
-                   help="stop after this many optimizer steps (smoke runs; default: all); the "
-                        "schedule still spans --epochs, so a later run without it continues it")
+    g.add_argument("--max-steps", type=int, help="stop after N steps (default: all); the schedule "
+                   "still spans --epochs, so a later run without it continues")
     d = p.add_argument_group("deep supervision", """\
 L = L_TFT + w_LC L_LC + w_ET L_ET. LC (language conversion): at an early layer i, the query in the
 target language should already predict its English version. ET (English thinking): at a middle
 layer j, it should already predict the English answer. logits: through the frozen final norm and
 head; feature: cosine to the hidden states of the English query. The paper gives the formulas, the
-unweighted sum and LLaMA-2's j = 15; the other choices are ours (the README's section "What is the
-paper's and what is ours" lists them).""")
-    d.add_argument("--lc-layer", type=int,
-                   help="layer i of the LC loss (default: 2 for LLaMA-2's 32 blocks and Gemma-2's "
-                        "26; scaled for other depths)")
-    d.add_argument("--et-layer", type=int,
-                   help="layer j of the ET loss (default: 15 of LLaMA-2's 32 blocks, 12 of "
-                        "Gemma-2's 26; scaled for other depths)")
+unweighted sum and LLaMA-2's j = 15; the README lists the other choices, which are ours.""")
+    d.add_argument("--lc-layer", type=int, help="layer i (default: 2 for LLaMA-2's 32 blocks and "
+                   "Gemma-2's 26; scaled for other depths)")
+    d.add_argument("--et-layer", type=int, help="layer j (default: 15 of LLaMA-2's 32 blocks, 12 "
+                   "of Gemma-2's 26; scaled for other depths)")
     d.add_argument("--lc-weight", type=float, help="w_LC; 0 skips the LC pass")
     d.add_argument("--et-weight", type=float, help="w_ET; 0 skips the ET pass")
     d.add_argument("--lc-type", choices=LOSS_TYPES, help="LC loss type (default: the mode's)")
@@ -174,9 +151,8 @@ paper's and what is ours" lists them).""")
     d.add_argument("--teacher-norm", action=argparse.BooleanOptionalAction,
                    help="feature ET: the teacher h_N(x_en) after the final norm")
     d.add_argument("--chunk-size", type=int, help="tokens per chunk of the cross-entropy")
-    d.add_argument("--prefix-share", action=argparse.BooleanOptionalAction,
-                   help="logits LC/ET: run only the English part on the TFT pass's keys/values "
-                        "(same numbers, less compute)")
+    d.add_argument("--prefix-share", action=argparse.BooleanOptionalAction, help="logits LC/ET: "
+                   "only the English part runs, on the TFT pass's keys/values (same numbers)")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, help="data order and validation split")
     r.add_argument("--save-every", type=int, help="checkpoint every N steps (and at the end)")
@@ -186,19 +162,17 @@ paper's and what is ours" lists them).""")
                    help="validate every N steps and at the end; needs --val-size")
     r.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in backward: activations of one block instead of all")
-    r.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile each block, sequence lengths dynamic (default: on with "
-                        "CUDA, off on CPU, where it costs more than it saves)")
-    r.add_argument("--dtype", choices=("auto", "bf16", "fp32"),
-                   help="auto: bf16 mixed precision (fp32 master weights) on CUDA, fp32 on CPU "
-                        "(bf16 matmuls are ~100x slower on CPUs)")
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each "
+                   "block (default: on with CUDA; off on CPU, where it costs more than it saves)")
+    r.add_argument("--dtype", choices=("auto", "bf16", "fp32"), help="auto: bf16 mixed precision "
+                   "on CUDA, fp32 on CPU (where bf16 matmuls are ~100x slower)")
     # Defaults: the dataclasses' own, so each lives in one place (the flags are their field names).
-    top_level = [f.name for f in fields(TrainConfig) if f.name != "dft"]
-    defaults = TrainConfig()
-    p.set_defaults(**{name: getattr(defaults, name) for name in top_level}, **asdict(defaults.dft))
-    a = p.parse_args(argv)
-    dft = DFTConfig(**{f.name: getattr(a, f.name) for f in fields(DFTConfig)})
-    return TrainConfig(**{name: getattr(a, name) for name in top_level}, dft=dft)
+    defaults = asdict(TrainConfig())
+    dft_defaults = defaults.pop("dft")
+    p.set_defaults(**defaults, **dft_defaults)
+    values = vars(p.parse_args(argv))
+    dft = DFTConfig(**{name: values.pop(name) for name in dft_defaults})
+    return TrainConfig(**values, dft=dft)
 
 
 # --- Pure helpers ---------------------------------------------------------------------------------
@@ -231,8 +205,7 @@ def pass_lengths(examples: list[dict], lc_type: str, et_type: str,
 
 
 def padded_tokens(lengths: torch.Tensor) -> int:
-    """Tokens a micro-batch with these pass_lengths computes: each pass pads its rows to its
-    longest one."""
+    """Tokens a micro-batch with these pass_lengths computes: each pass pads to its longest row."""
     if not len(lengths):
         return 0
     return len(lengths) * int(lengths.max(0).values.clamp(min=1).sum())
@@ -316,30 +289,27 @@ def describe_meta_change(old: dict | None, new: dict) -> str:
 # --- Checking the inputs (before any work) and resolving the defaults -----------------------------
 
 def resolve_config(cfg: TrainConfig, world_size: int, device_type: str) -> TrainConfig:
-    """Fill in the defaults that depend on other flags and on the device; one-line errors for
-    impossible values."""
+    """The defaults that depend on other flags and on the device; one line per impossible value."""
     if cfg.mode != "sft" and not cfg.lang:
-        raise SystemExit(f"--lang is required for --mode {cfg.mode} (the data's target language, "
-                         f"e.g. --lang vi)")
+        raise SystemExit(f"--mode {cfg.mode} needs --lang (the data's language, e.g. --lang vi)")
     lang = cfg.lang or "en"                   # --mode sft needs none: its data is English
     # Where prepare_data.py writes by default (its --out):
     data = cfg.data or ("data/prepared/sft-en" if cfg.mode == "sft" else f"data/prepared/{lang}")
     out = cfg.out or f"runs/{Path(cfg.model).name}-{cfg.mode}-{lang if cfg.mode != 'sft' else 'en'}"
     max_steps = cfg.max_steps if cfg.max_steps is not None else 1
-    minimums = (("--epochs", cfg.epochs, 1), ("--global-batch", cfg.global_batch, 1),
-                ("--batch-size", cfg.batch_size, 1), ("--save-every", cfg.save_every, 1),
-                ("--keep-last", cfg.keep_last, 1), ("--eval-every", cfg.eval_every, 1),
-                ("--chunk-size", cfg.dft.chunk_size, 1), ("--val-size", cfg.val_size, 0),
-                ("--max-steps", max_steps, 1))
-    for name, value, low in minimums:
-        if value < low:
-            raise SystemExit(f"{name} {value}: expected an integer >= {low}")
+    positive = {"--epochs": cfg.epochs, "--global-batch": cfg.global_batch,
+                "--batch-size": cfg.batch_size, "--save-every": cfg.save_every,
+                "--keep-last": cfg.keep_last, "--eval-every": cfg.eval_every,
+                "--chunk-size": cfg.dft.chunk_size, "--max-steps": max_steps, "--lr": cfg.lr,
+                "--max-grad-norm": cfg.max_grad_norm}
+    for name, value in positive.items():
+        if value <= 0:
+            raise SystemExit(f"{name} {value}: expected a number > 0")
+    for name, value in {"--val-size": cfg.val_size, "--weight-decay": cfg.weight_decay}.items():
+        if value < 0:
+            raise SystemExit(f"{name} {value}: expected a number >= 0")
     if not 0 <= cfg.warmup_ratio < 1:
         raise SystemExit(f"--warmup-ratio {cfg.warmup_ratio}: expected a fraction in [0, 1)")
-    if cfg.lr <= 0 or cfg.max_grad_norm <= 0 or cfg.weight_decay < 0:
-        raise SystemExit(f"--lr {cfg.lr}, --max-grad-norm {cfg.max_grad_norm}, --weight-decay "
-                         f"{cfg.weight_decay}: expected lr > 0, max-grad-norm > 0, "
-                         f"weight-decay >= 0")
     per_step = cfg.batch_size * world_size
     if cfg.global_batch % per_step:
         suggestion = max(1, round(cfg.global_batch / per_step)) * per_step
@@ -353,9 +323,8 @@ def resolve_config(cfg: TrainConfig, world_size: int, device_type: str) -> Train
 
 
 def check_inputs(cfg: TrainConfig):
-    """Model, tokenizer, layers and data, checked from their small files only, then --out made:
-    one line per problem, before any process group, allocation or output exists. Returns (model
-    args, tokenizer, dataset, cfg.dft with its layers resolved)."""
+    """Model, tokenizer, layers and data checked from their small files, then --out made, before any
+    process group or allocation -> (model args, tokenizer, dataset, cfg.dft with its layers)."""
     model_dir = Path(cfg.model)
     try:
         args = read_args(model_dir)             # a missing config.json: the line names the download
@@ -382,18 +351,15 @@ def check_inputs(cfg: TrainConfig):
     check_meta(dataset.meta, cfg.lang, data_mode, tokenizer.sha256, data_dir)
     train_size = len(dataset) - cfg.val_size
     if train_size < cfg.global_batch:
-        raise SystemExit(f"{data_dir}: {len(dataset)} examples, {cfg.val_size} held out by "
-                         f"--val-size: {train_size} left for training, fewer than --global-batch "
-                         f"{cfg.global_batch}")
+        raise SystemExit(f"{data_dir}: {train_size} examples left after --val-size {cfg.val_size}, "
+                         f"fewer than --global-batch {cfg.global_batch}")
 
-    # --out last, so that a refused run leaves no new directory behind; made by every rank (with
-    # several nodes, each must see it).
+    # --out last: a refused run leaves no new directory. Made by every rank: each node must see it.
     out = Path(cfg.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"--out {out}: cannot create this directory ({e.strerror}); choose a "
-                         f"path where you can write") from None
+        raise SystemExit(f"--out {out}: {e.strerror}; choose a path where you can write") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise SystemExit(f"--out {out}: not writable; choose a path where you can write")
     return args, tokenizer, dataset, dft
@@ -414,9 +380,8 @@ def read_resume_state(ckpt: Path, cfg: TrainConfig, data: dict) -> dict:
     saved_data = state.get("data") or {}
     if saved_data.get("identity") != data["identity"]:
         change = describe_meta_change(saved_data.get("meta"), data["meta"])
-        raise SystemExit(f"{ckpt}: written by a run on other data: {cfg.data} changed since "
-                         f"({change}); to train on it, start a fresh run with another --out (or "
-                         f"remove {cfg.out})")
+        raise SystemExit(f"{ckpt}: {cfg.data} changed since this checkpoint ({change}); to train "
+                         f"on it, start afresh with another --out (or remove {cfg.out})")
     return state
 
 
@@ -443,11 +408,8 @@ def apply_fsdp(model: Transformer, bf16: bool, activation_checkpointing: bool,
     round most updates away)."""
     # fp32: the RoPE tables (cos, sin) each block receives. FSDP would cast every floating input of
     # a block to param_dtype; the hidden states need no cast (the bf16 embedding makes them bf16).
-    if bf16:
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                  cast_forward_inputs=False)
-    else:
-        mp = MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                              cast_forward_inputs=False) if bf16 else MixedPrecisionPolicy()
     for block in model.layers:
         if activation_checkpointing:
             # Recompute the block in backward. Its forward is wrapped in place, not in a wrapper
@@ -455,25 +417,21 @@ def apply_fsdp(model: Transformer, bf16: bool, activation_checkpointing: bool,
             block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward,
                                               use_reentrant=False)
         if compile:
-            # In place too. dynamic=True: the sequence length is symbolic from the first call, so
-            # new lengths reuse the graph instead of recompiling until torch's automatic dynamic
-            # shapes kick in.
+            # In place too. dynamic=True: the sequence length is symbolic from the first call, so a
+            # new length reuses the graph (torch would recompile until automatic dynamic kicks in).
             block.compile(dynamic=True)
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-    # dft_step touches the root's parameters (embedding, final norm, head) outside forward: FSDP
-    # must unshard them.
+    # dft_step uses the root's parameters outside forward: FSDP must unshard them for it too.
     register_fsdp_forward_method(model, "dft_step")
 
 
 def make_optimizer(model: Transformer, cfg: TrainConfig,
                    device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on the matrices only; the fused kernel on CUDA (one launch for all
-    parameters), the default implementation elsewhere."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW, decay on the matrices only; fused on CUDA (one kernel launch for all parameters)."""
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                              fused=True if device.type == "cuda" else None)
 
@@ -489,8 +447,7 @@ def row_step(line: str) -> int | None:
 
 
 def checkpoints(ckpt_dir: Path) -> list[Path]:
-    """The complete checkpoints, oldest first: step_N dirs with their state.json (a step_N.tmp dir
-    is an unfinished write)."""
+    """The complete checkpoints, oldest first: step_N dirs with a state.json (not step_N.tmp)."""
     done = [d for d in ckpt_dir.glob("step_*")
             if d.name[5:].isdigit() and (d / "state.json").is_file()]
     return sorted(done, key=lambda d: int(d.name[5:]))
@@ -558,8 +515,7 @@ def on_device(batch: dict, device) -> dict:
 
 def forward_backward(model, micro: list[dict], counts: dict, mode: str, dft: DFTConfig,
                      device) -> torch.Tensor:
-    """This rank's micro-batches of one step, forward and backward (gradients accumulate);
-    -> the sums of their LOSS_PARTS."""
+    """This rank's micro-batches, forward and backward (gradients add up) -> sums of LOSS_PARTS."""
     sums = torch.zeros(len(LOSS_PARTS), device=device)
     for batch in micro:
         parts = model.dft_step(on_device(batch, device), mode, dft, counts)
@@ -598,9 +554,9 @@ def non_finite_stop(step: int, what: str, ckpt_dir: Path) -> SystemExit:
 
 
 def exit_with_one_line(stop: SystemExit) -> None:
-    """Print a one-line refusal once and exit with EXIT_ONE_LINE. Every rank checks the same inputs
-    (or the same all-reduced numbers), so rank 0 speaks for all. A SystemExit, unlike an
-    exception, leaves no traceback of ours and no error file (torchrun still reports the worker)."""
+    """Print a one-line refusal once (every rank checks the same inputs or all-reduced numbers:
+    rank 0 speaks for all) and exit with EXIT_ONE_LINE. A SystemExit, unlike an exception, leaves
+    no traceback of ours and no error file (torchrun still reports the worker)."""
     if not isinstance(stop.code, str):
         raise stop
     if os.environ.get("RANK", "0") != "0":
@@ -670,15 +626,12 @@ def main(argv=None):
         optimizer = make_optimizer(model, cfg, device)
 
         # --- resume --------------------------------------------------------------------------
-        step = 0
+        step = resume["step"] if resume else 0
         metrics_file = out / "metrics.jsonl"
         if resume is not None:
             load_checkpoint(resume_from, model, optimizer)
-            step = resume["step"]
             if is_main:
-                print(f"train.py: resumed from {resume_from} (step {step}, epoch "
-                      f"{resume['epoch']}, example {resume['step_in_epoch'] * cfg.global_batch} "
-                      f"of the epoch)", file=sys.stderr)
+                print(f"train.py: resumed from {resume_from} (step {step})", file=sys.stderr)
         if is_main:
             for unfinished in ckpt_dir.glob("step_*.tmp"):     # a killed run's writes
                 shutil.rmtree(unfinished, ignore_errors=True)
@@ -734,18 +687,16 @@ def main(argv=None):
                 # The gradients are FSDP2 shards (DTensors): the norm over all ranks' shards.
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]).full_tensor()
                 if not torch.isfinite(grad_norm):
-                    raise non_finite_stop(step + 1, f"gradient norm is {grad_norm.item()}",
-                                          ckpt_dir)
+                    raise non_finite_stop(step + 1, f"grad norm is {grad_norm.item()}", ckpt_dir)
                 torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
 
                 tokens = int(lengths.sum())                      # real tokens, all ranks
+                padded = sum(padded_tokens(lengths[group]) for groups in plan for group in groups)
                 row = {"step": step, "epoch": round(step / steps_per_epoch, 4), **parts, "lr": lr,
-                       "grad_norm": grad_norm.item(), "tokens": tokens,
-                       "padded_tokens": sum(padded_tokens(lengths[group])
-                                            for groups in plan for group in groups),
+                       "grad_norm": grad_norm.item(), "tokens": tokens, "padded_tokens": padded,
                        "tokens_per_s": round(tokens / (time.perf_counter() - started), 1)}
                 if device.type == "cuda":
                     row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
