@@ -776,8 +776,7 @@ HUB_ORGS = {"llama": "meta-llama", "meta-llama": "meta-llama", "gemma": "google"
 
 
 def missing_model_message(model_dir: Path, missing: str = CONFIG_NAME) -> str:
-    """One line: `missing` is not in model_dir; how to download the real model there, and a
-    tiny random model for a try-out (under its own name, never under a real model's)."""
+    """One line: model_dir lacks `missing`; download it, or try a tiny model (not in model_dir)."""
     name = model_dir.name
     org = next((o for prefix, o in HUB_ORGS.items() if name.lower().startswith(prefix)), "ORG")
     return (f"{model_dir}/{missing}: not found; download the model with: huggingface-cli download "
@@ -1099,6 +1098,12 @@ def train_sentencepiece(texts, vocab_size: int, family: str) -> bytes:
     return out.getvalue()
 
 
+def bos_processor(tok: tokenizers.Tokenizer, bos: str) -> tokenizers.processors.PostProcessor:
+    """The released files' post-processor that puts `bos` before a text (and each of a pair)."""
+    return tokenizers.processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+
+
 def sentencepiece_as_tokenizer_json(sp_bytes: bytes, family: str) -> tokenizers.Tokenizer:
     """The tokenizer.json of a SentencePiece BPE model (transformers then needs no protobuf).
     SentencePiece joins the adjacent pair whose joined piece scores highest, tokenizers' BPE the
@@ -1126,9 +1131,7 @@ def sentencepiece_as_tokenizer_json(sp_bytes: bytes, family: str) -> tokenizers.
     tok.decoder = tokenizers.decoders.Sequence(decode)
     tok.add_special_tokens([tokenizers.AddedToken(sp.id_to_piece(i), special=True,
                                                   normalized=False) for i in special])
-    bos = sp.id_to_piece(sp.bos_id())
-    tok.post_processor = tokenizers.processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, sp.bos_id())])
+    tok.post_processor = bos_processor(tok, sp.id_to_piece(sp.bos_id()))
     return tok
 
 
@@ -1152,14 +1155,8 @@ def train_byte_level_bpe(texts, vocab_size: int, family: str) -> tokenizers.Toke
     tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
                             for t in specials])
     byte_level = tokenizers.processors.ByteLevel(trim_offsets=False)
-    bos = spec["bos"]
-    if bos is None:
-        tok.post_processor = byte_level
-    else:
-        put_bos = tokenizers.processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-            special_tokens=[(bos, tok.token_to_id(bos))])
-        tok.post_processor = tokenizers.processors.Sequence([byte_level, put_bos])
+    tok.post_processor = (byte_level if spec["bos"] is None else tokenizers.processors.Sequence(
+        [byte_level, bos_processor(tok, spec["bos"])]))
     return tok
 
 
