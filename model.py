@@ -136,8 +136,7 @@ class ModelArgs:
             norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
             rope_scaling=rope_scaling, max_seq_len=cfg.get("max_position_embeddings", 4096),
             bos_id=cfg.get("bos_token_id", 1), eos_id=cfg.get("eos_token_id", 2),
-            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"), hf_config=dict(cfg),
-        )
+            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"), hf_config=dict(cfg))
         act = cfg.get("hidden_activation") or cfg.get("hidden_act")
         acts = ("gelu_pytorch_tanh", "gelu_tanh") if model_type == "gemma2" else ("silu",)
         if act not in acts:
@@ -162,8 +161,7 @@ class ModelArgs:
                 attn_softcap=cfg.get("attn_logit_softcapping"),
                 final_softcap=cfg.get("final_logit_softcapping"),
                 sliding_window=cfg.get("sliding_window"),
-                sliding_layers=tuple(t == "sliding_attention" for t in types),
-            )
+                sliding_layers=tuple(t == "sliding_attention" for t in types))
         if isinstance(args["eos_id"], list):  # LLaMA-3.1, Qwen2.5 Instruct: every id ending a turn
             args["eos_id"] = args["eos_id"][0]
         return cls(**args)
@@ -589,8 +587,7 @@ class DFTConfig:
         base = {"dft-logits": "logits", "dft-feature": "feature"}.get(mode, "none")
         lc, et = self.lc_type or base, self.et_type or base
         if mode == "sft" and (lc, et) != ("none", "none"):
-            raise ValueError("mode 'sft' trains on English data only: it has no LC/ET losses "
-                             "(drop --lc-type/--et-type)")
+            raise ValueError("mode 'sft' (English only) has no LC/ET: drop --lc-type/--et-type")
         for name, t in (("lc_type", lc), ("et_type", et)):
             if t not in LOSS_TYPES:
                 raise ValueError(f"{name}={t!r}; expected one of {', '.join(LOSS_TYPES)}")
