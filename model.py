@@ -599,7 +599,8 @@ class DFTConfig:
         j = self.et_layer if self.et_layer is not None else j_default
         for name, k in (("lc_layer", i), ("et_layer", j)):
             if not 1 <= k <= args.n_layers:
-                raise ValueError(f"{name}={k}; expected 1..{args.n_layers}, the model's blocks")
+                raise ValueError(f"{name}={k}: the model has {args.n_layers} blocks; "
+                                 f"expected 1..{args.n_layers}")
         return i, j
 
 
