@@ -66,17 +66,15 @@ def rope_settings(cfg: dict, model_type: str, source: str) -> tuple[float, dict 
         return theta, None
     if rope_type != "llama3" or model_type != "llama":
         raise CheckpointError(f"{source}: {where}.rope_type={rope_type!r} is not supported for "
-                              f"model_type={model_type!r}; implemented: 'default' (plain RoPE) "
-                              "and, for LLaMA-3.x, 'llama3'")
+                              f"model_type={model_type!r}; expected 'default' or llama's 'llama3'")
     missing = [key for key in LLAMA3_ROPE_KEYS if key not in rope]
     if missing:
         raise CheckpointError(f"{source}: {where} has rope_type 'llama3' but no "
                               f"{', '.join(missing)}; re-download config.json")
     scaling = {key: rope[key] for key in LLAMA3_ROPE_KEYS}
     if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
-        raise CheckpointError(f"{source}: {where}.high_freq_factor="
-                              f"{scaling['high_freq_factor']} must exceed low_freq_factor="
-                              f"{scaling['low_freq_factor']} (LLaMA-3.1: 4.0 and 1.0)")
+        raise CheckpointError(f"{source}: {where}: high_freq_factor must exceed low_freq_factor "
+                              f"(LLaMA-3.1: 4.0 and 1.0), found {scaling}")
     return theta, scaling
 
 
@@ -115,24 +113,19 @@ class ModelArgs:
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
         def need(key):
             if key not in cfg:
-                raise CheckpointError(f"{source}: field {key!r} is missing; this is not a "
-                                      "complete HF config.json")
+                raise CheckpointError(f"{source}: field {key!r} is missing; re-download it")
             return cfg[key]
-
-        def refuse(key, why):
-            raise CheckpointError(f"{source}: {key}={cfg[key]!r} is not supported; {why}")
 
         model_type = cfg.get("model_type")
         if model_type not in FAMILIES:
             known = ", ".join(f"{name!r} ({models})" for name, models in FAMILIES.items())
             raise CheckpointError(f"{source}: model_type={model_type!r}; expected one of {known}")
         # Qwen2 has q/k/v biases whatever the file says; LLaMA's attention_bias would bias o_proj.
-        for key in ("mlp_bias", "use_bidirectional_attention", "attention_bias"):
+        # Qwen2's sliding window is not implemented: released Qwen2/Qwen2.5 files set it false.
+        for key in ("mlp_bias", "use_bidirectional_attention", "attention_bias",
+                    "use_sliding_window"):
             if cfg.get(key) and not (key == "attention_bias" and model_type == "qwen2"):
-                refuse(key, "expected false or absent")
-        if model_type == "qwen2" and cfg.get("use_sliding_window"):
-            refuse("use_sliding_window", "released Qwen2/Qwen2.5 checkpoints set it false; "
-                                         "their sliding window is not implemented here")
+                raise CheckpointError(f"{source}: {key}={cfg[key]} is unsupported; expected false")
         rope_theta, rope_scaling = rope_settings(cfg, model_type, source)
         n_heads = need("num_attention_heads")
         args = dict(
@@ -143,22 +136,18 @@ class ModelArgs:
             norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
             rope_scaling=rope_scaling, max_seq_len=cfg.get("max_position_embeddings", 4096),
             bos_id=cfg.get("bos_token_id", 1), eos_id=cfg.get("eos_token_id", 2),
-            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"), hf_config=dict(cfg),
-        )
+            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"), hf_config=dict(cfg))
         act = cfg.get("hidden_activation") or cfg.get("hidden_act")
+        acts = ("gelu_pytorch_tanh", "gelu_tanh") if model_type == "gemma2" else ("silu",)
+        if act not in acts:
+            raise CheckpointError(f"{source}: hidden_act={act!r}; {model_type} uses {acts[0]!r}")
         n = args["n_layers"]
         if model_type != "gemma2":
-            if act != "silu":
-                raise CheckpointError(f"{source}: hidden_act={act!r}; model_type "
-                                      f"{model_type!r} uses 'silu'")
             args.update(tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                         qkv_bias=model_type == "qwen2")
             if model_type == "mistral" and cfg.get("sliding_window"):
                 args.update(sliding_window=cfg["sliding_window"], sliding_layers=(True,) * n)
         else:
-            if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-                raise CheckpointError(f"{source}: hidden_activation={act!r}; Gemma-2 uses "
-                                      "'gelu_pytorch_tanh'")
             # Layers 0, 2, 4, ... (0-based) slide, unless layer_types says otherwise.
             types = cfg.get("layer_types") or [
                 "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
@@ -172,8 +161,7 @@ class ModelArgs:
                 attn_softcap=cfg.get("attn_logit_softcapping"),
                 final_softcap=cfg.get("final_logit_softcapping"),
                 sliding_window=cfg.get("sliding_window"),
-                sliding_layers=tuple(t == "sliding_attention" for t in types),
-            )
+                sliding_layers=tuple(t == "sliding_attention" for t in types))
         if isinstance(args["eos_id"], list):  # LLaMA-3.1, Qwen2.5 Instruct: every id ending a turn
             args["eos_id"] = args["eos_id"][0]
         return cls(**args)
@@ -475,8 +463,7 @@ class Transformer(nn.Module):
         return tuple(states[k] for k in layers)
 
     def hidden_at(self, tokens, layers, attention_mask=None):
-        """The residual stream after block k for k in `layers` (an int; a tuple -> a tuple),
-        running blocks 1..max(layers) only."""
+        """The residual stream after k blocks, k an int or a tuple of them: blocks 1..max run."""
         if isinstance(layers, int):
             return self._run(tokens, (layers,), attention_mask)[0]
         return self._run(tokens, tuple(layers), attention_mask)
@@ -598,8 +585,7 @@ class DFTConfig:
         base = {"dft-logits": "logits", "dft-feature": "feature"}.get(mode, "none")
         lc, et = self.lc_type or base, self.et_type or base
         if mode == "sft" and (lc, et) != ("none", "none"):
-            raise ValueError("mode 'sft' trains on English data only: it has no LC/ET losses "
-                             "(drop --lc-type/--et-type)")
+            raise ValueError("mode 'sft' (English only) has no LC/ET: drop --lc-type/--et-type")
         for name, t in (("lc_type", lc), ("et_type", et)):
             if t not in LOSS_TYPES:
                 raise ValueError(f"{name}={t!r}; expected one of {', '.join(LOSS_TYPES)}")
@@ -636,9 +622,8 @@ def lens_labels(batch: dict, kind: str, cfg: DFTConfig) -> torch.Tensor:
 
 def count_targets(batch: dict, mode: str, cfg: DFTConfig) -> dict[str, int]:
     """Targets per part, supervised tokens (CE) or examples (features), for dft_step's counts."""
-    lc_type, et_type = cfg.types(mode)
     counts = {"tft": int((batch["tft_labels"] != IGNORE_INDEX).sum()), "lc": 0, "et": 0}
-    for part, loss_type in (("lc", lc_type), ("et", et_type)):
+    for part, loss_type in zip(("lc", "et"), cfg.types(mode)):
         if loss_type == "logits":
             counts[part] = int((lens_labels(batch, part, cfg) != IGNORE_INDEX).sum())
         elif loss_type == "feature":
@@ -662,9 +647,8 @@ def dft_step(model: Transformer, batch: dict, mode: str, cfg: DFTConfig, counts:
     # h_i(x_tgt) and h_j(x_tgt) at the prompt positions: the feature losses' students.
     share = cfg.prefix_share and "logits" in (lc_type, et_type)
     if share and not is_right_padded(batch["tft_mask"], batch["lc_mask"], batch["et_mask"]):
-        raise ValueError("dft_step: prefix sharing (prefix_share, train.py --prefix-share) reads "
-                         "x_tgt at the start of each row: pad the batch on the right, as "
-                         "prepare_data.collate does, or turn it off")
+        raise ValueError("dft_step: prefix_share (--prefix-share) reads x_tgt at each row's start: "
+                         "pad the batch on the right, as prepare_data.collate does, or turn it off")
     tft_kv = [] if share else None
     h_i, h_j, h_N = model._run(batch["tft_tokens"], (i, j, N), batch["tft_mask"], record_kv=tft_kv)
     sums = {"tft": lens_ce(h_N, batch["tft_labels"], False), "lc": zero, "et": zero}
@@ -789,8 +773,7 @@ def json_file(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e}); re-download {path.name}") from None
     if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: a JSON {type(value).__name__}, expected an object; "
-                              f"re-download {path.name}")
+        raise CheckpointError(f"{path}: not a JSON object; re-download {path.name}")
     return value
 
 
@@ -800,15 +783,13 @@ HUB_ORGS = {"llama": "meta-llama", "meta-llama": "meta-llama", "gemma": "google"
 
 
 def missing_model_message(model_dir: Path, missing: str = CONFIG_NAME) -> str:
-    """One line: `missing` is not in model_dir; how to download the real model there, and a
-    tiny random model for a try-out (under its own name, never under a real model's)."""
+    """One line: model_dir lacks `missing`; download it, or try a tiny model (not in model_dir)."""
     name = model_dir.name
     org = next((o for prefix, o in HUB_ORGS.items() if name.lower().startswith(prefix)), "ORG")
-    tiny = Path("models/tiny-llama")
-    return (f"{model_dir}/{missing}: not found; download the model with: huggingface-cli "
-            f"download {org}/{name} --local-dir {model_dir} (gated models: accept the licence "
-            f"on the Hub first); or, for a try-out, make a tiny random model with: python "
-            f"model.py --make-tiny {tiny} --family llama, and pass --model {tiny}")
+    return (f"{model_dir}/{missing}: not found; download the model with: huggingface-cli download "
+            f"{org}/{name} --local-dir {model_dir} (gated models: accept the licence on the Hub "
+            "first); or, for a try-out, make a tiny random model with: python model.py "
+            "--make-tiny models/tiny-llama --family llama, and pass --model models/tiny-llama")
 
 
 def read_args(path) -> ModelArgs:
@@ -819,8 +800,9 @@ def read_args(path) -> ModelArgs:
     return ModelArgs.from_hf_config(json_file(config), str(config))
 
 
-def checkpoint_files(path) -> list[Path]:
-    """The safetensors files of a checkpoint dir (one file, or the shards its index names)."""
+def check_checkpoint(path, model: Transformer) -> list[Path]:
+    """The safetensors files of a checkpoint dir (one, or the shards its index names), checked from
+    the headers only: one error lists every missing, unexpected or wrong-shape tensor."""
     path = Path(path)
     index = path / INDEX_FILE
     if index.is_file():
@@ -831,20 +813,12 @@ def checkpoint_files(path) -> list[Path]:
     elif (path / SINGLE_FILE).is_file():
         files = [path / SINGLE_FILE]
     else:
-        raise CheckpointError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found; expected "
-                              "official HF safetensors")
+        raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}; expected HF safetensors")
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise CheckpointError(f"{index}: shard file(s) missing: {', '.join(missing)}; "
-                              "download them all")
-    return files
-
-
-def check_checkpoint(path, model: Transformer) -> list[Path]:
-    """From the headers only: one error lists every missing, unexpected or wrong-shape tensor."""
+        raise CheckpointError(f"{index}: missing shard(s) {', '.join(missing)}; download them all")
     ours = {name: p.shape for name, p in model.named_parameters()}
     expected = {hf: tuple(ours[name]) for name, hf in hf_names(model.args).items()}
-    files = checkpoint_files(path)
     seen, problems = set(), []
     for f in files:
         try:
@@ -860,8 +834,7 @@ def check_checkpoint(path, model: Transformer) -> list[Path]:
                                         f"expected {list(expected[key])}")
                     seen.add(key)
         except (OSError, SafetensorError) as e:
-            raise CheckpointError(f"{f}: not a readable safetensors file ({e}); "
-                                  "re-download it") from None
+            raise CheckpointError(f"{f}: unreadable safetensors ({e}); re-download it") from None
     problems += [f"missing {key}" for key in expected if key not in seen]
     if problems:
         more = f"; ... {len(problems) - 12} more" if len(problems) > 12 else ""
@@ -912,16 +885,14 @@ def load_weights(model: nn.Module, path) -> None:
 def hf_config_of(args: ModelArgs) -> dict:
     """The config.json of a model built from ModelArgs (the tiny checkpoints), spelled as the
     released files are (top-level rope_theta, rope_scaling)."""
-    architecture = f"{args.family.capitalize()}ForCausalLM"     # LlamaForCausalLM, Qwen2...
-    cfg = {"architectures": [architecture], "model_type": args.family,
+    cfg = {"architectures": [f"{args.family.capitalize()}ForCausalLM"], "model_type": args.family,
            "hidden_size": args.dim, "intermediate_size": args.hidden_dim,
            "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
            "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
            "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
            "rope_theta": args.rope_theta, "max_position_embeddings": args.max_seq_len,
            "bos_token_id": args.bos_id, "eos_token_id": args.eos_id,
-           "tie_word_embeddings": args.tie_embeddings,
-           "torch_dtype": args.torch_dtype or "float32"}
+           "tie_word_embeddings": args.tie_embeddings, "torch_dtype": args.torch_dtype or "float32"}
     if args.family != "gemma2":
         rope_scaling = dict(args.rope_scaling, rope_type="llama3") if args.rope_scaling else None
         cfg.update(hidden_act="silu", pad_token_id=None, rope_scaling=rope_scaling)
@@ -949,16 +920,14 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # in this order: LLaMA-
 
 class Tokenizer:
     """A checkpoint's `tokenizer.model` (SentencePiece: LLaMA-2, Mistral, Gemma-2), else its
-    `tokenizer.json` (byte-level BPE: LLaMA-3, Qwen2), each read by its format's library.
-    `encode(text, bos=True)` gives transformers' ids with add_special_tokens=True. bos_id is None
-    where nothing precedes a text (Qwen2). Without a pad token (LLaMA) we pad with a filler only
-    ever under a 0 mask and a -100 label: SentencePiece id 0 (`<unk>`), else the EOS."""
+    `tokenizer.json` (byte-level BPE: LLaMA-3, Qwen2). `encode(text, bos=True)` gives transformers'
+    ids with add_special_tokens=True; bos_id is None where nothing precedes a text (Qwen2). With no
+    pad token (LLaMA) we pad, under a 0 mask and -100 label only, with 0 (SentencePiece) or EOS."""
 
     def __init__(self, path):
         path = Path(path)
         if path.is_dir():
-            found = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
-            path = found[0] if found else path
+            path = next((path / n for n in TOKENIZER_FILES if (path / n).is_file()), path)
         if not path.is_file():
             raise CheckpointError(missing_model_message(path, " or ".join(TOKENIZER_FILES)))
         self.path = path
@@ -968,12 +937,10 @@ class Tokenizer:
         if path.suffix == ".json":
             self._read_tokenizer_json(data)
             # Its EOS and pad come from tokenizer_config.json: prepared data depends on them.
-            ids = f"\nbos={self.bos_id} eos={self.eos_id} pad={self.pad_id}"
-            identity = data + ids.encode()
+            data += f"\nbos={self.bos_id} eos={self.eos_id} pad={self.pad_id}".encode()
         else:
             self._read_sentencepiece(data)
-            identity = data
-        self.sha256 = hashlib.sha256(identity).hexdigest()
+        self.sha256 = hashlib.sha256(data).hexdigest()
 
     def _read_sentencepiece(self, data: bytes):
         self.sp = spm.SentencePieceProcessor()
@@ -997,23 +964,21 @@ class Tokenizer:
         full = self.bpe.encode("a", add_special_tokens=True).ids
         before = full[:len(full) - len(plain)]
         if full[len(before):] != plain or len(before) > 1:
-            raise CheckpointError(f"{self.path}: its post_processor turns the ids {plain} of a "
-                                  f"text into {full}; expected at most one BOS in front and "
-                                  "nothing after")
+            raise CheckpointError(f"{self.path}: its post_processor turns ids {plain} into {full}; "
+                                  "expected at most one BOS in front and nothing after")
         self.bos_id = before[0] if before else None
         config = json_file(self.path.parent / "tokenizer_config.json")
         eos_id = self._special_id(config, "eos_token")
         self.eos_id = eos_id if eos_id is not None else model_eos_id(self.path.parent)
-        pad_id = self._special_id(config, "pad_token")
-        self.pad_id = pad_id if pad_id is not None else self.eos_id
+        self.pad_id = self._special_id(config, "pad_token", default=self.eos_id)
         self.vocab_size = self.bpe.get_vocab_size(with_added_tokens=True)
 
-    def _special_id(self, config: dict, key: str) -> int | None:
-        """The id of tokenizer_config.json's `key` (a string or an AddedToken); None if unset."""
+    def _special_id(self, config: dict, key: str, default: int | None = None) -> int | None:
+        """The id of tokenizer_config.json's `key` (a string or an AddedToken), else `default`."""
         token = config.get(key)
         token = token.get("content") if isinstance(token, dict) else token
         if token is None:
-            return None
+            return default
         token_id = self.bpe.token_to_id(token)
         if token_id is None:
             raise CheckpointError(f"{self.path.parent / 'tokenizer_config.json'}: {token!r} is "
@@ -1108,8 +1073,6 @@ QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 # and, for byte-level BPE, the pre-tokenizer split, NFC normalisation and further specials.
 TINY_TOKENIZERS = {
     "llama": dict(tokenizer_class="LlamaTokenizer", bos="<s>", eos="</s>", unk="<unk>", pad=None),
-    "mistral": dict(tokenizer_class="LlamaTokenizer", bos="<s>", eos="</s>", unk="<unk>",
-                    pad=None),
     "gemma2": dict(tokenizer_class="GemmaTokenizer", bos="<bos>", eos="<eos>", unk="<unk>",
                    pad="<pad>"),
     "llama3": dict(tokenizer_class="PreTrainedTokenizerFast", bos="<|begin_of_text|>",
@@ -1119,6 +1082,7 @@ TINY_TOKENIZERS = {
                   pad="<|endoftext|>", split=QWEN2_SPLIT, nfc=True,
                   extra=("<|im_start|>", "<|im_end|>")),
 }
+TINY_TOKENIZERS["mistral"] = TINY_TOKENIZERS["llama"]     # Mistral-7B's is LLaMA-2's kind
 
 
 def train_sentencepiece(texts, vocab_size: int, family: str) -> bytes:
@@ -1139,6 +1103,12 @@ def train_sentencepiece(texts, vocab_size: int, family: str) -> bytes:
         max_sentence_length=1 << 16, minloglevel=2, bos_piece=spec["bos"],
         eos_piece=spec["eos"], unk_piece=spec["unk"], **ids)
     return out.getvalue()
+
+
+def bos_processor(tok: tokenizers.Tokenizer, bos: str) -> tokenizers.processors.PostProcessor:
+    """The released files' post-processor that puts `bos` before a text (and each of a pair)."""
+    return tokenizers.processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
 
 
 def sentencepiece_as_tokenizer_json(sp_bytes: bytes, family: str) -> tokenizers.Tokenizer:
@@ -1168,9 +1138,7 @@ def sentencepiece_as_tokenizer_json(sp_bytes: bytes, family: str) -> tokenizers.
     tok.decoder = tokenizers.decoders.Sequence(decode)
     tok.add_special_tokens([tokenizers.AddedToken(sp.id_to_piece(i), special=True,
                                                   normalized=False) for i in special])
-    bos = sp.id_to_piece(sp.bos_id())
-    tok.post_processor = tokenizers.processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, sp.bos_id())])
+    tok.post_processor = bos_processor(tok, sp.id_to_piece(sp.bos_id()))
     return tok
 
 
@@ -1194,14 +1162,8 @@ def train_byte_level_bpe(texts, vocab_size: int, family: str) -> tokenizers.Toke
     tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
                             for t in specials])
     byte_level = tokenizers.processors.ByteLevel(trim_offsets=False)
-    bos = spec["bos"]
-    if bos is None:
-        tok.post_processor = byte_level
-    else:
-        put_bos = tokenizers.processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-            special_tokens=[(bos, tok.token_to_id(bos))])
-        tok.post_processor = tokenizers.processors.Sequence([byte_level, put_bos])
+    tok.post_processor = (byte_level if spec["bos"] is None else tokenizers.processors.Sequence(
+        [byte_level, bos_processor(tok, spec["bos"])]))
     return tok
 
 
@@ -1209,24 +1171,23 @@ def tiny_tokenizer_files(texts, vocab_size: int, family: str) -> dict[str, bytes
     """File name -> content of a tiny tokenizer: tokenizer.model (SentencePiece) and the files
     with which transformers' AutoTokenizer loads it (no protobuf needed) and gives our ids."""
     spec = TINY_TOKENIZERS[family]
-    files = {}
-    if "split" in spec:
-        tok = train_byte_level_bpe(texts, vocab_size, family)
-    else:
-        files["tokenizer.model"] = train_sentencepiece(texts, vocab_size, family)
-        tok = sentencepiece_as_tokenizer_json(files["tokenizer.model"], family)
-    files["tokenizer.json"] = tok.to_str().encode()
     special = {f"{kind}_token": spec[kind] for kind in ("bos", "eos", "unk", "pad")}
     config = dict(tokenizer_class=spec["tokenizer_class"], **special,
                   clean_up_tokenization_spaces=False)
-    if "split" not in spec:     # SentencePiece: transformers' defaults for these, said explicitly
+    tokens_map = {key: value for key, value in special.items() if value is not None}
+    files = {}
+    if "split" in spec:
+        tok = train_byte_level_bpe(texts, vocab_size, family)
+        tokens_map["additional_special_tokens"] = list(spec["extra"])
+    else:
+        files["tokenizer.model"] = train_sentencepiece(texts, vocab_size, family)
+        tok = sentencepiece_as_tokenizer_json(files["tokenizer.model"], family)
+        # transformers' defaults for SentencePiece, said explicitly
         config.update(add_bos_token=True, add_eos_token=False, legacy=False)
     if family == "gemma2":      # else GemmaTokenizer adds a <mask> our tiny vocabulary lacks
         config["mask_token"] = None
+    files["tokenizer.json"] = tok.to_str().encode()
     files["tokenizer_config.json"] = (json.dumps(config, indent=2) + "\n").encode()
-    tokens_map = {key: value for key, value in special.items() if value is not None}
-    if spec.get("extra"):
-        tokens_map["additional_special_tokens"] = list(spec["extra"])
     files["special_tokens_map.json"] = (json.dumps(tokens_map, indent=2) + "\n").encode()
     return files
 
@@ -1241,8 +1202,7 @@ def write_tiny_checkpoint(path, family: str, texts, vocab_size: int | None = Non
     held = sorted(f.name for f in path.glob("*")
                   if f.name in (CONFIG_NAME, INDEX_FILE) or f.suffix == ".safetensors")
     if held:
-        raise ValueError(f"{path}: already holds a checkpoint ({', '.join(held)}); choose "
-                         "another dir or remove it")
+        raise ValueError(f"{path}: already holds a checkpoint ({', '.join(held)}); use another dir")
     staging = path.with_name(path.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -1275,38 +1235,30 @@ def write_tiny_checkpoint(path, family: str, texts, vocab_size: int | None = Non
 SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "sample"  # the bundled Alpaca sample
 
 
-def alpaca_texts(files) -> list[str]:
-    """Every non-empty instruction, input and output of Alpaca-format files."""
+def sample_texts(files=None) -> list[str]:
+    """Every non-empty instruction, input and output of Alpaca files (default: the sample)."""
+    files = files or sorted(SAMPLE_DIR.glob("alpaca_*.json"))
     return [row[k] for f in files for row in json.loads(Path(f).read_text(encoding="utf-8"))
             for k in ("instruction", "input", "output") if row.get(k)]
-
-
-def sample_texts() -> list[str]:
-    return alpaca_texts(sorted(SAMPLE_DIR.glob("alpaca_*.json")))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--make-tiny", metavar="DIR", required=True,
-                        help="write a tiny random checkpoint (official HF layout + the family's "
-                             "tokenizer files) to DIR; refuses a DIR that already holds one")
+                        help="write a tiny random HF checkpoint + tokenizer to DIR, if it has none")
     parser.add_argument("--family", choices=list(TINY), default="llama",
-                        help="llama (LLaMA-2), llama3 (LLaMA-3.x), mistral, qwen2 (Qwen2/2.5) "
-                             "or gemma2 (default: %(default)s)")
+                        help="llama is LLaMA-2, llama3 LLaMA-3.x (default: %(default)s)")
     parser.add_argument("--texts", nargs="*", metavar="FILE.json",
-                        help="Alpaca-format files to train the tokenizer on (default: the "
-                             "bundled data/sample/alpaca_*.json)")
+                        help="Alpaca files for the tokenizer (default: data/sample/alpaca_*.json)")
     parser.add_argument("--vocab-size", type=int, default=2048,
                         help="tokenizer vocabulary (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the random weights (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="weights' seed (default: %(default)s)")
     a = parser.parse_args(argv)
     try:
-        texts = alpaca_texts(a.texts) if a.texts else sample_texts()
+        texts = sample_texts(a.texts)
         if not texts:
-            raise ValueError("no texts to train the tokenizer on; pass --texts FILE.json "
-                             "(Alpaca format)")
+            raise ValueError("no texts to train the tokenizer on; pass --texts FILE.json")
         out = write_tiny_checkpoint(a.make_tiny, a.family, texts, a.vocab_size, a.seed)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
