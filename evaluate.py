@@ -1042,11 +1042,6 @@ def suggest_layers(entropy: list[float], family: str) -> tuple[int, int, list[st
     return i, j, notes
 
 
-def token_piece(tok, token_id: int) -> str:
-    """A token's vocabulary piece: word starts ("▁") and bytes ("<0x0A>") stay visible."""
-    return tok.piece(token_id) if 0 <= token_id < tok.vocab_size else f"<id {token_id}>"
-
-
 def _cell(text: str) -> str:
     return "`" + text.replace("`", "'").replace("|", "\\|") + "`"
 
@@ -1122,8 +1117,9 @@ def run_logit_lens(args) -> Path:
               f"prompt + response), teacher-forced; means over all {result.positions} response "
               "positions, each predicting the next token. Layer k: block k's output through the "
               f"final norm and output head (k = {config.n_layers}: the model's own output)."]
-    first_example = dict(targets=[token_piece(tok, t) for t in result.shown_targets],
-                         top1=[[token_piece(tok, t) for t in ids] for ids in result.shown_top1])
+    # Pieces keep word starts ("▁") and bytes ("<0x0A>") visible.
+    first_example = dict(targets=[tok.piece(t) for t in result.shown_targets],
+                         top1=[[tok.piece(t) for t in ids] for ids in result.shown_top1])
     md = lens_markdown(result, first_example, i, j, rule_notes, header, rule_notes + notes + [png])
     write_atomic(out / "logit_lens.md", md)
     report = dict(model=args.model, family=config.family, n_layers=config.n_layers,

@@ -1028,7 +1028,10 @@ class Tokenizer:
                 else self.bpe.decode(kept, skip_special_tokens=True))
 
     def piece(self, token_id: int) -> str:
-        """An id's vocabulary entry as the tokenizer spells it: "▁Paris", "<0x0A>", "ĠParis"."""
+        """An id's vocabulary entry as the tokenizer spells it: "▁Paris", "<0x0A>", "ĠParis";
+        "<id N>" past the vocabulary (a model's embedding table may be padded beyond it)."""
+        if not 0 <= token_id < self.vocab_size:
+            return f"<id {token_id}>"
         return (self.sp.id_to_piece(token_id) if self.sp is not None
                 else self.bpe.id_to_token(token_id))
 

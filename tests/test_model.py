@@ -445,3 +445,11 @@ def test_replace_dir_swaps_whole_dirs_and_a_kill_leaves_the_old_one_whole(tmp_pa
     model_module.replace_dir(staging, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
     assert (target / "weights").read_text() == "v3"
+
+
+def test_piece_past_the_vocabulary_names_the_id(tiny_llama):
+    """A model's embedding table may be padded past its tokenizer's vocabulary: the logit lens can
+    pick such an id and must still show something."""
+    tok = Tokenizer(tiny_llama)
+    assert tok.piece(1) == "<s>" and tok.piece(tok.vocab_size + 3) == f"<id {tok.vocab_size + 3}>"
+    assert tok.piece(-1) == "<id -1>"
