@@ -689,7 +689,7 @@ examples:
 
 
 def parse_args(argv: list[str] | None = None) -> PrepareConfig:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EPILOG,
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0], epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lang", help="target language code: vi, zh, ar, or others with "
                                        "--en/--tgt (no default: required unless --sft)")
