@@ -9,33 +9,29 @@ j in the middle ("thinking in English"). S = the paper states it, I = our choice
 
     L     = L_TFT + L_LC + L_ET                       (S: unweighted; I: callers may weight LC, ET)
     L_TFT = -log P(y_tgt | x_tgt; theta, W_out)       ordinary fine-tuning loss, last layer (S)
-  logits-based (DFT-logits), W_out frozen:
+  logits-based (DFT-logits), W_out frozen (S: in L_LC; I: in L_ET too, with the final norm):
     L_LC  = -log P(x_en | x_tgt; theta_{1:i}, W_out)  from layer i, predict the English query (S)
     L_ET  = -log P(y_en | x_tgt; theta_{1:j}, W_out)  from layer j, predict the English answer (S)
-  feature-based (DFT-feature):
+  feature-based (DFT-feature), the English side a detached teacher (I):
     L_LC  = 1 - cos(h_i(x_en), h_i(x_tgt))            (S)
     L_ET  = 1 - cos(h_N(x_en), h_j(x_tgt))            (S)
 
-  - S: W_out only takes part in the forward pass of L_LC. I: also of L_ET, and so does the final
-    norm (part of the head); the hidden state always gets its gradient.
-  - I: one teacher-forced sequence per logits loss, [x_tgt ; x_en] for LC, [x_tgt ; y_en] for ET,
-    CE on the English tokens only; feature losses compare pooled vectors (the sequences differ in
-    length), the English side a detached teacher; all loss math runs in fp32.
+  I: a logits loss is the CE of the English tokens in one teacher-forced sequence, [x_tgt ; x_en]
+  or [x_tgt ; y_en]; feature losses compare vectors pooled over the query; loss math is fp32.
 
 Usage with a Hugging Face-style causal LM (LLaMA-2, Gemma-2), one parallel batch: `lc_*` holds
 [x_tgt ; x_en] with (shifted) labels on x_en, `et_*` [x_tgt ; y_en] with labels on y_en.
 
     from dsft_loss import logit_lens_ce, feature_cosine_loss
-    body, head_w, i, j = model.model, model.lm_head.weight, 2, 15   # inside *ForCausalLM
+    body, W, i, j = model.model, model.lm_head.weight, 2, 15        # inside *ForCausalLM
     cap = getattr(model.config, "final_logit_softcapping", None)     # Gemma-2: 30.0
     def states(tokens, mask):  # [k]: block k's output, but HF's [N] is already normed
         return body(tokens, attention_mask=mask, output_hidden_states=True).hidden_states
     tgt = states(tft_tokens, tft_mask)
-    tft = logit_lens_ce(tgt[-1], torch.nn.Identity(), head_w, tft_labels, softcap=cap,
-                        freeze_head=False)
+    tft = logit_lens_ce(tgt[-1], torch.nn.Identity(), W, tft_labels, softcap=cap, freeze_head=False)
     # DFT-logits: frozen head, gradient into blocks 1..i (resp. 1..j)
-    lc = logit_lens_ce(states(lc_tokens, lc_mask)[i], body.norm, head_w, lc_labels, softcap=cap)
-    et = logit_lens_ce(states(et_tokens, et_mask)[j], body.norm, head_w, et_labels, softcap=cap)
+    lc = logit_lens_ce(states(lc_tokens, lc_mask)[i], body.norm, W, lc_labels, softcap=cap)
+    et = logit_lens_ce(states(et_tokens, et_mask)[j], body.norm, W, et_labels, softcap=cap)
     # DFT-feature instead: students come free from the TFT pass; masks mark the query's content.
     en = states(en_tokens, en_mask)
     lc = feature_cosine_loss(tgt[i], en[i], tgt_content, en_content)
@@ -59,9 +55,8 @@ def _on_cpu(tensor):  # value checks read data on the host: free on CPU, a sync 
 
 
 def _ce_and_grad(logits, targets, softcap, want_grad):
-    """Summed CE of softcap(logits) [n, V] and, if want_grad, its gradient wrt the logits, in
-    place over them: z = c·tanh(l/c), p = softmax(z); dCE/dz = p − onehot(target),
-    dz/dl = 1 − tanh²(l/c)."""
+    """Summed CE of softcap(logits) [n, V] and, if want_grad, its gradient wrt the logits, in place:
+    z = c·tanh(l/c), p = softmax(z); dCE/dz = p − onehot(target), dz/dl = 1 − tanh²(l/c)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32: logits, CE
     tanh = None if softcap is None else logits.div_(softcap).tanh_()
     capped = logits if softcap is None else tanh * softcap
@@ -103,19 +98,17 @@ def _chunked_ce(rows, targets, chunk_size, softcap, norm, params, needs):
             for grad_sum, grad in zip([t for t in sums if t is not None], grads):
                 grad_sum.add_(grad)
         del logits, grad_logits  # before the next chunk's logits exist
-    return total, grad_rows, sums
+    return total, grad_rows, [None if s is None else s.to(p.dtype) for s, p in zip(sums, params)]
 
 
 class _FusedChunkedCE(torch.autograd.Function):
     """Summed CE of the rows, with its gradients formed chunk by chunk in the forward."""
 
     @staticmethod
-    def forward(ctx, rows, targets, chunk_size, softcap, norm, *params):
+    def forward(ctx, rows, targets, chunk_size, softcap, norm, needs, *params):
         # params: the head, then the norm's parameters (detached if frozen; the norm uses its own).
-        needs = ctx.needs_input_grad[:1] + ctx.needs_input_grad[5:]
         loss, grad_rows, sums = _chunked_ce(rows, targets, chunk_size, softcap, norm, params, needs)
-        ctx.save_for_backward(grad_rows, *(None if grad_sum is None else grad_sum.to(p.dtype)
-                                           for grad_sum, p in zip(sums, params)))
+        ctx.save_for_backward(grad_rows, *sums)
         return loss
 
     @staticmethod
@@ -123,7 +116,7 @@ class _FusedChunkedCE(torch.autograd.Function):
     def backward(ctx, grad_total):
         # A 0-dim fp32 factor keeps each gradient's dtype and rounds once, the product.
         grad_rows, *grad_params = (None if g is None else g * grad_total for g in ctx.saved_tensors)
-        return grad_rows, None, None, None, None, *grad_params
+        return grad_rows, None, None, None, None, None, *grad_params
 
 
 def logit_lens_ce(hidden, norm, head_weight, labels, chunk_size=1024, softcap=None,
@@ -142,17 +135,15 @@ def logit_lens_ce(hidden, norm, head_weight, labels, chunk_size=1024, softcap=No
     Memory (I): rows run `chunk_size` at a time, each chunk's gradients formed while its logits
     exist (the loss is a sum over rows), softmax and softcap by hand and in place: two [chunk, V]
     fp32 buffers with a softcap, one without; no recompute, nothing with a V dimension kept for
-    backward but the head's gradient, summed over chunks in fp32 (a bf16 head's error does not
-    grow with the chunk count; zeros, not None, with no supervised token: FSDP2 needs them on every
-    rank). Labels are value-checked on CPU only (see _on_cpu).
+    backward but the head's gradient, summed over chunks in fp32 (a bf16 head's error does not grow
+    with the chunk count; zeros, not None, with no supervised token: FSDP2 needs them on all ranks).
     """
     fn = "logit_lens_ce"
     _check(reduction in ("mean", "sum"), f"{fn}: reduction={reduction!r}; expected 'mean' or 'sum'")
     _check(isinstance(norm, torch.nn.Module),
            f"{fn}: norm is a {type(norm).__name__}; expected the model's final norm (an nn.Module)")
-    _check(type(chunk_size) is int and chunk_size > 0,
-           f"{fn}: chunk_size={chunk_size!r}; expected a positive int")
-    _check(softcap is None or softcap > 0, f"{fn}: softcap={softcap!r}; expected None or > 0")
+    _check(type(chunk_size) is int and chunk_size > 0 and (softcap is None or softcap > 0),
+           f"{fn}: chunk_size={chunk_size!r}, softcap={softcap!r}; expected int > 0, None or > 0")
     _check(hidden.dim() == 3 and hidden.is_floating_point(), f"{fn}: hidden has shape "
            f"{tuple(hidden.shape)} and dtype {hidden.dtype}; expected a float [B, T, D] tensor")
     _check(head_weight.dim() == 2 and head_weight.shape[1] == hidden.shape[2], f"{fn}: head_weight "
@@ -175,11 +166,8 @@ def logit_lens_ce(hidden, norm, head_weight, labels, chunk_size=1024, softcap=No
     rows = hidden.reshape(-1, hidden.shape[2]).index_select(0, keep)  # [n, D]
     # freeze_head: stop-gradient on the head path only; the hidden state still gets its gradient.
     params = tuple(p.detach() if freeze_head else p for p in (head_weight, *norm.parameters()))
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, *params)):
-        total = _FusedChunkedCE.apply(rows, targets, chunk_size, softcap, norm, *params)
-    else:  # nothing needs a gradient
-        total, *_ = _chunked_ce(rows, targets, chunk_size, softcap, norm, params,
-                                [False] * (1 + len(params)))
+    needs = [torch.is_grad_enabled() and t.requires_grad for t in (rows, *params)]
+    total = _FusedChunkedCE.apply(rows, targets, chunk_size, softcap, norm, needs, *params)
     return total / max(keep.numel(), 1) if reduction == "mean" else total
 
 
@@ -207,16 +195,14 @@ def feature_cosine_loss(h_student, h_teacher, mask_student, mask_teacher, poolin
         loss[b] = 1 − cos(pool(h_student[b], mask_student[b]),
                           pool(h_teacher[b], mask_teacher[b]))
 
-    Student: the target-language side, teacher: the English side (L_LC, L_ET above). h_student
-    [B, T_s, D], h_teacher [B, T_t, D], masks [B, T_s], [B, T_t]: 1 on the tokens to pool. Returns
-    fp32: the mean over the batch ("mean"), the sum ("sum") or [B] ("none"). Ours (I): "mean" pools
-    by the masked mean, "last" takes the last marked position; detach_teacher stops the teacher's
-    gradient. Masks are checked on CPU only: an all-zero row is an error there, NaN elsewhere.
+    Student: the target-language side, teacher: the English one. h_student [B, T_s, D], h_teacher
+    [B, T_t, D], masks [B, T_s], [B, T_t]: 1 on the tokens to pool. Returns fp32: the batch mean
+    ("mean"), the sum ("sum") or [B] ("none"). Pooling (I): "mean" the masked mean, "last" the last
+    marked position. Masks are checked on CPU only (an all-zero row: an error there, NaN elsewhere).
     """
     fn = "feature_cosine_loss"
-    _check(pooling in ("mean", "last"), f"{fn}: pooling={pooling!r}; expected 'mean' or 'last'")
-    _check(reduction in ("mean", "sum", "none"),
-           f"{fn}: reduction={reduction!r}; expected 'mean', 'sum' or 'none'")
+    _check(pooling in ("mean", "last") and reduction in ("mean", "sum", "none"), f"{fn}: pooling="
+           f"{pooling!r}, reduction={reduction!r}; expected 'mean'/'last', 'mean'/'sum'/'none'")
     for name, h in (("h_student", h_student), ("h_teacher", h_teacher)):
         _check(h.dim() == 3 and h.is_floating_point(), f"{fn}: {name} has shape "
                f"{tuple(h.shape)} and dtype {h.dtype}; expected a float [B, T, D] tensor")
@@ -226,8 +212,7 @@ def feature_cosine_loss(h_student, h_teacher, mask_student, mask_teacher, poolin
                           ("mask_teacher", mask_teacher, h_teacher)):
         _check(mask.shape == h.shape[:2] and mask.device == h.device, f"{fn}: {name} has shape "
                f"{tuple(mask.shape)} on {mask.device}; expected {tuple(h.shape[:2])} on {h.device}")
-    if detach_teacher:
-        h_teacher = h_teacher.detach()  # stop-gradient: the English side is the teacher (I)
+    h_teacher = h_teacher.detach() if detach_teacher else h_teacher  # (I) English: the teacher
     student = _pool(h_student, mask_student, pooling, "mask_student")  # [B, D]
     teacher = _pool(h_teacher, mask_teacher, pooling, "mask_teacher")  # [B, D]
     loss = 1.0 - F.cosine_similarity(student, teacher, dim=-1)  # [B]
