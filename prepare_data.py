@@ -412,9 +412,10 @@ def prepare(cfg: PrepareConfig) -> dict:
         "drops": drops,
     }
     if not cfg.sft:
-        quantiles = {"min": 0, "p01": 0.01, "median": 0.5, "p99": 0.99, "max": 1} if ratios else {}
+        points = {"min": 0, "p01": 0.01, "median": 0.5, "p99": 0.99, "max": 1}
+        values = np.quantile(ratios, list(points.values())) if ratios else []   # one sort
         report["ratio"] = {"bounds": [low, high]} | {
-            name: round(float(np.quantile(ratios, q)), 3) for name, q in quantiles.items()}
+            name: round(float(value), 3) for name, value in zip(points, values)}
     report["seconds"] = round(time.perf_counter() - started, 2)
     write_prepared(cfg, tokenizer, kept, report)
     print(format_report(report, cfg.out), file=sys.stderr)
